@@ -1,0 +1,28 @@
+"""nlora: SLoRA, NLoRA (Nyström-initialised three-matrix LoRA) and IntTune for any PyTorch model."""
+
+from .inits import INITIALIZERS, Factors, get_init, register_init
+from .layer import Adapter, NLoRALinear
+from .model import (
+    adapter_names,
+    count_parameters,
+    delete_adapter,
+    disable_adapter,
+    inject,
+    merge,
+    merge_and_unload,
+    select_targets,
+    set_adapter,
+    trainable_summary,
+    unload,
+    unmerge,
+)
+from .nystrom import nystrom_reconstruct, optimal_core, regularised_pinv, select_indices
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter", "Factors", "INITIALIZERS", "NLoRALinear", "adapter_names", "count_parameters", "delete_adapter",
+    "disable_adapter", "get_init", "inject", "merge", "merge_and_unload", "nystrom_reconstruct", "optimal_core",
+    "register_init", "regularised_pinv", "select_indices", "select_targets", "set_adapter", "trainable_summary",
+    "unload", "unmerge",
+]

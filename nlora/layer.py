@@ -1,0 +1,311 @@
+"""``NLoRALinear``: a frozen linear layer plus one or more named three-matrix adapters ``ΔW = s B N A``."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .inits import Factors, get_init
+
+TRAIN_MODES = ("all", "middle")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """HF ``Conv1D`` (GPT-2 family) by duck typing: a 2-D weight stored ``(in, out)`` and an ``nf`` attribute."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(weight, Tensor) and weight.dim() == 2
+            and getattr(module, "nf", None) == weight.shape[1])
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """Whether nlora can wrap this module: an ``nn.Linear`` or an HF ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def weight_view(base: nn.Module) -> Tensor:
+    """The base weight as an ``(out, in)`` view (a transpose for ``Conv1D``); writes go to the real weight."""
+    return base.weight.data.T if is_conv1d(base) else base.weight.data
+
+
+class Adapter(nn.Module):
+    """One named adapter: ``scaling * B(N(A(dropout(x))))`` with fp32 master factors by default.
+
+    Compute runs in the input's dtype unless ``compute_dtype`` says otherwise: a bf16 model gets bf16
+    adapter matmuls (as cheap as the base allows) while the parameters and their gradients stay fp32.
+    """
+
+    def __init__(self, factors: Factors, *, alpha: float, init: str, train: str, dropout: float,
+                 preserve_output: bool, options: dict, dtype: torch.dtype = torch.float32,
+                 compute_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.rank = factors.A.shape[0]
+        self.alpha = alpha
+        self.scaling = alpha / self.rank
+        self.init = init
+        self.train_mode = train
+        self.preserve_output = preserve_output
+        self.options = dict(options)
+        self.compute_dtype = compute_dtype
+        self.lora_A = nn.Parameter(factors.A.to(dtype))
+        self.lora_N = None if factors.N is None else nn.Parameter(factors.N.to(dtype))
+        self.lora_B = nn.Parameter(factors.B.to(dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # The initial factors of an adapter whose init moved the base weight: they give back the original
+        # pretrained weight (W0 = W_residual + s B0 N0 A0) for disable_adapter, unload and export.
+        for name in ("A", "N", "B"):
+            t = getattr(factors, name)
+            self.register_buffer(f"init_{name}", t.to(dtype).clone() if preserve_output and t is not None else None,
+                                 persistent=False)
+        self.register_buffer("rows", factors.rows, persistent=False)
+        self.register_buffer("cols", factors.cols, persistent=False)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters this adapter trains: A, N, B for ``train="all"``, only N for ``"middle"`` (IntTune)."""
+        if self.train_mode == "middle":
+            return [self.lora_N]
+        return [p for p in (self.lora_A, self.lora_N, self.lora_B) if p is not None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _low_rank(self.dropout(x), self.lora_A, self.lora_N, self.lora_B, self.scaling, self.compute_dtype)
+
+    def initial_output(self, x: Tensor) -> Tensor:
+        """``s B0 N0 A0 x``: what this adapter's init subtracted from the base weight (no dropout)."""
+        return _low_rank(x, self.init_A, self.init_N, self.init_B, self.scaling, self.compute_dtype)
+
+    def delta_weight(self, initial: bool = False) -> Tensor:
+        """``s B N A`` as an fp32 ``(out, in)`` tensor (``initial=True``: the init's ``s B0 N0 A0``)."""
+        a, n, b = (self.init_A, self.init_N, self.init_B) if initial else (self.lora_A, self.lora_N, self.lora_B)
+        a = a.float() if n is None else n.float() @ a.float()
+        return (b.float() * self.scaling) @ a
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha:g}, init={self.init!r}, train={self.train_mode!r}"
+
+
+def _low_rank(x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, scaling: float,
+              compute_dtype: torch.dtype | None) -> Tensor:
+    dtype = compute_dtype or (torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type)
+                              else x.dtype)
+    h = F.linear(x.to(dtype), a.to(dtype))
+    if n is not None:
+        h = F.linear(h, n.to(dtype))
+    b = b.to(dtype)
+    return F.linear(h, b if scaling == 1 else b * scaling)
+
+
+class NLoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` (or HF ``Conv1D``) with named adapters: ``y = base(x) + Σ s B(N(A(dropout(x))))``.
+
+    ``lora_A (r, in)``, ``lora_N (r, r)`` (``None`` for plain LoRA) and ``lora_B (out, r)`` are the active
+    adapter's parameters; ``adapters[name]`` holds each one. The delta is never materialised in forward.
+    With ``init="nystrom"`` (the paper's NLoRA) the base weight is not touched, so the output changes at
+    init; ``preserve_output=True`` subtracts the initial delta from the base weight instead.
+    """
+
+    def __init__(self, base: nn.Module, rank: int = 8, alpha: float | None = None, init: str = "nystrom", *,
+                 train: str = "all", dropout: float = 0.0, preserve_output: bool | None = None,
+                 adapter: str = "default", adapter_dtype: torch.dtype = torch.float32,
+                 compute_dtype: torch.dtype | None = None, generator: torch.Generator | None = None,
+                 name: str = "", **init_options) -> None:
+        if not is_adaptable(base):
+            raise TypeError(f"{name or type(base).__name__}: NLoRALinear wraps nn.Linear or HF Conv1D, "
+                            f"got {type(base).__name__}; target its Linear sub-modules instead")
+        super().__init__()
+        self._setup(base, name)
+        factors, options = build_factors(base, rank, alpha, init, train=train, adapter=adapter, name=name,
+                                         generator=generator, existing=(), **init_options)
+        self.attach(adapter, factors, rank=rank, alpha=alpha, init=init, train=train, dropout=dropout,
+                    preserve_output=preserve_output, adapter_dtype=adapter_dtype, compute_dtype=compute_dtype,
+                    options=options)
+        self.set_active([adapter])
+
+    def _setup(self, base: nn.Module, name: str) -> None:
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: tuple[str, ...] = ()
+        self.merged_adapters: tuple[str, ...] = ()
+        self.disabled = False
+        self.module_name = name
+        for p in base.parameters():
+            p.requires_grad_(False)
+
+    @classmethod
+    def wrapping(cls, base: nn.Module, name: str = "") -> "NLoRALinear":
+        """An ``NLoRALinear`` around ``base`` that holds no adapter yet (``inject`` attaches them)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._setup(base, name)
+        return layer
+
+    # -- shapes -------------------------------------------------------------------------------------
+    @property
+    def in_features(self) -> int:
+        return weight_view(self.base).shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return weight_view(self.base).shape[0]
+
+    # -- the active adapter's parameters (the single-adapter API) -------------------------------------
+    def _only_active(self) -> Adapter:
+        if len(self.active_adapters) != 1:
+            raise RuntimeError(f"{self.module_name}: {len(self.active_adapters)} adapters are active "
+                               f"({self.active_adapters}); use .adapters[name] to pick one")
+        return self.adapters[self.active_adapters[0]]
+
+    @property
+    def lora_A(self) -> nn.Parameter:
+        return self._only_active().lora_A
+
+    @property
+    def lora_N(self) -> nn.Parameter | None:
+        return self._only_active().lora_N
+
+    @property
+    def lora_B(self) -> nn.Parameter:
+        return self._only_active().lora_B
+
+    @property
+    def scaling(self) -> float:
+        return self._only_active().scaling
+
+    # -- adapter management ---------------------------------------------------------------------------
+    def attach(self, adapter: str, factors: Factors, *, rank: int, alpha: float | None, init: str, train: str,
+               dropout: float, preserve_output: bool | None, adapter_dtype: torch.dtype,
+               compute_dtype: torch.dtype | None, options: dict) -> Adapter:
+        """Add an adapter from precomputed factors; applies the residual update if the output is preserved."""
+        spec = get_init(init)
+        preserve = resolve_preserve(spec, preserve_output)
+        module = Adapter(factors, alpha=float(rank if alpha is None else alpha), init=init, train=train,
+                         dropout=dropout, preserve_output=preserve and not spec.zero_delta, options=options,
+                         dtype=adapter_dtype, compute_dtype=compute_dtype)
+        module.to(weight_view(self.base).device)
+        if module.preserve_output:
+            self._add_to_weight(-module.delta_weight(initial=True))
+        self.adapters[adapter] = module
+        return module
+
+    def set_active(self, names: Iterable[str]) -> None:
+        """Choose which of this layer's adapters run in forward (names it does not hold are ignored)."""
+        self.active_adapters = tuple(n for n in names if n in self.adapters)
+
+    def remove(self, adapter: str) -> None:
+        """Delete an adapter; an init that moved the base weight gives its initial delta back first."""
+        if adapter in self.merged_adapters:
+            raise ValueError(f"{self.module_name}: adapter {adapter!r} is merged; unmerge it before deleting it")
+        module = self.adapters[adapter]
+        if module.preserve_output:
+            self._add_to_weight(module.delta_weight(initial=True))
+        del self.adapters[adapter]
+        self.set_active(self.active_adapters)
+
+    # -- merging --------------------------------------------------------------------------------------
+    def _add_to_weight(self, delta: Tensor, safe: bool = False) -> None:
+        """``W += delta`` with the sum formed in fp32 and rounded once into the weight's dtype."""
+        w = weight_view(self.base)
+        new = w.float() + delta
+        if safe and not torch.isfinite(new).all():
+            raise ValueError(f"{self.module_name}: merging would put NaN/Inf into the weight; nothing was changed")
+        with torch.no_grad():
+            w.copy_(new)
+
+    def merge(self, safe: bool = False) -> None:
+        """Fold every active, unmerged adapter into the base weight."""
+        todo = [n for n in self.active_adapters if n not in self.merged_adapters]
+        if not todo:
+            warnings.warn(f"{self.module_name}: all active adapters are already merged; nothing to do", stacklevel=3)
+            return
+        delta = sum(self.adapters[n].delta_weight() for n in todo)
+        self._add_to_weight(delta, safe=safe)
+        self.merged_adapters = self.merged_adapters + tuple(todo)
+
+    def unmerge(self) -> None:
+        """Take every merged adapter back out of the base weight."""
+        if not self.merged_adapters:
+            warnings.warn(f"{self.module_name}: no adapter is merged; nothing to unmerge", stacklevel=3)
+            return
+        self._add_to_weight(-sum(self.adapters[n].delta_weight() for n in self.merged_adapters))
+        self.merged_adapters = ()
+
+    def restore_base(self) -> nn.Module:
+        """Return the base module holding the original pretrained weight (merges and residuals undone)."""
+        delta = [-self.adapters[n].delta_weight() for n in self.merged_adapters]
+        delta += [a.delta_weight(initial=True) for a in self.adapters.values() if a.preserve_output]
+        if delta:
+            self._add_to_weight(sum(delta))
+        self.merged_adapters = ()
+        return self.base
+
+    # -- forward --------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        if self.disabled:  # the original pretrained layer: undo merges and init residuals on the fly
+            for name in self.merged_adapters:
+                y = y - self.adapters[name](x).to(y.dtype)
+            for adapter in self.adapters.values():
+                if adapter.preserve_output:
+                    y = y + adapter.initial_output(x).to(y.dtype)
+            return y
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                y = y + self.adapters[name](x).to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        kind = "Conv1D" if is_conv1d(self.base) else "Linear"
+        return (f"{kind} in={self.in_features}, out={self.out_features}, active={list(self.active_adapters)}, "
+                f"merged={list(self.merged_adapters)}")
+
+
+def resolve_preserve(spec, preserve_output: bool | None) -> bool:
+    """The effective ``preserve_output`` for an init: its default when ``None``; PiSSA cannot turn it off."""
+    if preserve_output is None:
+        return spec.preserve_default
+    if spec.preserve_fixed and not preserve_output:
+        raise ValueError(f"init {spec.name!r} always rewrites the base weight to the residual; "
+                         f"drop preserve_output=False")
+    return bool(preserve_output)
+
+
+def build_factors(base: nn.Module, rank: int, alpha: float | None, init: str, *, train: str, adapter: str,
+                  name: str, generator: torch.Generator | None, existing: Iterable[str],
+                  **init_options) -> tuple[Factors, dict]:
+    """Validate one layer's request and run the initialiser; raises before anything is modified."""
+    label = name or type(base).__name__
+    spec = get_init(init)
+    unknown = set(init_options) - set(spec.options)
+    if unknown:
+        raise ValueError(f"init {init!r} has no option(s) {sorted(unknown)}; it accepts {list(spec.options)}")
+    if train not in TRAIN_MODES:
+        raise ValueError(f"train={train!r}: choose 'all' (A, N, B) or 'middle' (IntTune: only N)")
+    if train == "middle" and not spec.has_middle:
+        raise ValueError(f"train='middle' trains only N, but init {init!r} has no middle matrix; "
+                         f"use slora, nystrom*, or pissa")
+    if adapter in existing:
+        raise ValueError(f"{label}: already has an adapter named {adapter!r}; pass adapter='<new name>' to add "
+                         f"another, or delete_adapter first")
+    w = weight_view(base)
+    out_features, in_features = w.shape
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 < rank <= min(out_features, in_features):
+        raise ValueError(f"{label}: rank={rank!r} must be an int in 1..min(out, in) = 1..{min(out_features, in_features)}"
+                         f" for this ({out_features}, {in_features}) layer; lower it or use rank_pattern")
+    if alpha is not None and not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
+        raise ValueError(f"{label}: alpha={alpha!r} must be a finite number (or None for alpha = rank)")
+    if not w.is_floating_point():
+        raise TypeError(f"{label}: weight dtype {w.dtype} is not floating point (quantised or integer weights are "
+                        f"not supported); dequantise the model first")
+    if spec.data_driven:
+        if w.is_meta:
+            raise ValueError(f"{label}: init {init!r} reads the weight, which is on the meta device; load real "
+                             f"weights first, or inject a random init (lora/slora) before materialising")
+        if not torch.isfinite(w).all():
+            raise ValueError(f"{label}: weight has NaN/Inf, so the data-driven init {init!r} cannot use it; "
+                             f"fix the checkpoint or pick a random init (lora/slora)")
+    scaling = float(rank if alpha is None else alpha) / rank
+    factors = spec.fn(w, rank, scaling=scaling, generator=generator, **init_options)
+    return factors, dict(init_options)
