@@ -55,6 +55,9 @@ class Adapter(nn.Module):
         self.lora_N = None if factors.N is None else nn.Parameter(factors.N.to(dtype))
         self.lora_B = nn.Parameter(factors.B.to(dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        trainable = {id(p) for p in self.trainable_parameters()}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in trainable)
         # The initial factors of an adapter whose init moved the base weight: they give back the original
         # pretrained weight (W0 = W_residual + s B0 N0 A0) for disable_adapter, unload and export.
         for name in ("A", "N", "B"):
