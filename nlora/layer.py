@@ -209,9 +209,12 @@ class NLoRALinear(nn.Module):
 
     # -- merging --------------------------------------------------------------------------------------
     def _add_to_weight(self, delta: Tensor, safe: bool = False) -> None:
-        """``W += delta`` with the sum formed in fp32 and rounded once into the weight's dtype."""
+        """``W += delta`` with the sum formed in fp32 and rounded once into the weight's dtype.
+
+        ``delta`` (a fresh fp32 tensor) is consumed as the buffer for the sum: no other (out, in) temporary.
+        """
         w = weight_view(self.base)
-        new = w.float() + delta
+        new = delta.add_(w)
         if safe and not torch.isfinite(new).all():
             raise ValueError(f"{self.module_name}: merging would put NaN/Inf into the weight; nothing was changed")
         with torch.no_grad():

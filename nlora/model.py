@@ -229,7 +229,7 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
         for layer in layers.values():
             todo = [n for n in layer.active_adapters if n not in layer.merged_adapters]
             if todo:
-                new = weight_view(layer.base).float() + sum(layer.adapters[n].delta_weight() for n in todo)
+                new = sum(layer.adapters[n].delta_weight() for n in todo).add_(weight_view(layer.base))
                 if not torch.isfinite(new).all():
                     raise ValueError(f"{layer.module_name}: merging would put NaN/Inf into the weight; nothing "
                                      f"was merged (check the adapter's parameters)")
