@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fingerprint import weight_sample
 from .inits import Factors, get_init
 
 TRAIN_MODES = ("all", "middle")
@@ -188,6 +189,7 @@ class NLoRALinear(nn.Module):
                          dropout=dropout, preserve_output=preserve and not spec.zero_delta, options=options,
                          dtype=adapter_dtype, compute_dtype=compute_dtype)
         module.to(weight_view(self.base).device)
+        module.base_sample = weight_sample(weight_view(self.base))  # the weight it was attached to (load checks it)
         if module.preserve_output:
             self._add_to_weight(-module.delta_weight(initial=True))
         self.adapters[adapter] = module

@@ -1,0 +1,42 @@
+"""A small, exact fingerprint of a weight matrix: a few entries at positions fixed by its shape.
+
+``NLoRALinear.attach`` records it for the weight an adapter was attached to (before any residual update),
+so that ``load_adapter`` can tell whether it is putting the adapter back on the same base weights.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+from torch import Tensor
+
+SAMPLE_SIZE = 16
+
+
+def sample_positions(shape: tuple[int, int], k: int = SAMPLE_SIZE) -> tuple[Tensor, Tensor]:
+    """``k`` (row, col) positions drawn from a generator seeded by the shape alone: the same on every machine."""
+    out_features, in_features = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(f"nlora-sample:{out_features}x{in_features}".encode()))
+    flat = torch.randint(0, out_features * in_features, (k,), generator=gen)
+    return flat // in_features, flat % in_features
+
+
+def weight_sample(weight: Tensor, k: int = SAMPLE_SIZE) -> Tensor | None:
+    """The entries of an ``(out, in)`` weight at ``sample_positions``, on the CPU in the weight's own dtype
+    (``None`` for a weight without data, e.g. on the meta device)."""
+    if weight.is_meta or weight.dim() != 2 or weight.numel() == 0:
+        return None
+    rows, cols = sample_positions(tuple(weight.shape), k)
+    with torch.no_grad():
+        return weight[rows.to(weight.device), cols.to(weight.device)].detach().to("cpu", copy=True)
+
+
+def same_sample(saved: Tensor, current: Tensor) -> bool:
+    """Whether two samples agree exactly once both are rounded to the less precise of their two dtypes
+    (an fp32 checkpoint cast to bf16 matches the bf16 model it became; any other change does not)."""
+    if saved.shape != current.shape:
+        return False
+    low = saved.dtype if torch.finfo(saved.dtype).eps >= torch.finfo(current.dtype).eps else current.dtype
+    a, b = saved.to(low), current.to(low)
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
