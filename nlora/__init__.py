@@ -1,6 +1,7 @@
 """nlora: SLoRA, NLoRA (Nyström-initialised three-matrix LoRA) and IntTune for any PyTorch model."""
 
 from .inits import INITIALIZERS, Factors, get_init, register_init
+from .io import export_peft, load_adapter, save_adapter
 from .layer import Adapter, NLoRALinear
 from .model import (
     adapter_names,
@@ -22,7 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "Factors", "INITIALIZERS", "NLoRALinear", "adapter_names", "count_parameters", "delete_adapter",
-    "disable_adapter", "get_init", "inject", "merge", "merge_and_unload", "nystrom_reconstruct", "optimal_core",
-    "register_init", "regularised_pinv", "select_indices", "select_targets", "set_adapter", "trainable_summary",
+    "disable_adapter", "export_peft", "get_init", "inject", "load_adapter", "merge", "merge_and_unload", "nystrom_reconstruct", "optimal_core",
+    "register_init", "regularised_pinv", "save_adapter", "select_indices", "select_targets", "set_adapter", "trainable_summary",
     "unload", "unmerge",
 ]

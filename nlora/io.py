@@ -535,8 +535,8 @@ def _plan_module(name: str, rec: dict, tensors: dict[str, Tensor], module: nn.Mo
     if "base_sample" in own:
         now = weight_sample(w)
         if now is not None and not same_sample(own["base_sample"], now):
-            fail("base weight differs from the one the adapter was saved on (wrong base model, or a different dtype/"
-                 "checkpoint)", name + _preserving_hint(rec))
+            fail("base weight differs from the one the adapter was saved on (wrong base model, or a different "
+                 "checkpoint)", name + _dtype_hint(rec, w) + _preserving_hint(rec))
             return None
     values = dict(own)
     if rec["from_base"]:
@@ -546,8 +546,7 @@ def _plan_module(name: str, rec: dict, tensors: dict[str, Tensor], module: nn.Mo
         sa, sb = _slices(w, rows, cols, adtype)
         if _digest(sa, sb) != rec["slice_digest"]:
             fail("base weight slices differ from the ones saved (wrong base model, or a different dtype/"
-                 "checkpoint)", f"{name} (saved on a {rec['base_dtype']} base, model is {_dtype_name(w.dtype)})"
-                 + _preserving_hint(rec))
+                 "checkpoint)", name + _dtype_hint(rec, w) + _preserving_hint(rec))
             return None
         for key in rec["from_base"]:
             values[key] = sa if key.endswith("_A") else sb
@@ -562,6 +561,11 @@ def _plan_module(name: str, rec: dict, tensors: dict[str, Tensor], module: nn.Mo
     factors = Factors(values[prefix + "A"], values.get(prefix + "N"), values[prefix + "B"], rows, cols)
     current = {k: values[k] for k in ("lora_A", "lora_N", "lora_B") if k in values}
     return _Plan(name, module, base, rec, factors, current)
+
+
+def _dtype_hint(rec: dict, w: Tensor) -> str:
+    now = _dtype_name(w.dtype)
+    return f" (saved on a {rec['base_dtype']} base, model is {now})" if rec.get("base_dtype") != now else ""
 
 
 def _preserving_hint(rec: dict) -> str:
@@ -678,7 +682,7 @@ def _patterns(values: dict[str, float], default: float, what: str) -> dict[str, 
     """A PEFT rank/alpha pattern giving every module its value under PEFT's first-match-wins lookup."""
     pattern = {n: v for n, v in values.items() if v != default}
     for _ in range(len(values) + 1):
-        keys = sorted(pattern, key=len, reverse=True)
+        keys = sorted(pattern, key=lambda k: (-len(k), k.count(".")))  # longest, then fewest wildcards, first
         wrong = [n for n, v in values.items() if pattern.get(_peft_pattern_key(keys, n), default) != v]
         if not wrong:
             return {k: pattern[k] for k in keys}
