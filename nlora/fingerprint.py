@@ -24,9 +24,9 @@ def sample_positions(shape: tuple[int, int], k: int = SAMPLE_SIZE) -> tuple[Tens
 
 def weight_sample(weight: Tensor, k: int = SAMPLE_SIZE) -> Tensor | None:
     """The entries of an ``(out, in)`` weight at ``sample_positions``, on the CPU in the weight's own dtype
-    (``None`` for a weight without data, e.g. on the meta device)."""
-    if weight.is_meta or weight.dim() != 2 or weight.numel() == 0:
-        return None
+    (``None`` for a weight without data, e.g. on the meta device, or a sharded DTensor)."""
+    if weight.is_meta or weight.dim() != 2 or weight.numel() == 0 or type(weight).__name__ == "DTensor":
+        return None  # no data here, or sharded (gathering it would cost a collective per layer)
     rows, cols = sample_positions(tuple(weight.shape), k)
     with torch.no_grad():
         return weight[rows.to(weight.device), cols.to(weight.device)].detach().to("cpu", copy=True)

@@ -185,14 +185,15 @@ class NLoRALinear(nn.Module):
         """Add an adapter from precomputed factors; applies the residual update if the output is preserved."""
         spec = get_init(init)
         preserve = resolve_preserve(spec, preserve_output)
+        sample = weight_sample(weight_view(self.base))  # a few entries of the weight it sits on (load_adapter checks)
         module = Adapter(factors, alpha=float(rank if alpha is None else alpha), init=init, train=train,
                          dropout=dropout, preserve_output=preserve and not spec.zero_delta, options=options,
                          dtype=adapter_dtype, compute_dtype=compute_dtype)
         module.to(weight_view(self.base).device)
-        module.base_sample = weight_sample(weight_view(self.base))  # the weight it was attached to (load checks it)
         if module.preserve_output:
             self._add_to_weight(-module.delta_weight(initial=True))
         self.adapters[adapter] = module
+        module.base_sample = sample
         return module
 
     def set_active(self, names: Iterable[str]) -> None:
