@@ -23,7 +23,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "Factors", "INITIALIZERS", "NLoRALinear", "adapter_names", "count_parameters", "delete_adapter",
-    "disable_adapter", "export_peft", "get_init", "inject", "load_adapter", "merge", "merge_and_unload", "nystrom_reconstruct", "optimal_core",
-    "register_init", "regularised_pinv", "save_adapter", "select_indices", "select_targets", "set_adapter", "trainable_summary",
+    "disable_adapter", "get_init", "inject", "merge", "merge_and_unload", "nystrom_reconstruct", "optimal_core",
+    "register_init", "regularised_pinv", "select_indices", "select_targets", "set_adapter", "trainable_summary",
     "unload", "unmerge",
 ]
+__all__ += ["export_peft", "load_adapter", "save_adapter"]

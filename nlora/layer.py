@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fingerprint import weight_sample
 from .inits import Factors, get_init
+from .fingerprint import weight_sample
 
 TRAIN_MODES = ("all", "middle")
 
