@@ -241,9 +241,15 @@ def _write_tensors(tensors: dict[str, Tensor], file: Path, use_safetensors: bool
 
 
 def _write_json(obj: dict, file: Path) -> None:
+    """Indented JSON, except that each entry of a ``modules`` mapping takes one line."""
+    modules = obj.get("modules")
+    head = {k: v for k, v in obj.items() if k != "modules"}
+    text = json.dumps(head, indent=2, allow_nan=False)
+    if isinstance(modules, dict):
+        lines = ",\n".join(f"    {json.dumps(n)}: {json.dumps(r, allow_nan=False)}" for n, r in modules.items())
+        text = text[:-2] + ',\n  "modules": {\n' + lines + "\n  }\n}"
     with open(file, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, allow_nan=False)
-        fh.write("\n")
+        fh.write(text + "\n")
 
 
 def _sha256_file(file: Path) -> str:
@@ -291,7 +297,8 @@ def _module_record(name: str, layer: NLoRALinear, adapter: str, compact: bool) -
             if t is not None and key not in from_base:
                 tensors[key] = t
     if ad.rows is not None and ad.cols is not None:
-        tensors["index"] = torch.stack([ad.rows.to("cpu", torch.int64), ad.cols.to("cpu", torch.int64)])
+        index = torch.stack([ad.rows.to("cpu", torch.int64), ad.cols.to("cpu", torch.int64)])
+        tensors["index"] = index.to(torch.int32) if max(w.shape) < 2**31 else index
     sample = getattr(ad, "base_sample", None)
     if sample is None and not ad.preserve_output and not others_preserve:
         sample = weight_sample(w)  # an adapter built without attach: the current weight is the one it sits on
@@ -354,12 +361,16 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
 
     name = _resolve_adapter(model, adapter)
     layers = _holders(model, name, "save")
-    modules: dict[str, dict] = {}
+    bad = [n for n, l in layers.items() if getattr(l.adapters[name], "pending_init", False)]
+    if bad:
+        raise ValueError(f"adapter {name!r} has no values yet in {bad[:4]} (injected on the meta device); "
+                         f"initialise it first")
+    records: dict[str, dict] = {}
     tensors: dict[str, Tensor] = {}
     for module_name, layer in layers.items():
-        record, own = _module_record(module_name, layer, name, compact)
-        modules[module_name] = record
+        records[module_name], own = _module_record(module_name, layer, name, compact)
         tensors.update({f"{module_name}.{k}": v for k, v in own.items()})
+    defaults, modules = _factor_defaults(records)
     trainable = _canonical_params(model) if include_trainable else {}
     tensors.update({_TRAINABLE_PREFIX + k: p for k, (_, p) in trainable.items()})
     use_st = _safetensors is not None
@@ -372,6 +383,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
         "tensor_file": SAFETENSORS_NAME if use_st else TORCH_NAME,
         "tensor_sha256": None,
         "sample_size": SAMPLE_SIZE,
+        "module_defaults": defaults,
         "modules": modules,
         "trainable_modules": sorted({m for m, _ in trainable.values()}),
         "trainable_params": {k: {"shape": list(p.shape), "dtype": _dtype_name(p.dtype)}
@@ -385,6 +397,19 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
         _write_json(config, tmp / CONFIG_NAME)
 
     return _write_atomically(path, write)
+
+
+def _factor_defaults(records: dict[str, dict]) -> tuple[dict, dict[str, dict]]:
+    """Split per-module records into the most common value of each field and per-module differences (small configs
+    for models with hundreds of adapted layers)."""
+    defaults = {}
+    for key in next(iter(records.values())):
+        if key in ("shape", "slice_digest"):
+            continue
+        counts = Counter(json.dumps(r[key], sort_keys=True) for r in records.values())
+        defaults[key] = json.loads(counts.most_common(1)[0][0])
+    modules = {n: {k: v for k, v in r.items() if k not in defaults or v != defaults[k]} for n, r in records.items()}
+    return defaults, modules
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -410,8 +435,11 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     for key in ("adapter_name", "tensor_file", "tensor_sha256", "modules"):
         if key not in config:
             raise ValueError(f"{file} is corrupted: the key {key!r} is missing")
-    if not isinstance(config["modules"], dict) or not config["modules"]:
-        raise ValueError(f"{file} is corrupted: 'modules' must be a non-empty mapping")
+    defaults = config.get("module_defaults", {})
+    if not isinstance(config["modules"], dict) or not config["modules"] or not isinstance(defaults, dict) or \
+            not all(isinstance(r, dict) for r in config["modules"].values()):
+        raise ValueError(f"{file} is corrupted: 'modules' must be a non-empty mapping of module entries")
+    config["modules"] = {n: {**defaults, **r} for n, r in config["modules"].items()}  # entries complete from here on
     return config
 
 
@@ -519,7 +547,8 @@ def _plan_module(name: str, rec: dict, tensors: dict[str, Tensor], module: nn.Mo
                                                                 f"{want} for rank {rank} on {tuple(rec['shape'])}")
             return None
         if key == "index":
-            if t.dtype != torch.int64 or (t < 0).any() or (t[0] >= w.shape[0]).any() or (t[1] >= w.shape[1]).any():
+            if t.dtype not in (torch.int32, torch.int64) or (t < 0).any() or (t[0] >= w.shape[0]).any() \
+                    or (t[1] >= w.shape[1]).any():
                 fail("has invalid index sets", name)
                 return None
         elif key == "base_sample":
@@ -531,7 +560,7 @@ def _plan_module(name: str, rec: dict, tensors: dict[str, Tensor], module: nn.Mo
             return None
     rows = cols = None
     if "index" in own:
-        rows, cols = own["index"][0].clone(), own["index"][1].clone()
+        rows, cols = own["index"][0].to(torch.int64), own["index"][1].to(torch.int64)  # the buffers' dtype
     if "base_sample" in own:
         now = weight_sample(w)
         if now is not None and not same_sample(own["base_sample"], now):
