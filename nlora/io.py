@@ -88,8 +88,8 @@ def _digest(*tensors: Tensor) -> str:
 def _slices(weight: Tensor, rows: Tensor, cols: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``(W[rows, :], W[:, cols])`` cast to fp32 then to the adapter dtype, exactly as the Nyström inits take them."""
     rows, cols = rows.to(weight.device), cols.to(weight.device)
-    a = weight[rows, :].to(torch.float32, copy=True).to(dtype)
-    b = weight[:, cols].to(torch.float32, copy=True).to(dtype)
+    a = weight.index_select(0, rows).to(torch.float32, copy=True).to(dtype)
+    b = weight.index_select(1, cols).to(torch.float32, copy=True).to(dtype)
     return a, b
 
 
@@ -338,8 +338,8 @@ def _slices_consistent(w: Tensor, ad: Adapter) -> bool:
     n0 = ad.init_N.float() if ad.init_N is not None else None
     core = b0 * ad.scaling if n0 is None else (b0 * ad.scaling) @ n0
     rows, cols = ad.rows.to(w.device), ad.cols.to(w.device)
-    pre_rows = w[rows, :].float() + core[rows] @ a0
-    pre_cols = w[:, cols].float() + core @ a0[:, cols]
+    pre_rows = w.index_select(0, rows).float() + core.index_select(0, rows) @ a0
+    pre_cols = w.index_select(1, cols).float() + core @ a0.index_select(1, cols)
     eps = torch.finfo(w.dtype).eps
     for pre, ref in ((pre_rows, a0), (pre_cols, b0)):
         tol = 4 * eps * (pre.abs() + (core.abs().max() * a0.abs().max() * core.shape[1])) + 1e-30
