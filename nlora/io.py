@@ -512,28 +512,37 @@ def _plan_module(name: str, rec: dict, tensors: dict[str, Tensor], module: nn.Mo
         return None
     kind = "Conv1D" if is_conv1d(base) else "Linear"
     w = weight_view(base)
-    if kind != rec["kind"] or list(w.shape) != list(rec["shape"]):
-        fail("shape mismatch (wrong base model?)", f"{name}: saved {rec['kind']} (out, in) = {tuple(rec['shape'])}, "
-                                                  f"model has {kind} {tuple(w.shape)}")
-        return None
     try:
         if not isinstance(rec.get("stored"), list) or not isinstance(rec.get("from_base"), list):
             raise ValueError(f"{name}: 'stored' and 'from_base' must be lists")
+        shape = rec["shape"]
+        if rec["kind"] not in ("Linear", "Conv1D") or not (isinstance(shape, list) and len(shape) == 2 and
+                                                           all(isinstance(d, int) and d > 0 for d in shape)):
+            raise ValueError(f"{name}: kind {rec['kind']!r} / shape {shape!r} are not a Linear/Conv1D (out, in)")
         spec = get_init(rec["init"])
         adtype = _dtype(rec["adapter_dtype"], name)
         _dtype(rec["compute_dtype"], name)
         rank = rec["rank"]
-        if not isinstance(rank, int) or not 0 < rank <= min(w.shape):
-            raise ValueError(f"{name}: rank {rank!r} does not fit a {tuple(w.shape)} layer")
+        if not isinstance(rank, int) or not 0 < rank <= min(shape):
+            raise ValueError(f"{name}: rank {rank!r} does not fit a {tuple(shape)} layer")
         if rec["train"] not in ("all", "middle"):
             raise ValueError(f"{name}: unknown train mode {rec['train']!r}")
         alpha = float(rec["alpha"])
         if not math.isfinite(alpha):
             raise ValueError(f"{name}: alpha {rec['alpha']!r} is not finite")
+        if not isinstance(rec["preserve_output"], bool) or not (isinstance(rec["dropout"], (int, float))
+                                                                 and 0 <= rec["dropout"] < 1):
+            raise ValueError(f"{name}: preserve_output {rec['preserve_output']!r} / dropout {rec['dropout']!r} invalid")
+        if rec["from_base"] and not isinstance(rec.get("slice_digest"), str):
+            raise ValueError(f"{name}: tensors rebuilt from the base need a slice_digest")
         if not isinstance(rec["options"], dict) or set(rec["options"]) - set(spec.options):
             raise ValueError(f"{name}: init options {rec['options']!r} are not options of {rec['init']!r}")
     except (KeyError, ValueError, TypeError) as err:
         fail("has an invalid config entry", str(err) if not isinstance(err, KeyError) else f"{name}: missing {err}")
+        return None
+    if kind != rec["kind"] or list(w.shape) != list(rec["shape"]):
+        fail("shape mismatch (wrong base model?)", f"{name}: saved {rec['kind']} (out, in) = {tuple(rec['shape'])}, "
+                                                  f"model has {kind} {tuple(w.shape)}")
         return None
     expected = _expected_shapes(rec)
     own = {k: tensors[f"{name}.{k}"] for k in rec["stored"] if f"{name}.{k}" in tensors}
@@ -573,7 +582,7 @@ def _plan_module(name: str, rec: dict, tensors: dict[str, Tensor], module: nn.Mo
             fail("has invalid index sets", f"{name}: rebuilt from the base but no index stored")
             return None
         sa, sb = _slices(w, rows, cols, adtype)
-        if _digest(sa, sb) != rec["slice_digest"]:
+        if _digest(sa, sb) != rec.get("slice_digest"):
             fail("base weight slices differ from the ones saved (wrong base model, or a different dtype/"
                  "checkpoint)", name + _dtype_hint(rec, w) + _preserving_hint(rec))
             return None

@@ -410,6 +410,20 @@ def test_corrupted_config_is_refused(saved):
     _refused(make_mlp(), saved, "not valid JSON")
 
 
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: c["module_defaults"].pop("kind"), r"invalid config entry: 0: missing 'kind'"),
+    (lambda c: c["modules"]["2"].update(init="nope"), r"invalid config entry: unknown init 'nope'"),
+    (lambda c: c["modules"]["0"].update(adapter_dtype="float99"), r"0: unknown dtype 'float99'"),
+    (lambda c: c["modules"]["4"].update(slice_digest=None), r"4: tensors rebuilt from the base need a slice_dig"),
+    (lambda c: c["modules"]["4"].update(shape=[5]), r"4: kind 'Linear' / shape \[5\]"),
+    (lambda c: c.update(format_version=99), r"format_version 99"),
+    (lambda c: c.update(modules=[]), r"'modules' must be a non-empty mapping"),
+], ids=["no-kind", "unknown-init", "bad-dtype", "no-digest", "bad-shape", "version", "modules-list"])
+def test_damaged_config_is_refused(saved, edit, match):
+    _edit_config(saved, edit)
+    _refused(make_mlp(), saved, match)
+
+
 def test_peft_directory_is_not_mistaken_for_a_native_adapter(tmp_path):
     model = make_mlp()
     nlora.inject(model, ["0"], rank=2, init="lora")
