@@ -530,6 +530,21 @@ def test_export_peft_mlp_matches_nlora(tmp_path, init, train):
         close(model(x), pm(x))
 
 
+def test_export_peft_without_safetensors_writes_a_bin_peft_reads(tmp_path, monkeypatch):
+    pytest.importorskip("peft")
+    original = make_mlp()
+    model = copy.deepcopy(original)
+    nlora.inject(model, ["0", "2"], rank=3, init="nystrom-pinv", train="middle", seed=0)
+    fake_training(model)
+    monkeypatch.setattr(nio, "_safetensors", None)
+    nlora.export_peft(model, tmp_path / "p")
+    assert sorted(os.listdir(tmp_path / "p")) == ["adapter_config.json", "adapter_model.bin"]
+    pm = peft_load(copy.deepcopy(original), tmp_path / "p")
+    x = torch.randn(4, 24)
+    with torch.no_grad():
+        close(model(x), pm(x))
+
+
 def test_export_peft_llama_all_linear_keeps_the_head_out(tmp_path):
     pytest.importorskip("peft")
     original = tiny_llama()
