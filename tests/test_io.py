@@ -67,7 +67,7 @@ def fake_training(model, seed=1, scale=0.05):
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * scale)
+                p.add_(torch.randn(p.shape, generator=gen).to(p.device, p.dtype) * scale)
 
 
 def adapter_buffers(model):
@@ -686,3 +686,26 @@ def test_initial_slices_that_do_not_match_the_base_are_stored_in_full(tmp_path):
     keys = stored_keys(tmp_path / "a")
     assert {"init_A", "init_B", "lora_A", "lora_B"} <= keys["0"]
     assert not {"init_A", "init_B", "lora_A", "lora_B"} & keys["2"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("init,train", [("nystrom-pinv", "middle"), ("pissa", "all"), ("lora", "all")])
+def test_cuda_round_trip_and_export(tmp_path, init, train):
+    original = tiny_llama(torch.bfloat16).cuda()
+    model = copy.deepcopy(original)
+    nlora.inject(model, "all-linear", rank=4, init=init, train=train, seed=0)
+    fake_training(model)
+    nlora.save_adapter(model, tmp_path / "a")
+    fresh = copy.deepcopy(original)
+    nlora.load_adapter(fresh, tmp_path / "a")
+    assert fresh.model.layers[0].self_attn.q_proj.lora_A.device.type == "cuda"
+    assert_same_model(model, fresh, torch.randint(0, 64, (2, 10), device="cuda"))
+    pytest.importorskip("peft")
+    float_model = copy.deepcopy(original).float()
+    nlora.inject(float_model, "all-linear", rank=4, init=init, train=train, seed=0)
+    fake_training(float_model)
+    nlora.export_peft(float_model, tmp_path / "p")
+    pm = peft_load(copy.deepcopy(original).float(), tmp_path / "p")
+    ids = torch.randint(0, 64, (2, 10), device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(pm(ids).logits, float_model(ids).logits, rtol=1e-4, atol=1e-4)
