@@ -73,7 +73,9 @@ def _dtype(name: str | None, what: str) -> torch.dtype | None:
 
 
 def _tensor_bytes(t: Tensor) -> bytes:
-    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    """The raw bytes of a tensor (read straight from a contiguous CPU copy: no numpy needed)."""
+    t = t.detach().to("cpu").contiguous()
+    return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()) if t.numel() else b""
 
 
 def _digest(*tensors: Tensor) -> str:
@@ -466,7 +468,8 @@ def _read_tensors(path: Path, config: dict) -> dict[str, Tensor]:
         raise
     except Exception as err:  # noqa: BLE001 - any parse failure of a file whose hash matched is corruption
         raise ValueError(f"{file} could not be read ({type(err).__name__}: {err})") from None
-    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in tensors.items()):
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                                for k, v in tensors.items()):
         raise ValueError(f"{file} does not hold a mapping of names to tensors")
     return tensors
 
