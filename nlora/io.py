@@ -758,7 +758,8 @@ def _peft_factors(ad: Adapter, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
 
 
 def export_peft(model: nn.Module, path: str | os.PathLike, adapter: str | None = None, *,
-                dtype: torch.dtype = torch.float32, base_model_name_or_path: str | None = None) -> Path:
+                dtype: torch.dtype = torch.float32, base_model_name_or_path: str | None = None,
+                include_trainable: bool = True) -> Path:
     """Write adapter ``adapter`` as a plain HF PEFT LoRA (``adapter_config.json`` + ``adapter_model.safetensors``)
     that ``PeftModel.from_pretrained(original_base_model, path)`` loads with the same outputs; returns the path.
 
@@ -766,7 +767,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter: str | None =
     (``preserve_output``, pissa) is exported relative to the ORIGINAL weights as the rank-2r LoRA
     ``A' = [A; A0]``, ``B' = [B N, -B0 N0]`` with r and alpha doubled. Per-module ranks and alphas go to
     ``rank_pattern``/``alpha_pattern``; Conv1D layers set ``fan_in_fan_out``; extra trainable modules go to
-    ``modules_to_save``.
+    ``modules_to_save`` (unless ``include_trainable=False``). Tensors are written in ``dtype``.
     """
     name = _resolve_adapter(model, adapter)
     layers = _holders(model, name, "export")
@@ -790,7 +791,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter: str | None =
         tensors[f"base_model.model.{module_name}.lora_B.weight"] = b
         dropouts.append(_dropout_p(ad))
         kinds.append(is_conv1d(layer.base))
-    to_save = _canonical_params(model)
+    to_save = _canonical_params(model) if include_trainable else {}
     save_modules = sorted({m for m, _ in to_save.values()})
     clash = [m for m in save_modules for t in layers if t == m or t.startswith(m + ".")]
     if clash:

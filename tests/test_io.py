@@ -709,3 +709,32 @@ def test_cuda_round_trip_and_export(tmp_path, init, train):
     ids = torch.randint(0, 64, (2, 10), device="cuda")
     with torch.no_grad():
         torch.testing.assert_close(pm(ids).logits, float_model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@given(out_f=st.integers(1, 20), in_f=st.integers(1, 20), r=st.integers(1, 6), seed=st.integers(0, 2**16),
+       init=st.sampled_from(["lora", "gaussian", "slora", "nystrom", "nystrom-pinv", "nystrom-optimal", "pissa"]),
+       middle=st.booleans(), preserve=st.sampled_from([None, True, False]),
+       index=st.sampled_from(["first", "random", "norm"]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       trained=st.booleans())
+def test_round_trip_property(out_f, in_f, r, seed, init, middle, preserve, index, dtype, trained):
+    import tempfile
+
+    spec = nlora.get_init(init)
+    r = min(r, out_f, in_f)
+    train = "middle" if middle and spec.has_middle and not spec.zero_delta else "all"
+    preserve = True if spec.preserve_fixed else preserve
+    options = {"index": index} if init.startswith("nystrom") else {}
+    torch.manual_seed(seed)
+    original = nn.Sequential(nn.Linear(in_f, out_f)).to(dtype)
+    model = copy.deepcopy(original)
+    nlora.inject(model, ["0"], rank=r, init=init, train=train, preserve_output=preserve, seed=seed, **options)
+    if trained:
+        fake_training(model, seed=seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        nlora.save_adapter(model, Path(tmp) / "a")
+        fresh = copy.deepcopy(original)
+        nlora.load_adapter(fresh, Path(tmp) / "a")
+        compact = not (stored_keys(Path(tmp) / "a")["0"] & {"lora_A", "lora_B", "init_A", "init_B"})
+    assert_same_model(model, fresh, torch.randn(3, in_f).to(dtype))
+    if init.startswith("nystrom") and train == "middle":
+        assert compact
