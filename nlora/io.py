@@ -496,7 +496,7 @@ def _expected_shapes(rec: dict) -> dict[str, tuple[int, ...]]:
 
 
 def _plan_module(name: str, rec: dict, tensors: dict[str, Tensor], module: nn.Module, adapter: str,
-                 problems: dict[str, list[str]]) -> _Plan | None:
+                 problems: dict[str, list[str]], check_base: bool = True) -> _Plan | None:
     """Check one module against the file and build the factors to attach; records problems instead of raising."""
 
     def fail(kind: str, text: str) -> None:
@@ -573,7 +573,7 @@ def _plan_module(name: str, rec: dict, tensors: dict[str, Tensor], module: nn.Mo
     rows = cols = None
     if "index" in own:
         rows, cols = own["index"][0].to(torch.int64), own["index"][1].to(torch.int64)  # the buffers' dtype
-    if "base_sample" in own:
+    if "base_sample" in own and check_base:
         now = weight_sample(w)
         if now is not None and not same_sample(own["base_sample"], now):
             fail("base weight differs from the one the adapter was saved on (wrong base model, or a different "
@@ -615,13 +615,16 @@ def _preserving_hint(rec: dict) -> str:
             f"them in the order they were first attached]" if others else "")
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None = None) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None = None, *,
+                 check_base: bool = True) -> nn.Module:
     """Attach the adapter saved at ``path`` to ``model`` (a fresh base model, or one holding other adapters) and
     make it the active adapter; returns ``model``.
 
     All-or-nothing: the file, every module, shape, rank, dtype and the base weights are checked before anything
     is changed; any problem raises one ValueError naming the modules and leaves the model bit-identical.
-    ``adapter`` renames the adapter (default: the saved name).
+    ``adapter`` renames the adapter (default: the saved name). ``check_base=False`` skips the base-weight sample
+    check, to put an adapter on purpose onto another checkpoint of the same architecture (outputs then differ from
+    the saved model's); compact Nyström modules still refuse a base whose slices differ, since A and B come from it.
     """
     path = Path(path)
     config = read_adapter_config(path)
@@ -649,7 +652,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
         if not isinstance(rec, dict):
             problems.setdefault("has an invalid config entry", []).append(module_name)
             continue
-        plan = _plan_module(module_name, rec, tensors, module, name, problems)
+        plan = _plan_module(module_name, rec, tensors, module, name, problems, check_base)
         if plan is not None:
             plans.append(plan)
     extra = _plan_trainable(model, config, tensors, problems)

@@ -297,6 +297,26 @@ def test_wrong_base_model_is_detected(tmp_path, init, match):
     assert not nlora.model.adapter_layers(other)
 
 
+def test_check_base_false_puts_a_plain_adapter_on_another_checkpoint(tmp_path):
+    model = make_mlp()
+    nlora.inject(model, ["0", "2"], rank=4, init="lora")
+    fake_training(model)
+    nlora.save_adapter(model, tmp_path / "a")
+    torch.manual_seed(7)
+    other = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 16), nn.GELU(), nn.Linear(16, 5))
+    with pytest.raises(ValueError, match="base weight differs"):
+        nlora.load_adapter(other, tmp_path / "a")
+    nlora.load_adapter(other, tmp_path / "a", check_base=False)
+    assert torch.equal(other[2].lora_B, model[2].lora_B)
+    compact = make_mlp()
+    nlora.inject(compact, ["0"], rank=4, init="nystrom", train="middle")
+    nlora.save_adapter(compact, tmp_path / "c")
+    torch.manual_seed(7)
+    other = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 16), nn.GELU(), nn.Linear(16, 5))
+    with pytest.raises(ValueError, match="slices differ"):
+        nlora.load_adapter(other, tmp_path / "c", check_base=False)
+
+
 def test_compact_adapter_on_a_base_of_another_dtype_is_refused(tmp_path):
     model = make_mlp()
     nlora.inject(model, ["0"], rank=4, init="nystrom", train="middle")
