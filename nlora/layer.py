@@ -70,8 +70,10 @@ class Adapter(nn.Module):
             return [self.lora_N]
         return [p for p in (self.lora_A, self.lora_N, self.lora_B) if p is not None]
 
-    def forward(self, x: Tensor) -> Tensor:
-        return _low_rank(self.dropout(x), self.lora_A, self.lora_N, self.lora_B, self.scaling, self.compute_dtype)
+    def forward(self, x: Tensor, dropout: bool = True) -> Tensor:
+        """``s B N A dropout(x)``; ``dropout=False`` gives the exact delta of a merged adapter (no dropout mask)."""
+        return _low_rank(self.dropout(x) if dropout else x, self.lora_A, self.lora_N, self.lora_B, self.scaling,
+                         self.compute_dtype)
 
     def initial_output(self, x: Tensor) -> Tensor:
         """``s B0 N0 A0 x``: what this adapter's init subtracted from the base weight (no dropout)."""
@@ -246,7 +248,7 @@ class NLoRALinear(nn.Module):
         y = self.base(x)
         if self.disabled:  # the original pretrained layer: undo merges and init residuals on the fly
             for name in self.merged_adapters:
-                y = y - self.adapters[name](x).to(y.dtype)
+                y = y - self.adapters[name](x, dropout=False).to(y.dtype)
             for adapter in self.adapters.values():
                 if adapter.preserve_output:
                     y = y + adapter.initial_output(x).to(y.dtype)
@@ -285,7 +287,10 @@ def build_factors(base: nn.Module, rank: int, alpha: float | None, init: str, *,
         raise ValueError(f"train={train!r}: choose 'all' (A, N, B) or 'middle' (IntTune: only N)")
     if train == "middle" and not spec.has_middle:
         raise ValueError(f"train='middle' trains only N, but init {init!r} has no middle matrix; "
-                         f"use slora, nystrom*, or pissa")
+                         f"use a nystrom* init or pissa")
+    if train == "middle" and spec.zero_delta:
+        raise ValueError(f"train='middle' freezes B, and init {init!r} sets B = 0, so N would never get a gradient; "
+                         f"use a data-driven init (nystrom*, pissa) for IntTune, or train='all'")
     if adapter in existing:
         raise ValueError(f"{label}: already has an adapter named {adapter!r}; pass adapter='<new name>' to add "
                          f"another, or delete_adapter first")
@@ -296,9 +301,9 @@ def build_factors(base: nn.Module, rank: int, alpha: float | None, init: str, *,
                          f" for this ({out_features}, {in_features}) layer; lower it or use rank_pattern")
     if alpha is not None and not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
         raise ValueError(f"{label}: alpha={alpha!r} must be a finite number (or None for alpha = rank)")
-    if not w.is_floating_point():
-        raise TypeError(f"{label}: weight dtype {w.dtype} is not floating point (quantised or integer weights are "
-                        f"not supported); dequantise the model first")
+    if not w.is_floating_point() or w.dtype.itemsize < 2:
+        raise TypeError(f"{label}: weight dtype {w.dtype} is not a 16/32/64-bit float (quantised, fp8 or integer "
+                        f"weights are not supported); dequantise the model first")
     if spec.data_driven:
         if w.is_meta:
             raise ValueError(f"{label}: init {init!r} reads the weight, which is on the meta device; load real "

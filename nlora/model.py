@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 import zlib
 from contextlib import contextmanager
 from typing import Iterator, Sequence
@@ -131,10 +132,17 @@ def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | Non
     chosen = select_targets(model, targets, exclude, layers)
     extra = {}
     if trainable:
+        if isinstance(trainable, str):
+            raise TypeError(f"trainable={trainable!r} must be a list of module names, e.g. [{trainable!r}]")
         extra = {n: m for n, m in _candidates(model).items() if _matches(n, list(trainable))}
         missing = [t for t in trainable if not any(_matches(n, [t]) for n in extra)]
         if missing:
             raise ValueError(f"trainable={list(trainable)!r}: {missing} matched no module of {type(model).__name__}")
+        # A fully trained module is not also adapted (PEFT's modules_to_save wins over target_modules too).
+        chosen = {n: m for n, m in chosen.items() if not any(n == e or n.startswith(e + ".") for e in extra)}
+        if not chosen:
+            raise ValueError(f"targets={targets!r} only matched the trainable modules {sorted(extra)}; target "
+                             f"other modules, or drop them from trainable")
     plans = []
     for name, module in chosen.items():  # phase 1: validate and compute every factor; nothing is modified
         base = module.base if isinstance(module, NLoRALinear) else module
@@ -225,16 +233,20 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     """Fold the active adapters into the base weights (delta in fp32, rounded once). ``safe=True`` checks every
     merged weight for NaN/Inf first and raises without changing anything."""
     layers = _require_adapters(model)
+    work = {name: [n for n in layer.active_adapters if n not in layer.merged_adapters] for name, layer in layers.items()}
+    if not any(work.values()):
+        warnings.warn("every active adapter is already merged; merge did nothing", stacklevel=2)
+        return model
     if safe:
-        for layer in layers.values():
-            todo = [n for n in layer.active_adapters if n not in layer.merged_adapters]
-            if todo:
-                new = weight_view(layer.base).float() + sum(layer.adapters[n].delta_weight() for n in todo)
+        for name, layer in layers.items():
+            if work[name]:
+                new = weight_view(layer.base).float() + sum(layer.adapters[n].delta_weight() for n in work[name])
                 if not torch.isfinite(new).all():
                     raise ValueError(f"{layer.module_name}: merging would put NaN/Inf into the weight; nothing "
                                      f"was merged (check the adapter's parameters)")
-    for layer in layers.values():
-        layer.merge()
+    for name, layer in layers.items():
+        if work[name]:
+            layer.merge()
     return model
 
 
@@ -275,13 +287,14 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes the original pretrained outputs (merged adapters and init residuals
     are undone on the fly); on exit the adapters are back."""
     layers = _require_adapters(model)
+    before = {name: layer.disabled for name, layer in layers.items()}  # nested blocks restore the outer state
     for layer in layers.values():
         layer.disabled = True
     try:
         yield model
     finally:
-        for layer in layers.values():
-            layer.disabled = False
+        for name, layer in layers.items():
+            layer.disabled = before[name]
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -307,6 +320,10 @@ def trainable_summary(model: nn.Module) -> str:
               ",".join(sorted(g["init"])), f"{g['train']:,}") for k, g in groups.items()]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    extra = [n for n, m in model.named_modules() if getattr(m, _EXTRA_TRAINABLE, False)]
+    if extra:
+        n_extra = sum(p.numel() for n in extra for p in model.get_submodule(n).parameters() if p.requires_grad)
+        lines.append(f"fully trained modules: {', '.join(extra)} ({n_extra:,} params)")
     trainable, total = count_parameters(model)
     lines.append(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: "
                  f"{100 * trainable / max(total, 1):.4f}")
