@@ -253,9 +253,12 @@ class NLoRALinear(nn.Module):
                 if adapter.preserve_output:
                     y = y + adapter.initial_output(x).to(y.dtype)
             return y
-        for name in self.active_adapters:
-            if name not in self.merged_adapters:
-                y = y + self.adapters[name](x).to(y.dtype)
+        for name, adapter in self.adapters.items():
+            if name in self.active_adapters:
+                if name not in self.merged_adapters:
+                    y = y + adapter(x).to(y.dtype)
+            elif adapter.preserve_output:  # an inactive adapter's init residual is given back: each adapter
+                y = y + adapter.initial_output(x).to(y.dtype)  # computes W0 + its own delta, whichever is active
         return y
 
     def extra_repr(self) -> str:

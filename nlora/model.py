@@ -152,6 +152,12 @@ def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | Non
         factors, options = build_factors(base, r, a, init, train=train, adapter=adapter, name=name,
                                          generator=_generator(seed, name, weight_view(base).device),
                                          existing=existing, **init_options)
+        bad = [k for k in ("A", "N", "B") if getattr(factors, k) is not None
+               and not torch.isfinite(getattr(factors, k).to(adapter_dtype)).all()]
+        if bad:
+            raise ValueError(f"{name}: init {init!r} gives lora_{'/'.join(bad)} values that are not finite in "
+                             f"{adapter_dtype} (an ill-conditioned Nyström core overflows); nothing was changed. Use "
+                             f"adapter_dtype=torch.float32, init='nystrom-optimal', or a larger rcond")
         plans.append((name, module, base, r, a, factors, options))
     kwargs = dict(init=init, train=train, dropout=dropout, preserve_output=preserve_output,
                   adapter_dtype=adapter_dtype, compute_dtype=compute_dtype)
@@ -263,6 +269,11 @@ def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
     if any(l.active_adapters and set(l.active_adapters) - set(l.merged_adapters) for l in layers.values()):
         merge(model, safe=safe)
     for name, layer in layers.items():
+        # inactive adapters whose init moved the base weight give that residual back, as they do in forward
+        back = [a.delta_weight(initial=True) for n, a in layer.adapters.items()
+                if a.preserve_output and n not in layer.active_adapters]
+        if back:
+            layer._add_to_weight(sum(back))
         _set_module(model, name, layer.base)
     _clear_extra_trainable(model)
     return model
