@@ -80,10 +80,11 @@ class Adapter(nn.Module):
         return _low_rank(x, self.init_A, self.init_N, self.init_B, self.scaling, self.compute_dtype)
 
     def delta_weight(self, initial: bool = False) -> Tensor:
-        """``s B N A`` as an fp32 ``(out, in)`` tensor (``initial=True``: the init's ``s B0 N0 A0``)."""
+        """``s B N A`` as an ``(out, in)`` tensor in fp32, or fp64 for fp64 adapters (``initial=True``: ``s B0 N0 A0``)."""
         a, n, b = (self.init_A, self.init_N, self.init_B) if initial else (self.lora_A, self.lora_N, self.lora_B)
-        a = a.float() if n is None else n.float() @ a.float()
-        return (b.float() * self.scaling) @ a
+        dt = torch.promote_types(a.dtype, torch.float32)
+        a = a.to(dt) if n is None else n.to(dt) @ a.to(dt)
+        return (b.to(dt) * self.scaling) @ a
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha:g}, init={self.init!r}, train={self.train_mode!r}"
@@ -208,9 +209,9 @@ class NLoRALinear(nn.Module):
 
     # -- merging --------------------------------------------------------------------------------------
     def _add_to_weight(self, delta: Tensor, safe: bool = False) -> None:
-        """``W += delta`` with the sum formed in fp32 and rounded once into the weight's dtype."""
+        """``W += delta`` with the sum formed in fp32 (fp64 for fp64 weights) and rounded once into the weight's dtype."""
         w = weight_view(self.base)
-        new = w.float() + delta
+        new = w.to(torch.promote_types(w.dtype, torch.float32)) + delta  # fp64 weights stay fp64
         if safe and not torch.isfinite(new).all():
             raise ValueError(f"{self.module_name}: merging would put NaN/Inf into the weight; nothing was changed")
         with torch.no_grad():

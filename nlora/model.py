@@ -57,9 +57,10 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 
 def _pattern_value(name: str, patterns: dict[str, float] | None, default):
-    """PEFT's rank_pattern/alpha_pattern: the first key whose regex matches the name (or its end) wins."""
+    """PEFT's rank_pattern/alpha_pattern: the first key whose regex fullmatches the name or a ``.``-suffix of it wins
+    (the key is grouped, so an alternation like ``q_proj|v_proj`` stays anchored on both sides)."""
     for key, value in (patterns or {}).items():
-        if re.fullmatch(key, name) or re.search(rf"(?:^|\.){key}$", name):
+        if re.fullmatch(rf"(?:.*\.)?(?:{key})", name):
             return value
     return default
 
