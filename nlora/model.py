@@ -91,7 +91,8 @@ def select_targets(model: nn.Module, targets: Targets, exclude: Targets | None =
     wrong = [f"{n} ({type(m).__name__})" for n, m in chosen.items() if not (is_adaptable(m) or isinstance(m, NLoRALinear))]
     if wrong:
         raise TypeError(f"targets={targets!r} matched modules nlora cannot adapt: {', '.join(wrong[:8])}; "
-                        f"only nn.Linear and HF Conv1D are supported: name their linear sub-modules instead")
+                        f"only nn.Linear and HF Conv1D are supported: name their Linear sub-modules instead "
+                        f"(dequantise quantised layers first)")
     return chosen
 
 
