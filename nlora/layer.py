@@ -79,10 +79,11 @@ class Adapter(nn.Module):
         """``s B0 N0 A0 x``: what this adapter's init subtracted from the base weight (no dropout)."""
         return _low_rank(x, self.init_A, self.init_N, self.init_B, self.scaling, self.compute_dtype)
 
-    def delta_weight(self, initial: bool = False) -> Tensor:
-        """``s B N A`` as an ``(out, in)`` tensor in fp32, or fp64 for fp64 adapters (``initial=True``: ``s B0 N0 A0``)."""
+    def delta_weight(self, initial: bool = False, dtype: torch.dtype | None = None) -> Tensor:
+        """``s B N A`` as an ``(out, in)`` tensor in fp32, or fp64 when the adapter or ``dtype`` (the base weight's)
+        is fp64 (``initial=True``: the init's ``s B0 N0 A0``)."""
         a, n, b = (self.init_A, self.init_N, self.init_B) if initial else (self.lora_A, self.lora_N, self.lora_B)
-        dt = torch.promote_types(a.dtype, torch.float32)
+        dt = torch.promote_types(torch.promote_types(a.dtype, torch.float32), dtype or torch.float32)
         a = a.to(dt) if n is None else n.to(dt) @ a.to(dt)
         return (b.to(dt) * self.scaling) @ a
 
@@ -189,7 +190,7 @@ class NLoRALinear(nn.Module):
                          dtype=adapter_dtype, compute_dtype=compute_dtype)
         module.to(weight_view(self.base).device)
         if module.preserve_output:
-            self._add_to_weight(-module.delta_weight(initial=True))
+            self._add_to_weight(-self._delta(module, initial=True))
         self.adapters[adapter] = module
         return module
 
@@ -203,11 +204,15 @@ class NLoRALinear(nn.Module):
             raise ValueError(f"{self.module_name}: adapter {adapter!r} is merged; unmerge it before deleting it")
         module = self.adapters[adapter]
         if module.preserve_output:
-            self._add_to_weight(module.delta_weight(initial=True))
+            self._add_to_weight(self._delta(module, initial=True))
         del self.adapters[adapter]
         self.set_active(self.active_adapters)
 
     # -- merging --------------------------------------------------------------------------------------
+    def _delta(self, adapter: Adapter, initial: bool = False) -> Tensor:
+        """An adapter's delta in the precision its merge into this base weight needs (fp32, fp64 for fp64)."""
+        return adapter.delta_weight(initial, dtype=weight_view(self.base).dtype)
+
     def _add_to_weight(self, delta: Tensor, safe: bool = False) -> None:
         """``W += delta`` with the sum formed in fp32 (fp64 for fp64 weights) and rounded once into the weight's dtype."""
         w = weight_view(self.base)
@@ -223,7 +228,7 @@ class NLoRALinear(nn.Module):
         if not todo:
             warnings.warn(f"{self.module_name}: all active adapters are already merged; nothing to do", stacklevel=3)
             return
-        delta = sum(self.adapters[n].delta_weight() for n in todo)
+        delta = sum(self._delta(self.adapters[n]) for n in todo)
         self._add_to_weight(delta, safe=safe)
         self.merged_adapters = self.merged_adapters + tuple(todo)
 
@@ -232,13 +237,13 @@ class NLoRALinear(nn.Module):
         if not self.merged_adapters:
             warnings.warn(f"{self.module_name}: no adapter is merged; nothing to unmerge", stacklevel=3)
             return
-        self._add_to_weight(-sum(self.adapters[n].delta_weight() for n in self.merged_adapters))
+        self._add_to_weight(-sum(self._delta(self.adapters[n]) for n in self.merged_adapters))
         self.merged_adapters = ()
 
     def restore_base(self) -> nn.Module:
         """Return the base module holding the original pretrained weight (merges and residuals undone)."""
-        delta = [-self.adapters[n].delta_weight() for n in self.merged_adapters]
-        delta += [a.delta_weight(initial=True) for a in self.adapters.values() if a.preserve_output]
+        delta = [-self._delta(self.adapters[n]) for n in self.merged_adapters]
+        delta += [self._delta(a, initial=True) for a in self.adapters.values() if a.preserve_output]
         if delta:
             self._add_to_weight(sum(delta))
         self.merged_adapters = ()

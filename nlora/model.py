@@ -248,7 +248,7 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     if safe:
         for name, layer in layers.items():
             if work[name]:
-                new = weight_view(layer.base).float() + sum(layer.adapters[n].delta_weight() for n in work[name])
+                new = weight_view(layer.base).float() + sum(layer._delta(layer.adapters[n]) for n in work[name])
                 if not torch.isfinite(new).all():
                     raise ValueError(f"{layer.module_name}: merging would put NaN/Inf into the weight; nothing "
                                      f"was merged (check the adapter's parameters)")
@@ -272,7 +272,7 @@ def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
         merge(model, safe=safe)
     for name, layer in layers.items():
         # inactive adapters whose init moved the base weight give that residual back, as they do in forward
-        back = [a.delta_weight(initial=True) for n, a in layer.adapters.items()
+        back = [layer._delta(a, initial=True) for n, a in layer.adapters.items()
                 if a.preserve_output and n not in layer.active_adapters]
         if back:
             layer._add_to_weight(sum(back))
