@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -17,6 +17,8 @@ from nlora.inits import INITIALIZERS
 from nlora.layer import weight_view
 from nlora.nystrom import INDEX_METHODS, left_multiply, nystrom_reconstruct, optimal_core, regularised_pinv, select_indices
 
+# Each example takes milliseconds: run 4x the profile's budget (ci: 100 examples a test, long: 4000).
+FUZZ = settings(max_examples=4 * settings.default.max_examples)
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
@@ -63,6 +65,11 @@ def gamma(n: int, dtype: torch.dtype) -> float:
     return n * u / (1 - n * u)
 
 
+def sub(dtype: torch.dtype) -> float:
+    """The spacing of subnormals: below the smallest normal, rounding errors are absolute, not relative."""
+    return torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+
+
 def reference(model: nn.Sequential, x: torch.Tensor, w0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact (float64) output ``x W0ᵀ + b + Σ s B N A x - [preserve] s B0 N0 A0 x`` and the magnitude
     ``|x||W|ᵀ + |b| + s|B||N||A||x| + ...`` that bounds its rounding error."""
@@ -89,6 +96,7 @@ def finite_in(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
     return all(bool(t.abs().max() < torch.finfo(dtype).max / 16) for t in tensors if t.numel())
 
 
+@FUZZ
 @given(layer_cases())
 def test_forward_matches_float64_reference(c):
     model, x, w0 = build(c)
@@ -100,9 +108,10 @@ def test_forward_matches_float64_reference(c):
     assert y.dtype == c["dtype"]
     n = c["in_f"] + 2 * c["rank"] + 16
     err = (y.double() - y_ref).abs()
-    assert (err <= 2 * gamma(n, c["dtype"]) * mag + 1e-300).all(), f"max err {err.max():.3g}"
+    assert (err <= 2 * gamma(n, c["dtype"]) * mag + 64 * sub(c["dtype"])).all(), f"max err {err.max():.3g}"
 
 
+@FUZZ
 @given(layer_cases())
 def test_merge_unmerge_round_trip(c):
     model, x, w0 = build(c)
@@ -122,16 +131,17 @@ def test_merge_unmerge_round_trip(c):
         wbound = u * (w_pre + delta).abs() + gamma(2 * c["rank"] + 4, torch.float32) * abs(a.scaling) * (
             a.lora_B.double().abs() @ (a.lora_N.double().abs() if a.lora_N is not None else torch.eye(c["rank"]).double())
             @ a.lora_A.double().abs())
-        assert ((w_m - (w_pre + delta)).abs() <= 2 * wbound + 1e-300).all()
+        assert ((w_m - (w_pre + delta)).abs() <= 2 * wbound + 64 * sub(c["dtype"])).all()
         y_m = model(x).double()
         n = c["in_f"] + 2 * c["rank"] + 16
-        assert ((y_m - y).abs() <= 4 * gamma(n, c["dtype"]) * (mag + x.double().abs() @ delta.abs().T) + 1e-300).all()
+        assert ((y_m - y).abs() <= 4 * gamma(n, c["dtype"]) * (mag + x.double().abs() @ delta.abs().T) + 64 * sub(c["dtype"])).all()
         nlora.unmerge(model)
         w_back = weight_view(layer.base).double()
-        assert ((w_back - w_pre).abs() <= 2 * (wbound + u * w_back.abs()) + 1e-300).all()
+        assert ((w_back - w_pre).abs() <= 2 * (wbound + u * w_back.abs()) + 64 * sub(c["dtype"])).all()
         assert layer.merged_adapters == ()
 
 
+@FUZZ
 @given(layer_cases(), st.booleans())
 def test_unload_gives_back_the_original_weight(c, merge_first):
     model, x, w0 = build(c)
@@ -149,9 +159,10 @@ def test_unload_gives_back_the_original_weight(c, merge_first):
     else:  # at most three roundings (residual, merge, unmerge/unload), each <= u of the largest magnitude involved
         u = torch.finfo(c["dtype"]).eps / 2
         scale = w0.abs() + delta.abs() + (delta0.abs() if a.preserve_output else 0)
-        assert ((w - w0).abs() <= 4 * u * scale + 1e-6 * scale.max() * (c["dtype"] == torch.float64)).all()
+        assert ((w - w0).abs() <= 4 * u * scale + 64 * sub(c["dtype"])).all()
 
 
+@FUZZ
 @given(layer_cases())
 def test_disable_adapter_matches_the_original_layer(c):
     model, x, w0 = build(c)
@@ -162,13 +173,14 @@ def test_disable_adapter_matches_the_original_layer(c):
     with torch.no_grad(), nlora.disable_adapter(model):
         y = model(x).double()
     n = c["in_f"] + 2 * c["rank"] + 16
-    assert ((y - (x.double() @ w0.T + bias)).abs() <= 2 * gamma(n, c["dtype"]) * mag + 1e-300).all()
+    assert ((y - (x.double() @ w0.T + bias)).abs() <= 2 * gamma(n, c["dtype"]) * mag + 64 * sub(c["dtype"])).all()
 
 
 # -- the Nyström maths against float64 ---------------------------------------------------------------------------
 shapes = st.tuples(st.integers(1, 16), st.integers(1, 16))
 
 
+@FUZZ
 @given(shapes, st.data())
 def test_select_indices_are_valid_and_seeded(shape, data):
     out_f, in_f = shape
@@ -194,6 +206,7 @@ def low_rank(out_f: int, in_f: int, k: int, seed: int) -> torch.Tensor:
     return torch.randn(out_f, k, generator=g, dtype=torch.float64) @ torch.randn(k, in_f, generator=g, dtype=torch.float64)
 
 
+@FUZZ
 @given(shapes, st.data())
 def test_nystrom_is_exact_on_low_rank_weights_and_reproduces_sampled_blocks(shape, data):
     """Eq. 6: C U⁺ R reproduces the sampled rows and columns exactly, and all of W when rank(W) = rank(U)."""
@@ -210,6 +223,7 @@ def test_nystrom_is_exact_on_low_rank_weights_and_reproduces_sampled_blocks(shap
     torch.testing.assert_close(approx, w, rtol=0, atol=1e-8 * w.abs().max().item() * s[0].item() / s[k - 1].item())
 
 
+@FUZZ
 @given(shapes, st.data())
 def test_nystrom_inits_equal_their_float64_formulas(shape, data):
     out_f, in_f = shape
@@ -234,11 +248,16 @@ def test_nystrom_inits_equal_their_float64_formulas(shape, data):
     best = c @ (torch.linalg.pinv(c) @ w @ torch.linalg.pinv(r)) @ r
     err_opt = torch.linalg.matrix_norm(w - delta["nystrom-optimal"]).item()
     err_best = torch.linalg.matrix_norm(w - best).item()
-    assert err_opt <= err_best * (1 + 1e-3) + 1e-4  # the optimal core reaches the float64 optimum for these C, R
+    # fp32 pseudo-inverses of C and R lose ~u·cond(C)·cond(R) relative accuracy
+    cond_cr = (torch.linalg.cond(c) * torch.linalg.cond(r)).item()
+    assume(cond_cr < 1e4)
+    slack = 1e-6 * cond_cr * torch.linalg.matrix_norm(w).item()
+    assert err_opt <= err_best + slack  # the optimal core reaches the float64 optimum for these C and R
     for other in ("nystrom", "nystrom-pinv"):  # and no other core for the same C and R does better
-        assert err_opt <= torch.linalg.matrix_norm(w - delta[other]).item() * (1 + 1e-4) + 1e-4
+        assert err_opt <= torch.linalg.matrix_norm(w - delta[other]).item() + slack
 
 
+@FUZZ
 @given(shapes, st.data())
 def test_optimal_core_and_pinv_against_float64(shape, data):
     rank = data.draw(st.integers(1, min(shape)))
@@ -261,6 +280,7 @@ def test_optimal_core_and_pinv_against_float64(shape, data):
                                rtol=1e-3, atol=1e-3 / kept[-1].item())
 
 
+@FUZZ
 @given(shapes, st.integers(1, 7), st.sampled_from([torch.bfloat16, torch.float16, torch.float32]))
 def test_left_multiply_in_chunks_equals_matmul(shape, chunk, dtype):
     out_f, in_f = shape
@@ -270,6 +290,7 @@ def test_left_multiply_in_chunks_equals_matmul(shape, chunk, dtype):
     torch.testing.assert_close(left_multiply(m, w, chunk=chunk), m @ w.float(), rtol=1e-6, atol=1e-6)
 
 
+@FUZZ
 @given(shapes, st.data())
 def test_pissa_is_the_best_rank_r_approximation(shape, data):
     rank = data.draw(st.integers(1, min(shape)))
@@ -280,5 +301,6 @@ def test_pissa_is_the_best_rank_r_approximation(shape, data):
     delta = scaling * f.B.double() @ f.N.double() @ f.A.double()
     sv = torch.linalg.svdvals(w)
     eckart_young = sv[rank:].square().sum().sqrt().item()  # the least Frobenius error of any rank-r matrix
-    assert torch.linalg.matrix_norm(w - delta).item() == pytest.approx(eckart_young, rel=1e-4, abs=1e-5)
+    norm = torch.linalg.matrix_norm(w).item()  # fp32 SVD: accurate to ~u·||W|| in absolute terms
+    assert torch.linalg.matrix_norm(w - delta).item() == pytest.approx(eckart_young, rel=1e-4, abs=1e-6 * norm)
     assert torch.linalg.matrix_rank(delta, rtol=1e-6) <= rank
