@@ -121,7 +121,8 @@ def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | Non
     ``targets``: a list of names (a module matches an entry equal to its name or to its ``.``-suffix), a regex
     that must fullmatch the whole name, or ``"all-linear"`` (every Linear/Conv1D except the output head, see
     ``output_head_names``). ``train="middle"`` is IntTune. The new adapter becomes the only active one and
-    everything else is frozen, except the adapters' trainable parameters and the ``trainable`` modules.
+    everything else is frozen, except the adapters' trainable parameters and the ``trainable`` modules (trained in
+    full and never wrapped, even where ``targets`` match them).
     All checks and inits run before the model is touched: an error leaves it exactly as it was.
     """
     spec = get_init(init)

@@ -190,6 +190,7 @@ def test_random_inits_accept_nonfinite_weights():
     assert torch.isfinite(model.layers[0].fc.lora_A).all()
 
 
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
 def test_quantised_torch_linear_is_refused_by_name():
     qlinear = pytest.importorskip("torch.ao.nn.quantized").Linear
     model = nn.Sequential(nn.Linear(8, 8), qlinear(8, 4))
