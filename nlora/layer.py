@@ -74,18 +74,22 @@ class Adapter(nn.Module):
             return [self.lora_N]
         return [p for p in (self.lora_A, self.lora_N, self.lora_B) if p is not None]
 
-    def forward(self, x: Tensor) -> Tensor:
-        return _low_rank(self.dropout(x), self.lora_A, self.lora_N, self.lora_B, self.scaling, self.compute_dtype)
+    def forward(self, x: Tensor, dropout: bool = True) -> Tensor:
+        """``s B N A dropout(x)``; ``dropout=False`` gives the exact delta of a merged adapter (no dropout mask)."""
+        return _low_rank(self.dropout(x) if dropout else x, self.lora_A, self.lora_N, self.lora_B, self.scaling,
+                         self.compute_dtype)
 
     def initial_output(self, x: Tensor) -> Tensor:
         """``s B0 N0 A0 x``: what this adapter's init subtracted from the base weight (no dropout)."""
         return _low_rank(x, self.init_A, self.init_N, self.init_B, self.scaling, self.compute_dtype)
 
-    def delta_weight(self, initial: bool = False) -> Tensor:
-        """``s B N A`` as an fp32 ``(out, in)`` tensor (``initial=True``: the init's ``s B0 N0 A0``)."""
+    def delta_weight(self, initial: bool = False, dtype: torch.dtype | None = None) -> Tensor:
+        """``s B N A`` as an ``(out, in)`` tensor in fp32, or fp64 when the adapter or ``dtype`` (the base weight's)
+        is fp64 (``initial=True``: the init's ``s B0 N0 A0``)."""
         a, n, b = (self.init_A, self.init_N, self.init_B) if initial else (self.lora_A, self.lora_N, self.lora_B)
-        a = a.float() if n is None else n.float() @ a.float()
-        return (b.float() * self.scaling) @ a
+        dt = torch.promote_types(torch.promote_types(a.dtype, torch.float32), dtype or torch.float32)
+        a = a.to(dt) if n is None else n.to(dt) @ a.to(dt)
+        return (b.to(dt) * self.scaling) @ a
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha:g}, init={self.init!r}, train={self.train_mode!r}"
@@ -191,7 +195,7 @@ class NLoRALinear(nn.Module):
                          dtype=adapter_dtype, compute_dtype=compute_dtype)
         module.to(weight_view(self.base).device)
         if module.preserve_output:
-            self._add_to_weight(-module.delta_weight(initial=True))
+            self._add_to_weight(-self._delta(module, initial=True))
         self.adapters[adapter] = module
         module.base_sample = sample
         return module
@@ -206,15 +210,19 @@ class NLoRALinear(nn.Module):
             raise ValueError(f"{self.module_name}: adapter {adapter!r} is merged; unmerge it before deleting it")
         module = self.adapters[adapter]
         if module.preserve_output:
-            self._add_to_weight(module.delta_weight(initial=True))
+            self._add_to_weight(self._delta(module, initial=True))
         del self.adapters[adapter]
         self.set_active(self.active_adapters)
 
     # -- merging --------------------------------------------------------------------------------------
-    def _add_to_weight(self, delta: Tensor, safe: bool = False) -> None:
-        """``W += delta`` with the sum formed in fp32 and rounded once into the weight's dtype.
+    def _delta(self, adapter: Adapter, initial: bool = False) -> Tensor:
+        """An adapter's delta in the precision its merge into this base weight needs (fp32, fp64 for fp64)."""
+        return adapter.delta_weight(initial, dtype=weight_view(self.base).dtype)
 
-        ``delta`` (a fresh fp32 tensor) is consumed as the buffer for the sum: no other (out, in) temporary.
+    def _add_to_weight(self, delta: Tensor, safe: bool = False) -> None:
+        """``W += delta`` with the sum formed in fp32 (fp64 for fp64 weights) and rounded once into the weight's dtype.
+
+        ``delta`` (a fresh tensor from ``_delta``) is consumed as the buffer for the sum: no other (out, in) temporary.
         """
         w = weight_view(self.base)
         new = delta.add_(w)
@@ -229,7 +237,7 @@ class NLoRALinear(nn.Module):
         if not todo:
             warnings.warn(f"{self.module_name}: all active adapters are already merged; nothing to do", stacklevel=3)
             return
-        delta = sum(self.adapters[n].delta_weight() for n in todo)
+        delta = sum(self._delta(self.adapters[n]) for n in todo)
         self._add_to_weight(delta, safe=safe)
         self.merged_adapters = self.merged_adapters + tuple(todo)
 
@@ -238,13 +246,13 @@ class NLoRALinear(nn.Module):
         if not self.merged_adapters:
             warnings.warn(f"{self.module_name}: no adapter is merged; nothing to unmerge", stacklevel=3)
             return
-        self._add_to_weight(-sum(self.adapters[n].delta_weight() for n in self.merged_adapters))
+        self._add_to_weight(-sum(self._delta(self.adapters[n]) for n in self.merged_adapters))
         self.merged_adapters = ()
 
     def restore_base(self) -> nn.Module:
         """Return the base module holding the original pretrained weight (merges and residuals undone)."""
-        delta = [-self.adapters[n].delta_weight() for n in self.merged_adapters]
-        delta += [a.delta_weight(initial=True) for a in self.adapters.values() if a.preserve_output]
+        delta = [-self._delta(self.adapters[n]) for n in self.merged_adapters]
+        delta += [self._delta(a, initial=True) for a in self.adapters.values() if a.preserve_output]
         if delta:
             self._add_to_weight(sum(delta))
         self.merged_adapters = ()
@@ -255,14 +263,17 @@ class NLoRALinear(nn.Module):
         y = self.base(x)
         if self.disabled:  # the original pretrained layer: undo merges and init residuals on the fly
             for name in self.merged_adapters:
-                y = y - self.adapters[name](x).to(y.dtype)
+                y = y - self.adapters[name](x, dropout=False).to(y.dtype)
             for adapter in self.adapters.values():
                 if adapter.preserve_output:
                     y = y + adapter.initial_output(x).to(y.dtype)
             return y
-        for name in self.active_adapters:
-            if name not in self.merged_adapters:
-                y = y + self.adapters[name](x).to(y.dtype)
+        for name, adapter in self.adapters.items():
+            if name in self.active_adapters:
+                if name not in self.merged_adapters:
+                    y = y + adapter(x).to(y.dtype)
+            elif adapter.preserve_output:  # an inactive adapter's init residual is given back: each adapter
+                y = y + adapter.initial_output(x).to(y.dtype)  # computes W0 + its own delta, whichever is active
         return y
 
     def extra_repr(self) -> str:
@@ -294,7 +305,10 @@ def build_factors(base: nn.Module, rank: int, alpha: float | None, init: str, *,
         raise ValueError(f"train={train!r}: choose 'all' (A, N, B) or 'middle' (IntTune: only N)")
     if train == "middle" and not spec.has_middle:
         raise ValueError(f"train='middle' trains only N, but init {init!r} has no middle matrix; "
-                         f"use slora, nystrom*, or pissa")
+                         f"use a nystrom* init or pissa")
+    if train == "middle" and spec.zero_delta:
+        raise ValueError(f"train='middle' freezes B, and init {init!r} sets B = 0, so N would never get a gradient; "
+                         f"use a data-driven init (nystrom*, pissa) for IntTune, or train='all'")
     if adapter in existing:
         raise ValueError(f"{label}: already has an adapter named {adapter!r}; pass adapter='<new name>' to add "
                          f"another, or delete_adapter first")
@@ -305,9 +319,9 @@ def build_factors(base: nn.Module, rank: int, alpha: float | None, init: str, *,
                          f" for this ({out_features}, {in_features}) layer; lower it or use rank_pattern")
     if alpha is not None and not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
         raise ValueError(f"{label}: alpha={alpha!r} must be a finite number (or None for alpha = rank)")
-    if not w.is_floating_point():
-        raise TypeError(f"{label}: weight dtype {w.dtype} is not floating point (quantised or integer weights are "
-                        f"not supported); dequantise the model first")
+    if not w.is_floating_point() or w.dtype.itemsize < 2:
+        raise TypeError(f"{label}: weight dtype {w.dtype} is not a 16/32/64-bit float (quantised, fp8 or integer "
+                        f"weights are not supported); dequantise the model first")
     if spec.data_driven:
         if w.is_meta:
             raise ValueError(f"{label}: init {init!r} reads the weight, which is on the meta device; load real "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 import zlib
 from contextlib import contextmanager
 from typing import Iterator, Sequence
@@ -56,9 +57,10 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 
 def _pattern_value(name: str, patterns: dict[str, float] | None, default):
-    """PEFT's rank_pattern/alpha_pattern: the first key whose regex matches the name (or its end) wins."""
+    """PEFT's rank_pattern/alpha_pattern: the first key whose regex fullmatches the name or a ``.``-suffix of it wins
+    (the key is grouped, so an alternation like ``q_proj|v_proj`` stays anchored on both sides)."""
     for key, value in (patterns or {}).items():
-        if re.fullmatch(key, name) or re.search(rf"(?:^|\.){key}$", name):
+        if re.fullmatch(rf"(?:.*\.)?(?:{key})", name):
             return value
     return default
 
@@ -89,7 +91,8 @@ def select_targets(model: nn.Module, targets: Targets, exclude: Targets | None =
     wrong = [f"{n} ({type(m).__name__})" for n, m in chosen.items() if not (is_adaptable(m) or isinstance(m, NLoRALinear))]
     if wrong:
         raise TypeError(f"targets={targets!r} matched modules nlora cannot adapt: {', '.join(wrong[:8])}; "
-                        f"only nn.Linear and HF Conv1D are supported: name their linear sub-modules instead")
+                        f"only nn.Linear and HF Conv1D are supported: name their Linear sub-modules instead "
+                        f"(dequantise quantised layers first)")
     return chosen
 
 
@@ -118,7 +121,8 @@ def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | Non
     ``targets``: a list of names (a module matches an entry equal to its name or to its ``.``-suffix), a regex
     that must fullmatch the whole name, or ``"all-linear"`` (every Linear/Conv1D except the output head, see
     ``output_head_names``). ``train="middle"`` is IntTune. The new adapter becomes the only active one and
-    everything else is frozen, except the adapters' trainable parameters and the ``trainable`` modules.
+    everything else is frozen, except the adapters' trainable parameters and the ``trainable`` modules (trained in
+    full and never wrapped, even where ``targets`` match them).
     All checks and inits run before the model is touched: an error leaves it exactly as it was.
     """
     spec = get_init(init)
@@ -131,10 +135,17 @@ def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | Non
     chosen = select_targets(model, targets, exclude, layers)
     extra = {}
     if trainable:
+        if isinstance(trainable, str):
+            raise TypeError(f"trainable={trainable!r} must be a list of module names, e.g. [{trainable!r}]")
         extra = {n: m for n, m in _candidates(model).items() if _matches(n, list(trainable))}
         missing = [t for t in trainable if not any(_matches(n, [t]) for n in extra)]
         if missing:
             raise ValueError(f"trainable={list(trainable)!r}: {missing} matched no module of {type(model).__name__}")
+        # A fully trained module is not also adapted (PEFT's modules_to_save wins over target_modules too).
+        chosen = {n: m for n, m in chosen.items() if not any(n == e or n.startswith(e + ".") for e in extra)}
+        if not chosen:
+            raise ValueError(f"targets={targets!r} only matched the trainable modules {sorted(extra)}; target "
+                             f"other modules, or drop them from trainable")
     plans = []
     for name, module in chosen.items():  # phase 1: validate and compute every factor; nothing is modified
         base = module.base if isinstance(module, NLoRALinear) else module
@@ -144,6 +155,12 @@ def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | Non
         factors, options = build_factors(base, r, a, init, train=train, adapter=adapter, name=name,
                                          generator=_generator(seed, name, weight_view(base).device),
                                          existing=existing, **init_options)
+        bad = [k for k in ("A", "N", "B") if getattr(factors, k) is not None
+               and not torch.isfinite(getattr(factors, k).to(adapter_dtype)).all()]
+        if bad:
+            raise ValueError(f"{name}: init {init!r} gives lora_{'/'.join(bad)} values that are not finite in "
+                             f"{adapter_dtype} (an ill-conditioned Nyström core overflows); nothing was changed. Use "
+                             f"adapter_dtype=torch.float32, init='nystrom-optimal', or a larger rcond")
         plans.append((name, module, base, r, a, factors, options))
     kwargs = dict(init=init, train=train, dropout=dropout, preserve_output=preserve_output,
                   adapter_dtype=adapter_dtype, compute_dtype=compute_dtype)
@@ -225,16 +242,20 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     """Fold the active adapters into the base weights (delta in fp32, rounded once). ``safe=True`` checks every
     merged weight for NaN/Inf first and raises without changing anything."""
     layers = _require_adapters(model)
+    work = {name: [n for n in layer.active_adapters if n not in layer.merged_adapters] for name, layer in layers.items()}
+    if not any(work.values()):
+        warnings.warn("every active adapter is already merged; merge did nothing", stacklevel=2)
+        return model
     if safe:
-        for layer in layers.values():
-            todo = [n for n in layer.active_adapters if n not in layer.merged_adapters]
-            if todo:
-                new = sum(layer.adapters[n].delta_weight() for n in todo).add_(weight_view(layer.base))
+        for name, layer in layers.items():
+            if work[name]:
+                new = sum(layer._delta(layer.adapters[n]) for n in work[name]).add_(weight_view(layer.base))
                 if not torch.isfinite(new).all():
                     raise ValueError(f"{layer.module_name}: merging would put NaN/Inf into the weight; nothing "
                                      f"was merged (check the adapter's parameters)")
-    for layer in layers.values():
-        layer.merge()
+    for name, layer in layers.items():
+        if work[name]:
+            layer.merge()
     return model
 
 
@@ -251,6 +272,11 @@ def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
     if any(l.active_adapters and set(l.active_adapters) - set(l.merged_adapters) for l in layers.values()):
         merge(model, safe=safe)
     for name, layer in layers.items():
+        # inactive adapters whose init moved the base weight give that residual back, as they do in forward
+        back = [layer._delta(a, initial=True) for n, a in layer.adapters.items()
+                if a.preserve_output and n not in layer.active_adapters]
+        if back:
+            layer._add_to_weight(sum(back))
         _set_module(model, name, layer.base)
     _clear_extra_trainable(model)
     return model
@@ -275,13 +301,14 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes the original pretrained outputs (merged adapters and init residuals
     are undone on the fly); on exit the adapters are back."""
     layers = _require_adapters(model)
+    before = {name: layer.disabled for name, layer in layers.items()}  # nested blocks restore the outer state
     for layer in layers.values():
         layer.disabled = True
     try:
         yield model
     finally:
-        for layer in layers.values():
-            layer.disabled = False
+        for name, layer in layers.items():
+            layer.disabled = before[name]
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -307,6 +334,10 @@ def trainable_summary(model: nn.Module) -> str:
               ",".join(sorted(g["init"])), f"{g['train']:,}") for k, g in groups.items()]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    extra = [n for n, m in model.named_modules() if getattr(m, _EXTRA_TRAINABLE, False)]
+    if extra:
+        n_extra = sum(p.numel() for n in extra for p in model.get_submodule(n).parameters() if p.requires_grad)
+        lines.append(f"fully trained modules: {', '.join(extra)} ({n_extra:,} params)")
     trainable, total = count_parameters(model)
     lines.append(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: "
                  f"{100 * trainable / max(total, 1):.4f}")

@@ -32,8 +32,9 @@ def select_indices(
         rows = torch.randperm(out_features, generator=generator, device=gen_device)[:rank]
         cols = torch.randperm(in_features, generator=generator, device=gen_device)[:rank]
     elif method == "norm":
-        row_p = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()
-        col_p = torch.linalg.vector_norm(weight, dim=0, dtype=torch.float32).square()
+        acc = torch.promote_types(weight.dtype, torch.float32)  # fp32 accumulation; fp64 weights stay fp64
+        row_p = torch.linalg.vector_norm(weight, dim=1, dtype=acc).square()
+        col_p = torch.linalg.vector_norm(weight, dim=0, dtype=acc).square()
         rows = _sample_by_weight(row_p.to(gen_device), rank, generator)
         cols = _sample_by_weight(col_p.to(gen_device), rank, generator)
     else:

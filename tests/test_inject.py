@@ -158,7 +158,7 @@ def test_unknown_init_and_unknown_option(mlp):
 def test_integer_weights_refused(mlp):
     model = nn.Sequential(nn.Linear(4, 4))
     model[0].weight = nn.Parameter(torch.ones(4, 4, dtype=torch.int8), requires_grad=False)
-    _check_refused(model, TypeError, "not floating point", targets=["0"], rank=2, init="lora")
+    _check_refused(model, TypeError, "int8 is not a 16/32/64-bit float.*dequantise", targets=["0"], rank=2, init="lora")
 
 
 def test_injecting_the_same_adapter_twice_is_refused(mlp):
