@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import sharded
 from .inits import Factors, get_init
 
 TRAIN_MODES = ("all", "middle")
@@ -37,11 +38,13 @@ class Adapter(nn.Module):
 
     Compute runs in the input's dtype unless ``compute_dtype`` says otherwise: a bf16 model gets bf16
     adapter matmuls (as cheap as the base allows) while the parameters and their gradients stay fp32.
+    Factors on the meta device make a *pending* adapter (shapes only): it refuses to run until
+    ``nlora.initialize_adapters`` (or loading its parameters from a state dict) gives it values.
     """
 
     def __init__(self, factors: Factors, *, alpha: float, init: str, train: str, dropout: float,
                  preserve_output: bool, options: dict, dtype: torch.dtype = torch.float32,
-                 compute_dtype: torch.dtype | None = None) -> None:
+                 compute_dtype: torch.dtype | None = None, seed: int | None = None) -> None:
         super().__init__()
         self.rank = factors.A.shape[0]
         self.alpha = alpha
@@ -51,6 +54,9 @@ class Adapter(nn.Module):
         self.preserve_output = preserve_output
         self.options = dict(options)
         self.compute_dtype = compute_dtype
+        self.init_seed = seed  # the inject seed, so a deferred init draws what an immediate one would
+        self.pending_init = factors.A.is_meta
+        self._register_load_state_dict_pre_hook(_loaded_clears_pending, with_module=True)
         self.lora_A = nn.Parameter(factors.A.to(dtype))
         self.lora_N = None if factors.N is None else nn.Parameter(factors.N.to(dtype))
         self.lora_B = nn.Parameter(factors.B.to(dtype))
@@ -70,7 +76,14 @@ class Adapter(nn.Module):
             return [self.lora_N]
         return [p for p in (self.lora_A, self.lora_N, self.lora_B) if p is not None]
 
+    def _check_ready(self) -> None:
+        if self.pending_init:
+            raise RuntimeError(f"adapter (init={self.init!r}) was injected on the meta device and has no values yet; "
+                               f"materialise the model (to_empty), load the base weights, then call "
+                               f"nlora.initialize_adapters(model)")
+
     def forward(self, x: Tensor) -> Tensor:
+        self._check_ready()
         return _low_rank(self.dropout(x), self.lora_A, self.lora_N, self.lora_B, self.scaling, self.compute_dtype)
 
     def initial_output(self, x: Tensor) -> Tensor:
@@ -79,12 +92,21 @@ class Adapter(nn.Module):
 
     def delta_weight(self, initial: bool = False) -> Tensor:
         """``s B N A`` as an fp32 ``(out, in)`` tensor (``initial=True``: the init's ``s B0 N0 A0``)."""
+        self._check_ready()
         a, n, b = (self.init_A, self.init_N, self.init_B) if initial else (self.lora_A, self.lora_N, self.lora_B)
+        a, n, b = sharded.full(a), None if n is None else sharded.full(n), sharded.full(b)  # FSDP2: factors only
         a = a.float() if n is None else n.float() @ a.float()
         return (b.float() * self.scaling) @ a
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha:g}, init={self.init!r}, train={self.train_mode!r}"
+
+
+def _loaded_clears_pending(module: Adapter, state_dict: dict, prefix: str, *args) -> None:
+    """Loading all of a pending adapter's parameters from a state dict gives it values: it is no longer pending."""
+    names = [n for n in ("lora_A", "lora_N", "lora_B") if getattr(module, n) is not None]
+    if module.pending_init and all(prefix + n in state_dict for n in names):
+        module.pending_init = False
 
 
 def _low_rank(x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, scaling: float,
@@ -177,15 +199,15 @@ class NLoRALinear(nn.Module):
     # -- adapter management ---------------------------------------------------------------------------
     def attach(self, adapter: str, factors: Factors, *, rank: int, alpha: float | None, init: str, train: str,
                dropout: float, preserve_output: bool | None, adapter_dtype: torch.dtype,
-               compute_dtype: torch.dtype | None, options: dict) -> Adapter:
+               compute_dtype: torch.dtype | None, options: dict, seed: int | None = None) -> Adapter:
         """Add an adapter from precomputed factors; applies the residual update if the output is preserved."""
         spec = get_init(init)
         preserve = resolve_preserve(spec, preserve_output)
         module = Adapter(factors, alpha=float(rank if alpha is None else alpha), init=init, train=train,
                          dropout=dropout, preserve_output=preserve and not spec.zero_delta, options=options,
-                         dtype=adapter_dtype, compute_dtype=compute_dtype)
+                         dtype=adapter_dtype, compute_dtype=compute_dtype, seed=seed)
         module.to(weight_view(self.base).device)
-        if module.preserve_output:
+        if module.preserve_output and not module.pending_init:
             self._add_to_weight(-module.delta_weight(initial=True))
         self.adapters[adapter] = module
         return module
@@ -199,20 +221,22 @@ class NLoRALinear(nn.Module):
         if adapter in self.merged_adapters:
             raise ValueError(f"{self.module_name}: adapter {adapter!r} is merged; unmerge it before deleting it")
         module = self.adapters[adapter]
-        if module.preserve_output:
+        if module.preserve_output and not module.pending_init:
             self._add_to_weight(module.delta_weight(initial=True))
         del self.adapters[adapter]
         self.set_active(self.active_adapters)
 
     # -- merging --------------------------------------------------------------------------------------
     def _add_to_weight(self, delta: Tensor, safe: bool = False) -> None:
-        """``W += delta`` with the sum formed in fp32 and rounded once into the weight's dtype."""
+        """``W += delta`` with the sum formed in fp32 and rounded once into the weight's dtype.
+
+        A sharded (DTensor) weight takes only its local block of the full ``delta``."""
         w = weight_view(self.base)
-        new = w.float() + delta
-        if safe and not torch.isfinite(new).all():
+        new = sharded.local_view(w).float() + sharded.local_part(delta, w)
+        if safe and not sharded.all_ranks_true(bool(torch.isfinite(new).all()), w):
             raise ValueError(f"{self.module_name}: merging would put NaN/Inf into the weight; nothing was changed")
         with torch.no_grad():
-            w.copy_(new)
+            sharded.local_view(w).copy_(new)
 
     def merge(self, safe: bool = False) -> None:
         """Fold every active, unmerged adapter into the base weight."""
@@ -235,7 +259,7 @@ class NLoRALinear(nn.Module):
     def restore_base(self) -> nn.Module:
         """Return the base module holding the original pretrained weight (merges and residuals undone)."""
         delta = [-self.adapters[n].delta_weight() for n in self.merged_adapters]
-        delta += [a.delta_weight(initial=True) for a in self.adapters.values() if a.preserve_output]
+        delta += [a.delta_weight(initial=True) for a in self.adapters.values() if a.preserve_output and not a.pending_init]
         if delta:
             self._add_to_weight(sum(delta))
         self.merged_adapters = ()
@@ -249,6 +273,7 @@ class NLoRALinear(nn.Module):
                 y = y - self.adapters[name](x).to(y.dtype)
             for adapter in self.adapters.values():
                 if adapter.preserve_output:
+                    adapter._check_ready()
                     y = y + adapter.initial_output(x).to(y.dtype)
             return y
         for name in self.active_adapters:
@@ -299,13 +324,15 @@ def build_factors(base: nn.Module, rank: int, alpha: float | None, init: str, *,
     if not w.is_floating_point():
         raise TypeError(f"{label}: weight dtype {w.dtype} is not floating point (quantised or integer weights are "
                         f"not supported); dequantise the model first")
+    scaling = float(rank if alpha is None else alpha) / rank
+    if sharded.is_meta(w):  # shapes only: the adapter stays pending until nlora.initialize_adapters
+        return spec.fn(w, rank, scaling=scaling, generator=None, **init_options), dict(init_options)
     if spec.data_driven:
-        if w.is_meta:
-            raise ValueError(f"{label}: init {init!r} reads the weight, which is on the meta device; load real "
-                             f"weights first, or inject a random init (lora/slora) before materialising")
         if not torch.isfinite(w).all():
             raise ValueError(f"{label}: weight has NaN/Inf, so the data-driven init {init!r} cannot use it; "
                              f"fix the checkpoint or pick a random init (lora/slora)")
-    scaling = float(rank if alpha is None else alpha) / rank
     factors = spec.fn(w, rank, scaling=scaling, generator=generator, **init_options)
+    if sharded.is_dtensor(w) and generator is None:  # unseeded random draws may differ by rank: take rank 0's
+        factors = Factors(*(None if t is None else sharded.broadcast(t, w) for t in
+                            (factors.A, factors.N, factors.B, factors.rows, factors.cols)))
     return factors, dict(init_options)

@@ -10,6 +10,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from . import sharded
 from .inits import get_init
 from .layer import NLoRALinear, build_factors, is_adaptable, resolve_preserve, weight_view
 
@@ -96,7 +97,7 @@ def select_targets(model: nn.Module, targets: Targets, exclude: Targets | None =
 def _generator(seed: int | None, name: str, device: torch.device) -> torch.Generator | None:
     """A per-module generator (seed mixed with the module name), so a layer's init never depends on how
     many layers, ranks or processes there are."""
-    if seed is None:
+    if seed is None or device.type == "meta":  # meta: nothing is drawn until initialize_adapters
         return None
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
 
@@ -146,7 +147,7 @@ def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | Non
                                          existing=existing, **init_options)
         plans.append((name, module, base, r, a, factors, options))
     kwargs = dict(init=init, train=train, dropout=dropout, preserve_output=preserve_output,
-                  adapter_dtype=adapter_dtype, compute_dtype=compute_dtype)
+                  adapter_dtype=adapter_dtype, compute_dtype=compute_dtype, seed=seed)
     for name, module, base, r, a, factors, options in plans:  # phase 2: apply
         if isinstance(module, NLoRALinear):
             layer = module
@@ -229,8 +230,10 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
         for layer in layers.values():
             todo = [n for n in layer.active_adapters if n not in layer.merged_adapters]
             if todo:
-                new = weight_view(layer.base).float() + sum(layer.adapters[n].delta_weight() for n in todo)
-                if not torch.isfinite(new).all():
+                w = weight_view(layer.base)
+                delta = sum(layer.adapters[n].delta_weight() for n in todo)
+                new = sharded.local_view(w).float() + sharded.local_part(delta, w)
+                if not sharded.all_ranks_true(bool(torch.isfinite(new).all()), w):
                     raise ValueError(f"{layer.module_name}: merging would put NaN/Inf into the weight; nothing "
                                      f"was merged (check the adapter's parameters)")
     for layer in layers.values():
