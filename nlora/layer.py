@@ -39,7 +39,7 @@ class Adapter(nn.Module):
     Compute runs in the input's dtype unless ``compute_dtype`` says otherwise: a bf16 model gets bf16
     adapter matmuls (as cheap as the base allows) while the parameters and their gradients stay fp32.
     Factors on the meta device make a *pending* adapter (shapes only): it refuses to run until
-    ``nlora.initialize_adapters`` (or loading its parameters from a state dict) gives it values.
+    ``nlora.initialize_adapters`` gives it values (to restore trained adapters, initialise, then load them).
     """
 
     def __init__(self, factors: Factors, *, alpha: float, init: str, train: str, dropout: float,
@@ -56,7 +56,6 @@ class Adapter(nn.Module):
         self.compute_dtype = compute_dtype
         self.init_seed = seed  # the inject seed, so a deferred init draws what an immediate one would
         self.pending_init = factors.A.is_meta
-        self._register_load_state_dict_pre_hook(_loaded_clears_pending, with_module=True)
         self.lora_A = nn.Parameter(factors.A.to(dtype))
         self.lora_N = None if factors.N is None else nn.Parameter(factors.N.to(dtype))
         self.lora_B = nn.Parameter(factors.B.to(dtype))
@@ -100,13 +99,6 @@ class Adapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha:g}, init={self.init!r}, train={self.train_mode!r}"
-
-
-def _loaded_clears_pending(module: Adapter, state_dict: dict, prefix: str, *args) -> None:
-    """Loading all of a pending adapter's parameters from a state dict gives it values: it is no longer pending."""
-    names = [n for n in ("lora_A", "lora_N", "lora_B") if getattr(module, n) is not None]
-    if module.pending_init and all(prefix + n in state_dict for n in names):
-        module.pending_init = False
 
 
 def _low_rank(x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, scaling: float,
