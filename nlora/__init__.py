@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "Factors", "INITIALIZERS", "NLoRALinear", "adapter_names", "count_parameters", "delete_adapter",
-    "disable_adapter", "get_init", "initialize_adapters", "inject", "merge", "merge_and_unload", "nystrom_reconstruct", "optimal_core",
-    "pending_adapters", "register_init", "remap_base_keys", "regularised_pinv", "select_indices", "select_targets", "set_adapter", "trainable_summary",
-    "unload", "unmerge",
+    "disable_adapter", "get_init", "initialize_adapters", "inject", "merge", "merge_and_unload",
+    "nystrom_reconstruct", "optimal_core", "pending_adapters", "register_init", "regularised_pinv",
+    "remap_base_keys", "select_indices", "select_targets", "set_adapter", "trainable_summary", "unload", "unmerge",
 ]

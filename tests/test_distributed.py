@@ -200,10 +200,34 @@ def _worker(rank: int, port: int, backend: str, out_path: str) -> None:
         gathered = [torch.empty_like(mine) for _ in range(WORLD)]
         dist.all_gather(gathered, mine)
         results["unseeded_equal"] = all(torch.equal(gathered[0], g) for g in gathered)
+        results["helpers"] = check_helpers(device, mesh)
         if rank == 0:
             torch.save(results, out_path)
     finally:
         dist.destroy_process_group()
+
+
+def check_helpers(device, mesh) -> dict[str, bool]:
+    """``nlora.sharded`` on uneven (13 x 7) weights in every supported layout, against the plain operations."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(13, 7, generator=g).to(device)
+    m = torch.randn(3, 13, generator=g).to(device)
+    rows, cols = torch.tensor([0, 6, 7, 12], device=device), torch.tensor([1, 3, 6], device=device)
+    mesh2 = init_device_mesh(device.type, (1, WORLD))  # HSDP-style layout: replicate over dim 0, shard over dim 1
+    layouts = {"shard0": (mesh, [Shard(0)]), "shard1": (mesh, [Shard(1)]), "replicate": (mesh, [Replicate()]),
+               "hsdp": (mesh2, [Replicate(), Shard(0)]), "2d-fallback": (mesh2, [Shard(1), Shard(0)])}
+    ok = {}
+    for name, (mesh_, placements) in layouts.items():
+        d = distribute_tensor(w, mesh_, placements)
+        ok[name] = (torch.equal(sharded.take(d, rows, 0), w[rows]) and torch.equal(sharded.take(d, cols, 1), w[:, cols])
+                    and torch.allclose(sharded.sq_norms(d, 0), w.square().sum(1), rtol=1e-5)
+                    and torch.allclose(sharded.sq_norms(d, 1), w.square().sum(0), rtol=1e-5)
+                    and torch.allclose(sharded.left_matmul(m, d, torch.matmul), m @ w, rtol=1e-5, atol=1e-6)
+                    and torch.equal(sharded.full(d), w)
+                    and torch.equal(sharded.local_part(w, d), d.to_local())
+                    and sharded.all_ranks_true(True, d) and not sharded.all_ranks_true(dist.get_rank() == 0, d))
+    return ok
 
 
 def _free_port() -> int:
@@ -292,3 +316,7 @@ def test_inject_into_sharded_model_gives_unsharded_factors(dist_results, name):
 
 def test_unseeded_random_init_is_the_same_on_every_rank(dist_results):
     assert dist_results["unseeded_equal"]
+
+
+def test_sharded_helpers_match_plain_ops_in_every_layout(dist_results):
+    assert dist_results["helpers"] == dict.fromkeys(["shard0", "shard1", "replicate", "hsdp", "2d-fallback"], True)
