@@ -251,7 +251,8 @@ class NLoRALinear(nn.Module):
     def restore_base(self) -> nn.Module:
         """Return the base module holding the original pretrained weight (merges and residuals undone)."""
         delta = [-self.adapters[n].delta_weight() for n in self.merged_adapters]
-        delta += [a.delta_weight(initial=True) for a in self.adapters.values() if a.preserve_output and not a.pending_init]
+        delta += [a.delta_weight(initial=True) for a in self.adapters.values()
+                  if a.preserve_output and not a.pending_init]
         if delta:
             self._add_to_weight(sum(delta))
         self.merged_adapters = ()

@@ -42,6 +42,8 @@ VARIANTS = {  # the paper's three methods, and an output-preserving exact NystrÃ
     "inttune": dict(init="nystrom", train="middle"),
     "nlora-pinv": dict(init="nystrom-pinv", index="norm"),
 }
+SCENARIOS = {"ddp": ["nlora", "slora", "inttune"], "fsdp": ["nlora", "slora", "inttune"],
+             "fsdp_meta": ["nlora", "nlora-pinv", "slora"], "fsdp_then_inject": ["nlora-pinv", "slora"]}
 FACTOR_INITS = {  # inject into an already sharded model: factors must equal the unsharded ones
     "nystrom": dict(init="nystrom"),
     "nystrom-random": dict(init="nystrom", index="random"),
@@ -154,10 +156,7 @@ def _worker(rank: int, port: int, backend: str, out_path: str) -> None:
     batch = global_batch(device).chunk(WORLD)[rank]
     results: dict = {"train": {}, "factors": {}}
     try:
-        for kind, variants in [("ddp", ["nlora", "slora", "inttune"]),
-                               ("fsdp", ["nlora", "slora", "inttune"]),
-                               ("fsdp_meta", ["nlora", "nlora-pinv", "slora"]),
-                               ("fsdp_then_inject", ["nlora-pinv", "slora"])]:
+        for kind, variants in SCENARIOS.items():
             for variant in variants:
                 if kind == "ddp":
                     model = ddp_model(variant, device)
@@ -260,8 +259,7 @@ def _ref(variant):
     return _REFS[variant]
 
 
-TRAIN_CASES = [("ddp", v) for v in ("nlora", "slora", "inttune")] + [("fsdp", v) for v in ("nlora", "slora", "inttune")] \
-    + [("fsdp_meta", v) for v in ("nlora", "nlora-pinv", "slora")] + [("fsdp_then_inject", v) for v in ("nlora-pinv", "slora")]
+TRAIN_CASES = [(kind, variant) for kind, variants in SCENARIOS.items() for variant in variants]
 
 
 @pytest.mark.parametrize("kind,variant", TRAIN_CASES)
