@@ -321,7 +321,7 @@ def build_factors(base: nn.Module, rank: int, alpha: float | None, init: str, *,
     if sharded.is_meta(w):  # shapes only: the adapter stays pending until nlora.initialize_adapters
         return spec.fn(w, rank, scaling=scaling, generator=None, **init_options), dict(init_options)
     if spec.data_driven:
-        if not torch.isfinite(w).all():
+        if not sharded.all_ranks_true(bool(torch.isfinite(sharded.local_view(w)).all()), w):
             raise ValueError(f"{label}: weight has NaN/Inf, so the data-driven init {init!r} cannot use it; "
                              f"fix the checkpoint or pick a random init (lora/slora)")
     factors = spec.fn(w, rank, scaling=scaling, generator=generator, **init_options)

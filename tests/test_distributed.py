@@ -13,6 +13,7 @@ Factors computed from sharded weights by Nyström slicing are bit-identical to t
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -31,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 BACKEND = os.environ.get("NLORA_DIST_BACKEND", "gloo")
 WORLD = 2
@@ -54,6 +56,7 @@ FACTOR_INITS = {  # inject into an already sharded model: factors must equal the
     "lora": dict(init="lora"),
 }
 RTOL, ATOL, LOSS_ATOL = 1e-4, 1e-5, 2e-6
+TIMEOUT_S = int(os.environ.get("NLORA_DIST_TIMEOUT", "120"))
 
 
 def build_model() -> torch.nn.Module:
@@ -151,7 +154,8 @@ def _worker(rank: int, port: int, backend: str, out_path: str) -> None:
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, rank=rank, world_size=WORLD, device_id=device if backend == "nccl" else None)
+    dist.init_process_group(backend, rank=rank, world_size=WORLD, device_id=device if backend == "nccl" else None,
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))  # a rank-divergence bug fails, not hangs
     mesh = init_device_mesh(device.type, (WORLD,))
     batch = global_batch(device).chunk(WORLD)[rank]
     results: dict = {"train": {}, "factors": {}}
@@ -185,7 +189,9 @@ def _worker(rank: int, port: int, backend: str, out_path: str) -> None:
             for block in model.model.layers:
                 fully_shard(block, mesh=mesh)
             fully_shard(model, mesh=mesh)
-            nlora.inject(model, TARGETS, rank=RANK, seed=SEED, **kwargs)
+            with CollectiveSizes() as comm:
+                nlora.inject(model, TARGETS, rank=RANK, seed=SEED, **kwargs)
+            results.setdefault("largest_collective", {})[name] = max(comm.numels, default=0)
             state = {k: sharded.full(v.detach()).cpu() for k, v in model.state_dict().items()}
             state.update({f"{n}.rows": l.adapters["default"].rows for n, l in nlora.model.adapter_layers(model).items()
                           if l.adapters["default"].rows is not None})
@@ -200,6 +206,20 @@ def _worker(rank: int, port: int, backend: str, out_path: str) -> None:
         dist.all_gather(gathered, mine)
         results["unseeded_equal"] = all(torch.equal(gathered[0], g) for g in gathered)
         results["helpers"] = check_helpers(device, mesh)
+        model = build_model().to(device)  # NaN in one rank's shard only: every rank must refuse, nothing changes
+        fully_shard(model, mesh=mesh)
+        bad = model.model.layers[1].mlp.up_proj.weight
+        if rank == WORLD - 1:
+            with torch.no_grad():
+                bad.to_local()[-1, 0] = float("nan")
+        try:
+            nlora.inject(model, TARGETS, rank=RANK, init="nystrom")
+            results["nan_refused"] = False
+        except ValueError as err:
+            results["nan_refused"] = "layers.1.mlp.up_proj: weight has NaN" in str(err) and not nlora.adapter_names(model)
+        flags = torch.tensor([float(results["nan_refused"])], device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        results["nan_refused"] = bool(flags.item())
         if rank == 0:
             torch.save(results, out_path)
     finally:
@@ -227,6 +247,19 @@ def check_helpers(device, mesh) -> dict[str, bool]:
                     and torch.equal(sharded.local_part(w, d), d.to_local())
                     and sharded.all_ranks_true(True, d) and not sharded.all_ranks_true(dist.get_rank() == 0, d))
     return ok
+
+
+class CollectiveSizes(TorchDispatchMode):
+    """Records the element count of every tensor handed to a collective (functional or c10d) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.numels: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in ("_c10d_functional", "c10d"):
+            self.numels += [a.numel() for a in args if isinstance(a, torch.Tensor)]
+        return func(*args, **(kwargs or {}))
 
 
 def _free_port() -> int:
@@ -318,3 +351,19 @@ def test_unseeded_random_init_is_the_same_on_every_rank(dist_results):
 
 def test_sharded_helpers_match_plain_ops_in_every_layout(dist_results):
     assert dist_results["helpers"] == dict.fromkeys(["shard0", "shard1", "replicate", "hsdp", "2d-fallback"], True)
+
+
+def test_nystrom_on_sharded_weights_moves_only_r_rows_and_columns(dist_results):
+    """The largest tensor any collective sees while injecting is ``r x max(out, in)`` for every Nyström init
+    (the selected rows / columns, or an ``r x in`` product), never a weight; PiSSA's SVD gathers whole weights."""
+    largest = dist_results["largest_collective"]
+    biggest_slice = RANK * 64  # r x max(out, in) of the tiny Llama (intermediate 64, hidden 32)
+    assert biggest_slice < 16 * 32  # smaller than the smallest weight (k_proj, v_proj: 16 x 32): the bound bites
+    for name in FACTOR_INITS:
+        if name.startswith("nystrom"):
+            assert 0 < largest[name] <= biggest_slice, (name, largest[name])
+    assert largest["pissa"] >= 64 * 32 // WORLD  # a whole (sharded) weight travels: documented
+
+
+def test_nan_in_one_shard_is_refused_on_every_rank(dist_results):
+    assert dist_results["nan_refused"]
