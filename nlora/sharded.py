@@ -143,7 +143,7 @@ def local_part(value: Tensor, like: Tensor) -> Tensor:
     """This rank's piece of a full plain ``value`` laid out like ``like`` (no communication)."""
     if not is_dtensor(like):
         return value
-    value = value.to(like.to_local().device)
+    value = value.detach().to(like.to_local().device)
     return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None).to_local()
 
 

@@ -67,6 +67,14 @@ def build_model() -> torch.nn.Module:
     return transformers.LlamaForCausalLM(config)
 
 
+def build_gpt2() -> torch.nn.Module:
+    """A tiny GPT-2: its Conv1D weights are stored (in, out), so a row-sharded weight is column-sharded in nlora's
+    (out, in) view."""
+    torch.manual_seed(1234)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4,
+                                                                n_positions=32))
+
+
 def global_batch(device) -> torch.Tensor:
     g = torch.Generator().manual_seed(99)
     return torch.randint(0, 64, (2 * WORLD, 12), generator=g).to(device)
@@ -174,14 +182,13 @@ def _worker(rank: int, port: int, backend: str, out_path: str) -> None:
                 entry = {"losses": losses, "adapters": adapter_state(model.module if kind == "ddp" else model)}
                 if kind == "fsdp" and variant == "nlora":  # merge / unmerge on DTensor weights
                     x = global_batch(device)
-                    with torch.no_grad():
-                        before = model(input_ids=x).logits
-                        nlora.merge(model)
-                        merged = model(input_ids=x).logits
-                        entry["merged_weights"] = {k: sharded.full(v.detach()).cpu() for k, v in
-                                                   model.named_parameters() if k.endswith("base.weight")}
-                        nlora.unmerge(model)
-                        after = model(input_ids=x).logits
+                    before = model(input_ids=x).logits.detach()
+                    nlora.merge(model, safe=True)
+                    merged = model(input_ids=x).logits.detach()
+                    entry["merged_weights"] = {k: sharded.full(v.detach()).cpu() for k, v in
+                                               model.named_parameters() if k.endswith("base.weight")}
+                    nlora.unmerge(model)
+                    after = model(input_ids=x).logits.detach()
                     entry.update(before=before.cpu(), merged=merged.cpu(), unmerged=after.cpu())
                 results["train"][(kind, variant)] = entry
         for name, kwargs in FACTOR_INITS.items():  # inject into a sharded model, compare factors, no training
@@ -206,6 +213,14 @@ def _worker(rank: int, port: int, backend: str, out_path: str) -> None:
         dist.all_gather(gathered, mine)
         results["unseeded_equal"] = all(torch.equal(gathered[0], g) for g in gathered)
         results["helpers"] = check_helpers(device, mesh)
+        model = build_gpt2().to(device)  # Conv1D: inject (residual written into transposed shards), then merge
+        for block in model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        nlora.inject(model, ["c_attn", "c_proj", "c_fc"], rank=RANK, init="nystrom-pinv", index="norm", seed=SEED)
+        results["gpt2_injected"] = {k: sharded.full(v.detach()).cpu() for k, v in model.state_dict().items()}
+        nlora.merge(model)
+        results["gpt2_merged"] = {k: sharded.full(v.detach()).cpu() for k, v in model.state_dict().items()}
         model = build_model().to(device)  # NaN in one rank's shard only: every rank must refuse, nothing changes
         fully_shard(model, mesh=mesh)
         bad = model.model.layers[1].mlp.up_proj.weight
@@ -367,3 +382,15 @@ def test_nystrom_on_sharded_weights_moves_only_r_rows_and_columns(dist_results):
 
 def test_nan_in_one_shard_is_refused_on_every_rank(dist_results):
     assert dist_results["nan_refused"]
+
+
+def test_sharded_gpt2_conv1d_inject_and_merge_match_unsharded(dist_results):
+    model = build_gpt2().to(_device())
+    nlora.inject(model, ["c_attn", "c_proj", "c_fc"], rank=RANK, init="nystrom-pinv", index="norm", seed=SEED)
+    for stage in ("injected", "merged"):
+        if stage == "merged":
+            nlora.merge(model)
+        got = dist_results[f"gpt2_{stage}"]
+        assert got.keys() == model.state_dict().keys()
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(got[k], v.cpu(), rtol=1e-6, atol=1e-7, msg=f"{stage}: {k}")
