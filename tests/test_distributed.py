@@ -231,7 +231,8 @@ def _worker(rank: int, port: int, backend: str, out_path: str) -> None:
             nlora.inject(model, TARGETS, rank=RANK, init="nystrom")
             results["nan_refused"] = False
         except ValueError as err:
-            results["nan_refused"] = "layers.1.mlp.up_proj: weight has NaN" in str(err) and not nlora.adapter_names(model)
+            named = "layers.1.mlp.up_proj: weight has NaN" in str(err)
+            results["nan_refused"] = named and not nlora.adapter_names(model)  # and nothing was injected
         flags = torch.tensor([float(results["nan_refused"])], device=device)
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
         results["nan_refused"] = bool(flags.item())

@@ -23,7 +23,7 @@ def batch():
     return torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
 
 
-def adapter_grads(model, x, **ctx) -> dict[str, torch.Tensor]:
+def adapter_grads(model, x) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     model(input_ids=x, labels=x).loss.backward()
     return {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
