@@ -1,5 +1,6 @@
 """nlora: SLoRA, NLoRA (Nyström-initialised three-matrix LoRA) and IntTune for any PyTorch model."""
 
+from .deferred import initialize_adapters, pending_adapters, remap_base_keys
 from .inits import INITIALIZERS, Factors, get_init, register_init
 from .io import export_peft, load_adapter, save_adapter
 from .layer import Adapter, NLoRALinear
@@ -23,8 +24,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "Factors", "INITIALIZERS", "NLoRALinear", "adapter_names", "count_parameters", "delete_adapter",
-    "disable_adapter", "get_init", "inject", "merge", "merge_and_unload", "nystrom_reconstruct", "optimal_core",
-    "register_init", "regularised_pinv", "select_indices", "select_targets", "set_adapter", "trainable_summary",
-    "unload", "unmerge",
+    "disable_adapter", "get_init", "initialize_adapters", "inject", "merge", "merge_and_unload",
+    "nystrom_reconstruct", "optimal_core", "pending_adapters", "register_init", "regularised_pinv",
+    "remap_base_keys", "select_indices", "select_targets", "set_adapter", "trainable_summary", "unload", "unmerge",
 ]
 __all__ += ["export_peft", "load_adapter", "save_adapter"]

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from . import sharded
 from .nystrom import INDEX_METHODS, optimal_core, regularised_pinv, select_indices
 
 
@@ -116,10 +117,10 @@ def _slices(weight: Tensor, rank: int, index: str, generator: torch.Generator | 
     if index not in INDEX_METHODS:
         raise ValueError(f"index={index!r}: choose one of {INDEX_METHODS}")
     rows, cols = select_indices(weight, rank, index, generator)
-    if index == "first":  # plain slices, exactly as the paper's reference code takes them
+    if index == "first" and not sharded.is_dtensor(weight):  # plain slices, as the paper's reference code
         c, r = weight[:, :rank], weight[:rank, :]
-    else:
-        c, r = weight[:, cols], weight[rows, :]
+    else:  # a sharded weight sends only these r columns and r rows between ranks, never the whole matrix
+        c, r = sharded.take(weight, cols, 1), sharded.take(weight, rows, 0)
     return rows, cols, c.to(torch.float32, copy=True), r.to(torch.float32, copy=True)
 
 
@@ -170,8 +171,9 @@ def init_pissa(weight: Tensor, rank: int, *, scaling: float, generator: torch.Ge
 
     ``svd="full"`` is exact; ``svd="lowrank"`` uses ``torch.svd_lowrank`` with ``niter`` power iterations,
     seeded by ``generator`` when one is given. The base weight always becomes the residual.
+    A sharded (DTensor) weight is gathered whole: the SVD needs all of it.
     """
-    w = weight.float()
+    w = sharded.full(weight).float()
     if svd == "full":
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         u, s, vh = u[:, :rank], s[:rank], vh[:rank]

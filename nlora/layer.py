@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import sharded
 from .inits import Factors, get_init
 from .fingerprint import weight_sample
 
@@ -38,11 +39,13 @@ class Adapter(nn.Module):
 
     Compute runs in the input's dtype unless ``compute_dtype`` says otherwise: a bf16 model gets bf16
     adapter matmuls (as cheap as the base allows) while the parameters and their gradients stay fp32.
+    Factors on the meta device make a *pending* adapter (shapes only): it refuses to run until
+    ``nlora.initialize_adapters`` gives it values (to restore trained adapters, initialise, then load them).
     """
 
     def __init__(self, factors: Factors, *, alpha: float, init: str, train: str, dropout: float,
                  preserve_output: bool, options: dict, dtype: torch.dtype = torch.float32,
-                 compute_dtype: torch.dtype | None = None) -> None:
+                 compute_dtype: torch.dtype | None = None, seed: int | None = None) -> None:
         super().__init__()
         self.rank = factors.A.shape[0]
         self.alpha = alpha
@@ -52,6 +55,8 @@ class Adapter(nn.Module):
         self.preserve_output = preserve_output
         self.options = dict(options)
         self.compute_dtype = compute_dtype
+        self.init_seed = seed  # the inject seed, so a deferred init draws what an immediate one would
+        self.pending_init = factors.A.is_meta
         self.lora_A = nn.Parameter(factors.A.to(dtype))
         self.lora_N = None if factors.N is None else nn.Parameter(factors.N.to(dtype))
         self.lora_B = nn.Parameter(factors.B.to(dtype))
@@ -74,8 +79,15 @@ class Adapter(nn.Module):
             return [self.lora_N]
         return [p for p in (self.lora_A, self.lora_N, self.lora_B) if p is not None]
 
+    def _check_ready(self) -> None:
+        if self.pending_init:
+            raise RuntimeError(f"adapter (init={self.init!r}) was injected on the meta device and has no values yet; "
+                               f"materialise the model (to_empty), load the base weights, then call "
+                               f"nlora.initialize_adapters(model)")
+
     def forward(self, x: Tensor, dropout: bool = True) -> Tensor:
         """``s B N A dropout(x)``; ``dropout=False`` gives the exact delta of a merged adapter (no dropout mask)."""
+        self._check_ready()
         return _low_rank(self.dropout(x) if dropout else x, self.lora_A, self.lora_N, self.lora_B, self.scaling,
                          self.compute_dtype)
 
@@ -86,7 +98,9 @@ class Adapter(nn.Module):
     def delta_weight(self, initial: bool = False, dtype: torch.dtype | None = None) -> Tensor:
         """``s B N A`` as an ``(out, in)`` tensor in fp32, or fp64 when the adapter or ``dtype`` (the base weight's)
         is fp64 (``initial=True``: the init's ``s B0 N0 A0``)."""
+        self._check_ready()
         a, n, b = (self.init_A, self.init_N, self.init_B) if initial else (self.lora_A, self.lora_N, self.lora_B)
+        a, n, b = sharded.full(a), None if n is None else sharded.full(n), sharded.full(b)  # FSDP2: factors only
         dt = torch.promote_types(torch.promote_types(a.dtype, torch.float32), dtype or torch.float32)
         a = a.to(dt) if n is None else n.to(dt) @ a.to(dt)
         return (b.to(dt) * self.scaling) @ a
@@ -185,16 +199,16 @@ class NLoRALinear(nn.Module):
     # -- adapter management ---------------------------------------------------------------------------
     def attach(self, adapter: str, factors: Factors, *, rank: int, alpha: float | None, init: str, train: str,
                dropout: float, preserve_output: bool | None, adapter_dtype: torch.dtype,
-               compute_dtype: torch.dtype | None, options: dict) -> Adapter:
+               compute_dtype: torch.dtype | None, options: dict, seed: int | None = None) -> Adapter:
         """Add an adapter from precomputed factors; applies the residual update if the output is preserved."""
         spec = get_init(init)
         preserve = resolve_preserve(spec, preserve_output)
         sample = weight_sample(weight_view(self.base))  # a few entries of the weight it sits on (load_adapter checks)
         module = Adapter(factors, alpha=float(rank if alpha is None else alpha), init=init, train=train,
                          dropout=dropout, preserve_output=preserve and not spec.zero_delta, options=options,
-                         dtype=adapter_dtype, compute_dtype=compute_dtype)
+                         dtype=adapter_dtype, compute_dtype=compute_dtype, seed=seed)
         module.to(weight_view(self.base).device)
-        if module.preserve_output:
+        if module.preserve_output and not module.pending_init:
             self._add_to_weight(-self._delta(module, initial=True))
         self.adapters[adapter] = module
         module.base_sample = sample
@@ -209,7 +223,7 @@ class NLoRALinear(nn.Module):
         if adapter in self.merged_adapters:
             raise ValueError(f"{self.module_name}: adapter {adapter!r} is merged; unmerge it before deleting it")
         module = self.adapters[adapter]
-        if module.preserve_output:
+        if module.preserve_output and not module.pending_init:
             self._add_to_weight(self._delta(module, initial=True))
         del self.adapters[adapter]
         self.set_active(self.active_adapters)
@@ -223,13 +237,14 @@ class NLoRALinear(nn.Module):
         """``W += delta`` with the sum formed in fp32 (fp64 for fp64 weights) and rounded once into the weight's dtype.
 
         ``delta`` (a fresh tensor from ``_delta``) is consumed as the buffer for the sum: no other (out, in) temporary.
+        A sharded (DTensor) weight takes only its local block of the full ``delta``.
         """
         w = weight_view(self.base)
-        new = delta.add_(w)
-        if safe and not torch.isfinite(new).all():
+        new = sharded.local_part(delta, w).add_(sharded.local_view(w))
+        if safe and not sharded.all_ranks_true(bool(torch.isfinite(new).all()), w):
             raise ValueError(f"{self.module_name}: merging would put NaN/Inf into the weight; nothing was changed")
         with torch.no_grad():
-            w.copy_(new)
+            sharded.local_view(w).copy_(new)
 
     def merge(self, safe: bool = False) -> None:
         """Fold every active, unmerged adapter into the base weight."""
@@ -252,7 +267,8 @@ class NLoRALinear(nn.Module):
     def restore_base(self) -> nn.Module:
         """Return the base module holding the original pretrained weight (merges and residuals undone)."""
         delta = [-self._delta(self.adapters[n]) for n in self.merged_adapters]
-        delta += [self._delta(a, initial=True) for a in self.adapters.values() if a.preserve_output]
+        delta += [self._delta(a, initial=True) for a in self.adapters.values()
+                  if a.preserve_output and not a.pending_init]
         if delta:
             self._add_to_weight(sum(delta))
         self.merged_adapters = ()
@@ -266,6 +282,7 @@ class NLoRALinear(nn.Module):
                 y = y - self.adapters[name](x, dropout=False).to(y.dtype)
             for adapter in self.adapters.values():
                 if adapter.preserve_output:
+                    adapter._check_ready()
                     y = y + adapter.initial_output(x).to(y.dtype)
             return y
         for name, adapter in self.adapters.items():
@@ -322,13 +339,15 @@ def build_factors(base: nn.Module, rank: int, alpha: float | None, init: str, *,
     if not w.is_floating_point() or w.dtype.itemsize < 2:
         raise TypeError(f"{label}: weight dtype {w.dtype} is not a 16/32/64-bit float (quantised, fp8 or integer "
                         f"weights are not supported); dequantise the model first")
+    scaling = float(rank if alpha is None else alpha) / rank
+    if sharded.is_meta(w):  # shapes only: the adapter stays pending until nlora.initialize_adapters
+        return spec.fn(w, rank, scaling=scaling, generator=None, **init_options), dict(init_options)
     if spec.data_driven:
-        if w.is_meta:
-            raise ValueError(f"{label}: init {init!r} reads the weight, which is on the meta device; load real "
-                             f"weights first, or inject a random init (lora/slora) before materialising")
-        if not torch.isfinite(w).all():
+        if not sharded.all_ranks_true(bool(torch.isfinite(sharded.local_view(w)).all()), w):
             raise ValueError(f"{label}: weight has NaN/Inf, so the data-driven init {init!r} cannot use it; "
                              f"fix the checkpoint or pick a random init (lora/slora)")
-    scaling = float(rank if alpha is None else alpha) / rank
     factors = spec.fn(w, rank, scaling=scaling, generator=generator, **init_options)
+    if sharded.is_dtensor(w) and generator is None:  # unseeded random draws may differ by rank: take rank 0's
+        factors = Factors(*(None if t is None else sharded.broadcast(t, w) for t in
+                            (factors.A, factors.N, factors.B, factors.rows, factors.cols)))
     return factors, dict(init_options)

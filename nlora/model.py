@@ -11,6 +11,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from . import sharded
 from .inits import get_init
 from .layer import NLoRALinear, build_factors, is_adaptable, resolve_preserve, weight_view
 
@@ -99,7 +100,7 @@ def select_targets(model: nn.Module, targets: Targets, exclude: Targets | None =
 def _generator(seed: int | None, name: str, device: torch.device) -> torch.Generator | None:
     """A per-module generator (seed mixed with the module name), so a layer's init never depends on how
     many layers, ranks or processes there are."""
-    if seed is None:
+    if seed is None or device.type == "meta":  # meta: nothing is drawn until initialize_adapters
         return None
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
 
@@ -155,7 +156,7 @@ def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | Non
         factors, options = build_factors(base, r, a, init, train=train, adapter=adapter, name=name,
                                          generator=_generator(seed, name, weight_view(base).device),
                                          existing=existing, **init_options)
-        bad = [k for k in ("A", "N", "B") if getattr(factors, k) is not None
+        bad = [k for k in ("A", "N", "B") if getattr(factors, k) is not None and not factors.A.is_meta
                and not torch.isfinite(getattr(factors, k).to(adapter_dtype)).all()]
         if bad:
             raise ValueError(f"{name}: init {init!r} gives lora_{'/'.join(bad)} values that are not finite in "
@@ -163,7 +164,7 @@ def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | Non
                              f"adapter_dtype=torch.float32, init='nystrom-optimal', or a larger rcond")
         plans.append((name, module, base, r, a, factors, options))
     kwargs = dict(init=init, train=train, dropout=dropout, preserve_output=preserve_output,
-                  adapter_dtype=adapter_dtype, compute_dtype=compute_dtype)
+                  adapter_dtype=adapter_dtype, compute_dtype=compute_dtype, seed=seed)
     for name, module, base, r, a, factors, options in plans:  # phase 2: apply
         if isinstance(module, NLoRALinear):
             layer = module
@@ -249,8 +250,10 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     if safe:
         for name, layer in layers.items():
             if work[name]:
-                new = sum(layer._delta(layer.adapters[n]) for n in work[name]).add_(weight_view(layer.base))
-                if not torch.isfinite(new).all():
+                w = weight_view(layer.base)
+                delta = sum(layer._delta(layer.adapters[n]) for n in work[name])
+                new = sharded.local_part(delta, w).add_(sharded.local_view(w))
+                if not sharded.all_ranks_true(bool(torch.isfinite(new).all()), w):
                     raise ValueError(f"{layer.module_name}: merging would put NaN/Inf into the weight; nothing "
                                      f"was merged (check the adapter's parameters)")
     for name, layer in layers.items():

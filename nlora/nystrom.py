@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import sharded
+
 INDEX_METHODS = ("first", "random", "norm")
 
 
@@ -32,9 +34,8 @@ def select_indices(
         rows = torch.randperm(out_features, generator=generator, device=gen_device)[:rank]
         cols = torch.randperm(in_features, generator=generator, device=gen_device)[:rank]
     elif method == "norm":
-        acc = torch.promote_types(weight.dtype, torch.float32)  # fp32 accumulation; fp64 weights stay fp64
-        row_p = torch.linalg.vector_norm(weight, dim=1, dtype=acc).square()
-        col_p = torch.linalg.vector_norm(weight, dim=0, dtype=acc).square()
+        row_p = sharded.sq_norms(weight, 0)
+        col_p = sharded.sq_norms(weight, 1)
         rows = _sample_by_weight(row_p.to(gen_device), rank, generator)
         cols = _sample_by_weight(col_p.to(gen_device), rank, generator)
     else:
@@ -58,8 +59,11 @@ def regularised_pinv(core: Tensor, rcond: float | None = None) -> Tensor:
 def left_multiply(m: Tensor, weight: Tensor, chunk: int = 4096) -> Tensor:
     """``m @ weight`` in ``m``'s dtype, upcasting ``weight`` a column block at a time.
 
-    Avoids ever holding a full ``(out, in)`` upcast copy of a low-precision weight.
+    Avoids ever holding a full ``(out, in)`` upcast copy of a low-precision weight. A sharded (DTensor)
+    weight is multiplied shard by shard and only the ``(k, in)`` result is communicated.
     """
+    if sharded.is_dtensor(weight):
+        return sharded.left_matmul(m, weight, left_multiply)
     if weight.dtype == m.dtype:
         return m @ weight
     blocks = [m @ weight[:, j : j + chunk].to(m.dtype) for j in range(0, weight.shape[1], chunk)]
@@ -68,8 +72,8 @@ def left_multiply(m: Tensor, weight: Tensor, chunk: int = 4096) -> Tensor:
 
 def optimal_core(weight: Tensor, rows: Tensor, cols: Tensor, rcond: float | None = None) -> Tensor:
     """The Frobenius-optimal core ``C⁺ W R⁺`` for fixed ``C = W[:, cols]`` and ``R = W[rows, :]`` (fp32)."""
-    c = weight[:, cols].float()
-    r = weight[rows, :].float()
+    c = sharded.take(weight, cols, 1).float()
+    r = sharded.take(weight, rows, 0).float()
     c_pinv = regularised_pinv(c, rcond)  # (rank, out)
     r_pinv = regularised_pinv(r, rcond)  # (in, rank)
     return left_multiply(c_pinv, weight) @ r_pinv

@@ -1,0 +1,166 @@
+"""Weight access that gives the same values on plain tensors and on sharded DTensors (FSDP2, tensor parallel).
+
+Initialisers and merges call these instead of indexing the weight directly, so that a weight sharded by
+``fully_shard`` gives exactly the factors of the unsharded weight while each rank only receives what it needs:
+``take`` moves the ``r`` selected rows or columns (zeros elsewhere, summed: exact), never the whole matrix.
+Supported layouts: any device mesh where at most one mesh dimension shards the weight (FSDP2 ``Shard(0)``,
+HSDP ``(Replicate, Shard(0))``, a column-wise ``Shard(1)``); anything else falls back to ``full_tensor()``.
+On plain tensors every helper is the ordinary operation.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+try:  # torch.distributed can be missing in some builds; then nothing is ever a DTensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+except ImportError:  # pragma: no cover
+    DTensor = None
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 / tensor-parallel sharded tensor)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def is_meta(t: Tensor) -> bool:
+    """Whether ``t`` (or a DTensor's local shard) lives on the meta device: shapes only, no values."""
+    return (t.to_local() if is_dtensor(t) else t).is_meta
+
+
+def _single_shard(w: Tensor) -> tuple[int, int] | None:
+    """``(mesh_dim, tensor_dim)`` of the one sharding placement, ``None`` if fully replicated; raises
+    ``NotImplementedError`` for layouts with several sharded mesh dims or partial values."""
+    shards = [(i, p.dim) for i, p in enumerate(w.placements) if isinstance(p, Shard)]
+    if len(shards) > 1 or any(not isinstance(p, (Shard, Replicate)) for p in w.placements):
+        raise NotImplementedError(w.placements)
+    return shards[0] if shards else None
+
+
+def local_range(w: Tensor, mesh_dim: int, dim: int) -> tuple[int, int]:
+    """``[start, stop)`` of this rank's shard of ``w`` along ``dim`` (DTensor's ``torch.chunk`` layout)."""
+    n = w.shape[dim]
+    size = w.device_mesh.size(mesh_dim)
+    chunk = -(-n // size)
+    start = min(w.device_mesh.get_local_rank(mesh_dim) * chunk, n)
+    return start, start + w.to_local().shape[dim]
+
+
+def _replicated(w: Tensor, local: Tensor, mesh_dim: int, placement) -> Tensor:
+    """Combine per-rank pieces into one plain tensor, identical on every rank."""
+    placements = [Replicate()] * w.device_mesh.ndim
+    placements[mesh_dim] = placement
+    shape = list(w.shape)
+    if isinstance(placement, Partial):
+        shape = list(local.shape)
+    else:  # a Shard: the other dim is the selected one, keep the global size along the sharded dim
+        shape[1 - placement.dim] = local.shape[1 - placement.dim]
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, w.device_mesh, placements, run_check=False, shape=torch.Size(shape),
+                              stride=stride).full_tensor()
+
+
+def take(w: Tensor, index: Tensor, dim: int) -> Tensor:
+    """``w.index_select(dim, index)`` as a plain tensor; for a DTensor only the selected slices travel."""
+    if not is_dtensor(w):
+        return w.index_select(dim, index)
+    try:
+        shard = _single_shard(w)
+    except NotImplementedError:
+        return w.full_tensor().index_select(dim, index)
+    local = w.to_local()
+    index = index.to(local.device)
+    if shard is None:
+        return local.index_select(dim, index)
+    mesh_dim, sharded_dim = shard
+    if sharded_dim != dim:  # every rank holds all selected slices, for its part of the other dim
+        return _replicated(w, local.index_select(dim, index).contiguous(), mesh_dim, Shard(sharded_dim))
+    start, stop = local_range(w, mesh_dim, dim)
+    mine = ((index >= start) & (index < stop)).nonzero().flatten()
+    shape = list(local.shape)
+    shape[dim] = index.numel()
+    out = torch.zeros(shape, dtype=local.dtype, device=local.device)
+    out.index_copy_(dim, mine, local.index_select(dim, index[mine] - start))
+    return _replicated(w, out, mesh_dim, Partial())  # zeros plus one value per entry: the sum is exact
+
+
+def sq_norms(w: Tensor, dim: int) -> Tensor:
+    """Squared L2 norms (fp32, fp64 for fp64 weights) of ``w``'s slices along ``dim``: ``dim=0`` per row, ``1`` per column."""
+    reduce = 1 - dim
+    acc = torch.promote_types(w.dtype, torch.float32)
+    if not is_dtensor(w):
+        return torch.linalg.vector_norm(w, dim=reduce, dtype=acc).square()
+    try:
+        shard = _single_shard(w)
+    except NotImplementedError:
+        return sq_norms(w.full_tensor(), dim)
+    part = torch.linalg.vector_norm(w.to_local(), dim=reduce, dtype=acc).square()
+    if shard is None:
+        return part
+    mesh_dim, sharded_dim = shard
+    if sharded_dim == reduce:  # each rank summed part of every slice: add the parts
+        return _replicated(w, part.unsqueeze(dim), mesh_dim, Partial()).squeeze(dim)
+    start, stop = local_range(w, mesh_dim, dim)  # each rank owns some slices: place them
+    out = torch.zeros(w.shape[dim], dtype=part.dtype, device=part.device)
+    out[start:stop] = part
+    return _replicated(w, out.unsqueeze(reduce), mesh_dim, Partial()).squeeze(reduce)
+
+
+def left_matmul(m: Tensor, w: Tensor, matmul: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """``matmul(m, w)`` for a plain ``m (k, out)`` and a (possibly sharded) ``w (out, in)``: a plain ``(k, in)``.
+
+    A row-sharded ``w`` contributes ``m[:, rows] @ w_local`` from each rank (summed); only ``k x in`` travels.
+    """
+    if not is_dtensor(w):
+        return matmul(m, w)
+    try:
+        shard = _single_shard(w)
+    except NotImplementedError:
+        return matmul(m, w.full_tensor())
+    local = w.to_local()
+    if shard is None:
+        return matmul(m, local)
+    mesh_dim, sharded_dim = shard
+    if sharded_dim == 0:
+        start, stop = local_range(w, mesh_dim, 0)
+        return _replicated(w, matmul(m[:, start:stop], local).contiguous(), mesh_dim, Partial())
+    return _replicated(w, matmul(m, local).contiguous(), mesh_dim, Shard(1))
+
+
+def full(t: Tensor) -> Tensor:
+    """The whole tensor as a plain tensor (``full_tensor()`` for a DTensor; ``t`` itself otherwise)."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def local_view(t: Tensor) -> Tensor:
+    """What this rank stores of ``t``: the local shard of a DTensor (writes go to the tensor), else ``t``."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def local_part(value: Tensor, like: Tensor) -> Tensor:
+    """This rank's piece of a full plain ``value`` laid out like ``like`` (no communication)."""
+    if not is_dtensor(like):
+        return value
+    value = value.detach().to(like.to_local().device)
+    return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+def all_ranks_true(flag: bool, like: Tensor) -> bool:
+    """``flag`` and-ed over every rank that holds a shard of ``like`` (just ``flag`` for plain tensors)."""
+    if not is_dtensor(like):
+        return flag
+    t = torch.tensor([float(flag)], device=like.to_local().device)
+    placements = [Partial("min")] * like.device_mesh.ndim
+    return bool(DTensor.from_local(t, like.device_mesh, placements, run_check=False).full_tensor().item())
+
+
+def broadcast(t: Tensor, like: Tensor) -> Tensor:
+    """Rank 0's ``t`` on every rank of ``like``'s device mesh (``t`` itself for plain tensors)."""
+    if not is_dtensor(like):
+        return t
+    t = t.to(like.to_local().device).contiguous()
+    placements = [Replicate()] * like.device_mesh.ndim
+    return DTensor.from_local(t, like.device_mesh, placements, run_check=True).to_local()

@@ -1,0 +1,86 @@
+"""``torch.compile(fullgraph=True)`` on an injected HF Llama: no graph breaks, eager outputs and gradients, and no
+stale weights or stale adapter state after merge / unmerge / disable_adapter on the compiled model.
+
+CPU compiles are slow (tens of seconds), so there are only two tests, on a one-block model, marked ``compile``
+(they run in CI; deselect locally with ``-m "not compile"``). The state test uses the ``aot_eager`` backend:
+what it checks (dynamo's guards on adapter state and parameters read as graph inputs) does not depend on
+inductor's code generation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nlora
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.compile
+
+
+def tiny_llama() -> torch.nn.Module:
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
+def trained_like(model: torch.nn.Module) -> None:
+    """Give every adapter factor O(1/sqrt(fan)) values so that the adapter visibly changes the output."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapters." in name:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+
+
+def test_fullgraph_compile_matches_eager_outputs_and_grads():
+    torch._dynamo.reset()
+    model = tiny_llama()
+    nlora.inject(model, "all-linear", rank=4, init="nystrom")
+    trained_like(model)
+    x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    eager_loss = model(input_ids=x, labels=x).loss
+    eager_grads = torch.autograd.grad(eager_loss, list(params.values()))
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: any graph break is an error
+    loss = compiled(input_ids=x, labels=x).loss
+    grads = torch.autograd.grad(loss, list(params.values()))
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for name, g, e in zip(params, grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_merge_unmerge_disable_after_compile_use_current_state():
+    torch._dynamo.reset()
+    model = tiny_llama()
+    nlora.inject(model, "all-linear", rank=4, init="slora", seed=0)
+    trained_like(model)
+    x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+
+    def both():
+        with torch.no_grad():
+            return compiled(input_ids=x).logits, model(input_ids=x).logits
+
+    adapted, eager = both()
+    torch.testing.assert_close(adapted, eager)
+    with nlora.disable_adapter(model):
+        plain, eager_plain = both()
+    torch.testing.assert_close(plain, eager_plain)
+    assert (adapted - plain).abs().max() > 0.1  # the adapter matters, so a stale graph would be caught
+    nlora.merge(model)  # weights change in place and merged_adapters changes: the graph must see both
+    merged, eager_merged = both()
+    torch.testing.assert_close(merged, eager_merged)
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)  # not adapter-added twice
+    with nlora.disable_adapter(model):
+        torch.testing.assert_close(both()[0], plain, rtol=1e-4, atol=1e-4)
+    nlora.unmerge(model)
+    torch.testing.assert_close(both()[0], adapted, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # an optimizer step (in-place parameter update) is seen too
+        for p in model.parameters():
+            if p.requires_grad:
+                p.mul_(0.5)
+    stepped, eager_stepped = both()
+    torch.testing.assert_close(stepped, eager_stepped)
+    assert (stepped - adapted).abs().max() > 1e-3
