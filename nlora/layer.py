@@ -73,6 +73,15 @@ class Adapter(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return _low_rank(self.dropout(x), self.lora_A, self.lora_N, self.lora_B, self.scaling, self.compute_dtype)
 
+    def add_to(self, y: Tensor, x: Tensor) -> Tensor:
+        """``y + s B(N(A(dropout(x))))`` for 2-D ``x`` and base output ``y``: when ``y`` has the compute dtype the
+        product accumulates into ``y`` in place (one GEMM with beta=1, alpha=s; ``y`` must be a fresh tensor)."""
+        dtype = _compute_dtype(x, self.compute_dtype)
+        if y.dtype != dtype or y._is_view():  # a view (e.g. HF Conv1D's output) would cost autograd a copy
+            return y + self(x).to(y.dtype)
+        h = _down(self.dropout(x), self.lora_A, self.lora_N, dtype)
+        return y.addmm_(h, self.lora_B.to(dtype).t(), alpha=self.scaling)
+
     def initial_output(self, x: Tensor) -> Tensor:
         """``s B0 N0 A0 x``: what this adapter's init subtracted from the base weight (no dropout)."""
         return _low_rank(x, self.init_A, self.init_N, self.init_B, self.scaling, self.compute_dtype)
@@ -87,13 +96,23 @@ class Adapter(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha:g}, init={self.init!r}, train={self.train_mode!r}"
 
 
+def _compute_dtype(x: Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
+    """The adapter's matmul dtype: ``compute_dtype`` if set, else the autocast dtype, else the input's."""
+    if compute_dtype is not None:
+        return compute_dtype
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def _down(x: Tensor, a: Tensor, n: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """``N(A x)`` in ``dtype`` (the fp32 master factors are cast on the fly; a no-op when already ``dtype``)."""
+    h = F.linear(x.to(dtype), a.to(dtype))
+    return h if n is None else F.linear(h, n.to(dtype))
+
+
 def _low_rank(x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, scaling: float,
               compute_dtype: torch.dtype | None) -> Tensor:
-    dtype = compute_dtype or (torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type)
-                              else x.dtype)
-    h = F.linear(x.to(dtype), a.to(dtype))
-    if n is not None:
-        h = F.linear(h, n.to(dtype))
+    dtype = _compute_dtype(x, compute_dtype)
+    h = _down(x, a, n, dtype)
     b = b.to(dtype)
     return F.linear(h, b if scaling == 1 else b * scaling)
 
@@ -243,6 +262,9 @@ class NLoRALinear(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        todo = () if self.disabled else [self.adapters[n] for n in self.active_adapters if n not in self.merged_adapters]
+        if todo and x.dim() >= 2 and x.is_contiguous():
+            return self._fused_forward(x, todo)
         y = self.base(x)
         if self.disabled:  # the original pretrained layer: undo merges and init residuals on the fly
             for name in self.merged_adapters:
@@ -251,10 +273,22 @@ class NLoRALinear(nn.Module):
                 if adapter.preserve_output:
                     y = y + adapter.initial_output(x).to(y.dtype)
             return y
-        for name in self.active_adapters:
-            if name not in self.merged_adapters:
-                y = y + self.adapters[name](x).to(y.dtype)
+        for adapter in todo:
+            y = y + adapter(x).to(y.dtype)
         return y
+
+    def _fused_forward(self, x: Tensor, adapters: list[Adapter]) -> Tensor:
+        """The same sum with each adapter's last matmul accumulating into the base output in place
+        (``addmm_``: beta=1, alpha=scaling), instead of a separate output-sized add and scaling pass.
+
+        The base runs on the flattened ``(tokens, in)`` input so that its output is a fresh 2-D tensor: an
+        in-place update of a reshaped view would make autograd copy the gradient (CopySlices) in backward.
+        """
+        x2 = x.reshape(-1, x.shape[-1])
+        y = self.base(x2)
+        for adapter in adapters:
+            y = adapter.add_to(y, x2)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:
         kind = "Conv1D" if is_conv1d(self.base) else "Linear"
@@ -303,7 +337,9 @@ def build_factors(base: nn.Module, rank: int, alpha: float | None, init: str, *,
         if w.is_meta:
             raise ValueError(f"{label}: init {init!r} reads the weight, which is on the meta device; load real "
                              f"weights first, or inject a random init (lora/slora) before materialising")
-        if not torch.isfinite(w).all():
+        # One fp32 reduction instead of a full boolean mask: any NaN/Inf makes the sum non-finite; a finite
+        # weight whose sum overflows is re-checked element-wise.
+        if not torch.isfinite(w.sum(dtype=torch.float32)) and not torch.isfinite(w).all():
             raise ValueError(f"{label}: weight has NaN/Inf, so the data-driven init {init!r} cannot use it; "
                              f"fix the checkpoint or pick a random init (lora/slora)")
     scaling = float(rank if alpha is None else alpha) / rank
