@@ -176,16 +176,16 @@ def llama_config(shape: str, layers: int | None = None, **overrides):
     return LlamaConfig(**kw)
 
 
-def build_llama(config, device: str, dtype: torch.dtype, seed: int = 0):
-    """A randomly initialised ``LlamaModel`` built directly on ``device`` in ``dtype`` (no CPU round trip)."""
-    from transformers import LlamaModel
+def build_llama(config, device: str, dtype: torch.dtype, seed: int = 0, causal_lm: bool = False):
+    """A randomly initialised ``LlamaModel`` (or ``LlamaForCausalLM``) built directly on ``device`` in ``dtype``."""
+    from transformers import LlamaForCausalLM, LlamaModel
 
     torch.manual_seed(seed)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaModel(config)
+            model = (LlamaForCausalLM if causal_lm else LlamaModel)(config)
     finally:
         torch.set_default_dtype(old)
     model.requires_grad_(False)

@@ -72,6 +72,43 @@ def measure(go, undo, device: str, repeats: int) -> list[float]:
     return times
 
 
+def pinv_micro(device: str, iters: int = 20) -> list[dict]:
+    """Per-call cost of the small factorisations the Nyström inits make per layer (why pinv/optimal cost more)."""
+    import statistics
+
+    def clock(fn) -> float:
+        for _ in range(3):
+            fn()
+        ts = [timed(fn, device)[0] * 1e3 for _ in range(iters)]
+        return statistics.median(ts)
+
+    g = torch.Generator(device).manual_seed(0)
+    core = torch.randn(128, 128, device=device, generator=g)
+    tall = torch.randn(11008, 128, device=device, generator=g)
+    wide = torch.randn(128, 4096, device=device, generator=g)
+    batch = torch.randn(224, 128, 128, device=device, generator=g)
+    rows = [("pinv 128x128 (rtol 0.1)", lambda: torch.linalg.pinv(core, rtol=0.1), 1),
+            ("pinv 11008x128", lambda: torch.linalg.pinv(tall), 1),
+            ("pinv 128x4096", lambda: torch.linalg.pinv(wide), 1),
+            ("pinv batched 224 x 128x128 (per matrix)", lambda: torch.linalg.pinv(batch, rtol=0.1), 224),
+            ("eigh 128x128", lambda: torch.linalg.eigh(core @ core.T), 1),
+            ("qr 11008x128", lambda: torch.linalg.qr(tall), 1),
+            ("pinv 128x128 on the host CPU (incl. copies)",
+             lambda: torch.linalg.pinv(core.cpu(), rtol=0.1).to(device), 1)]
+    if torch.device(device).type == "cuda":
+        for drv in ("gesvd", "gesvdj", "gesvda"):
+            rows.append((f"svd 128x128 driver={drv}", lambda d=drv: torch.linalg.svd(core, driver=d), 1))
+    out = []
+    for label, fn, per in rows:
+        try:
+            out.append({"op": label, "ms_per_matrix": clock(fn) / per})
+        except RuntimeError as e:  # a driver a build lacks
+            out.append({"op": label, "error": str(e)[:200]})
+    print(table([[o["op"], f"{o['ms_per_matrix']:.3f}" if "ms_per_matrix" in o else o["error"]] for o in out],
+                ["op", "ms per matrix"]))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="7b", choices=["7b", "1b"])
@@ -85,9 +122,14 @@ def main() -> None:
     p.add_argument("--full-repeats", type=int, default=1)
     p.add_argument("--skip", nargs="*", default=[], help="labels to skip, e.g. pissa-full")
     p.add_argument("--name", default=None, help="JSON name (default init_<shape>_<device>)")
+    p.add_argument("--pinv-micro", action="store_true", help="only time the small factorisations, then stop")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     device = args.device
+    if args.pinv_micro:
+        write_json(args.name or f"pinv_micro_{torch.device(device).type}",
+                   {"benchmark": "pinv_micro", "machine": machine_info(device), "results": pinv_micro(device)})
+        return
     rows, records = [], []
     t_start = time.perf_counter()
     for dtype_name in args.dtypes:

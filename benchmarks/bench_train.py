@@ -1,7 +1,8 @@
 """Training step time and peak memory, nlora vs HF PEFT: LLaMA-style layers of 7B dims, bf16 base, r=128 on all linears.
 
-One step = forward + backward + AdamW step, batch x sequence random bf16 embeddings fed through the decoder
-stack, loss = mean of the outputs times a fixed random target. The floor is the same frozen model with gradients flowing to the
+One step = forward + backward + AdamW step (fused by default). ``--head lm`` (default): ``LlamaForCausalLM``,
+random bf16 input embeddings, next-token cross-entropy on random labels through the (frozen) LM head;
+``--head none``: the decoder stack only, loss = mean of the outputs times a fixed random target. The floor is the same frozen model with gradients flowing to the
 input only (no adapters, no optimizer). Every variant runs on the same model object in the same process;
 the list is run ``--rounds`` times to show the spread. ``--profile`` writes torch.profiler tables;
 ``--compile`` repeats some variants under ``torch.compile``.
@@ -73,6 +74,7 @@ def variants(rank: int) -> dict:
         "nlora-nystrom (unfused a8d7078 fwd)": ("nlora", {"init": "nystrom", "unfused": True}),
         "nlora-inttune (unfused a8d7078 fwd)": ("nlora", {"init": "nystrom", "train": "middle", "unfused": True}),
         "nlora-nystrom (fp32 compute)": ("nlora", {"init": "nystrom", "compute_dtype": torch.float32}),
+        "nlora-nystrom (bf16 params)": ("nlora", {"init": "nystrom", "adapter_dtype": torch.bfloat16}),
     }
 
 
@@ -105,6 +107,16 @@ class Setup:
         self.model.requires_grad_(False)
 
 
+_CONF = {"labels": None, "fused": True}
+
+
+def _loss(fwd, x: torch.Tensor) -> torch.Tensor:
+    labels = _CONF["labels"]
+    if labels is not None:  # LlamaForCausalLM: HF's shifted cross-entropy over the vocabulary
+        return fwd(inputs_embeds=x, labels=labels).loss
+    return loss_fn(fwd(inputs_embeds=x).last_hidden_state)
+
+
 def make_step(setup: Setup, x: torch.Tensor, fwd):
     """One training step as a closure: forward, backward, AdamW (floor: forward, backward to the input)."""
     if setup.kind == "floor":
@@ -112,16 +124,14 @@ def make_step(setup: Setup, x: torch.Tensor, fwd):
 
         def step():
             xg.grad = None
-            out = fwd(inputs_embeds=xg).last_hidden_state
-            loss_fn(out).backward()
+            _loss(fwd, xg).backward()
 
         return step
-    opt = torch.optim.AdamW(setup.params, lr=1e-5)
+    opt = torch.optim.AdamW(setup.params, lr=1e-5, fused=_CONF["fused"] and x.device.type == "cuda")
 
     def step():
         opt.zero_grad(set_to_none=True)
-        out = fwd(inputs_embeds=x).last_hidden_state
-        loss_fn(out).backward()
+        _loss(fwd, x).backward()
         opt.step()
 
     return step
@@ -172,7 +182,8 @@ def check_fused(model: nn.Module, x: torch.Tensor, rank: int) -> dict:
             with torch.no_grad():  # non-zero B so that every factor gets a gradient
                 for layer in nlora.model.adapter_layers(model).values():
                     layer.lora_B.normal_(std=0.02)
-            out = model(inputs_embeds=x).last_hidden_state
+            out = model(inputs_embeds=x).last_hidden_state if _CONF["labels"] is None else \
+                model(inputs_embeds=x).logits
             loss_fn(out).backward()
             layers = list(nlora.model.adapter_layers(model).values())
             got.append([out.detach().float()] + [getattr(layers[i], f"lora_{m}").grad.float()
@@ -198,6 +209,8 @@ def main() -> None:
     p.add_argument("--compile", nargs="*", default=None,
                    help="torch.compile these variants (no names: floor, peft bf16, nlora-nystrom, nlora-inttune)")
     p.add_argument("--compile-budget", type=float, default=150.0, help="seconds; later compile rows are skipped")
+    p.add_argument("--head", default="lm", choices=["lm", "none"])
+    p.add_argument("--foreach-adam", action="store_true", help="AdamW foreach instead of fused")
     p.add_argument("--name", default="train_7b_cuda")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="small dims, for a smoke run of the script itself")
@@ -206,8 +219,12 @@ def main() -> None:
     device = args.device
     t0 = time.perf_counter()
     tiny = dict(hidden_size=128, intermediate_size=352, num_attention_heads=4, num_key_value_heads=4) if args.tiny else {}
-    model = build_llama(llama_config("7b", args.layers, **tiny), device, torch.bfloat16)
+    model = build_llama(llama_config("7b", args.layers, **tiny), device, torch.bfloat16, causal_lm=args.head == "lm")
     x = torch.randn(args.batch, args.seq, model.config.hidden_size, device=device, dtype=torch.bfloat16)
+    _CONF["fused"] = not args.foreach_adam
+    if args.head == "lm":
+        _CONF["labels"] = torch.randint(model.config.vocab_size, (args.batch, args.seq), device=device,
+                                        generator=torch.Generator(device).manual_seed(3))
     check = check_fused(model, x, args.rank)
     print(f"fused vs unfused forward (bf16): max relative difference {check['max_rel_diff_output_and_grads']:.2e}")
     all_variants = variants(args.rank)
@@ -282,7 +299,8 @@ def main() -> None:
         print(table([[c["variant"], f"{c['ms']['median']:.2f}" if "ms" in c else c.get("skipped"),
                       f"{c.get('x_floor', 0):.3f}", f"{c.get('peak_gib', 0):.3f}"] for c in compiled],
                     ["compiled variant", "ms/step", "x floor", "peak GiB"]))
-    payload = {"benchmark": "train_step", "shape": "7b", "layers": args.layers, "batch": args.batch, "seq": args.seq,
+    payload = {"benchmark": "train_step", "shape": "7b", "layers": args.layers, "head": args.head,
+               "optimizer": "AdamW foreach" if args.foreach_adam else "AdamW fused", "batch": args.batch, "seq": args.seq,
                "rank": args.rank, "base_dtype": "bfloat16", "machine": machine_info(device), "args": vars(args),
                "results": records, "compiled": compiled, "fused_check": check, "total_seconds": time.perf_counter() - t0,
                "notes": "ms/step = mean over rounds of the median of per-step CUDA-event times after warm-up; "

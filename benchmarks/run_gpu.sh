@@ -11,7 +11,10 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used -
 for part in $parts; do
   echo "=== $part $(date -u +%T)" | tee -a "$LOG"
   case $part in
-    train) timeout 240 $PY benchmarks/bench_train.py --layers 2 --rounds 2 --profile --compile --compile-budget 110 ;;
+    train) timeout 250 $PY benchmarks/bench_train.py --layers 2 --rounds 2 --profile --compile --compile-budget 100 ;;
+    train-decoder) timeout 240 $PY benchmarks/bench_train.py --head none --foreach-adam --layers 2 --rounds 2 \
+                     --profile --compile --compile-budget 110 --name train_7b_cuda_decoder_foreach ;;
+    pinv)  timeout 60 $PY benchmarks/bench_init.py --device cuda --pinv-micro ;;
     infer) timeout 70 $PY benchmarks/bench_infer.py --layers 2 --rounds 2 ;;
     loss)  timeout 90 $PY benchmarks/bench_loss.py --steps 300 ;;
     init)  timeout 190 $PY benchmarks/bench_init.py --shape 7b --device cuda --dtypes float32 bfloat16 --repeats 2 ;;

@@ -77,7 +77,9 @@ class Adapter(nn.Module):
         """``y + s B(N(A(dropout(x))))`` for 2-D ``x`` and base output ``y``: when ``y`` has the compute dtype the
         product accumulates into ``y`` in place (one GEMM with beta=1, alpha=s; ``y`` must be a fresh tensor)."""
         dtype = _compute_dtype(x, self.compute_dtype)
-        if y.dtype != dtype or y._is_view():  # a view (e.g. HF Conv1D's output) would cost autograd a copy
+        # An in-place update of a view (e.g. HF Conv1D's output) would cost eager autograd a gradient copy;
+        # under torch.compile the graph is functionalised, so the check (a graph break) is skipped there.
+        if y.dtype != dtype or (not torch.compiler.is_compiling() and y._is_view()):
             return y + self(x).to(y.dtype)
         h = _down(self.dropout(x), self.lora_A, self.lora_N, dtype)
         return y.addmm_(h, self.lora_B.to(dtype).t(), alpha=self.scaling)
