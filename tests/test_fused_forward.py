@@ -91,3 +91,18 @@ def test_inference_mode_and_no_grad():
         torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_traces_one_graph_and_matches_eager():
+    """Under torch.compile the forward must trace without graph breaks and give the eager result."""
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 24))
+    nlora.inject(model, "all-linear", rank=4, init="nystrom", seed=0)
+    x = torch.randn(3, 5, 24)
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    compiled(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    torch._dynamo.reset()
