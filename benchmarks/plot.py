@@ -55,25 +55,34 @@ def plot_train(name: str) -> None:
     d = _load(name)
     if not d:
         return
+    panels = []  # (title, labels, ratios, annotations, colors, targets)
     rs = d["results"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    labels = [r["variant"] for r in rs]
-    colors = [COLORS.get(r["kind"], "tab:gray") for r in rs]
-    for ax, key, title, targets in ((axes[0], "x_floor", "step time / floor", (1.06, 1.12)),
-                                    (axes[1], "mem_x_floor", "peak memory / floor", (1.05,))):
-        vals = [r[key] for r in rs]
+    if len(rs) > 1:
+        colors = [COLORS.get(r["kind"], "tab:gray") for r in rs]
+        panels.append(("eager step time / floor", [r["variant"] for r in rs], [r["x_floor"] for r in rs],
+                       [f"{r['ms_per_step']:.2f} ms" for r in rs], colors, (1.06, 1.12)))
+        panels.append(("eager peak memory / floor", [r["variant"] for r in rs], [r["mem_x_floor"] for r in rs],
+                       [f"{r['peak_gib']:.2f} GiB" for r in rs], colors, (1.05,)))
+    cs = [c for c in d.get("compiled", []) if "ms" in c]
+    if cs:
+        colors = [COLORS["floor"] if c["variant"] == "floor" else
+                  COLORS["peft"] if c["variant"].startswith("peft") else COLORS["nlora"] for c in cs]
+        panels.append(("torch.compile step time / compiled floor", [c["variant"] for c in cs],
+                       [c["x_floor"] for c in cs], [f"{c['ms']['median']:.2f} ms" for c in cs], colors, (1.06, 1.12)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.8 * len(panels), 5.0), squeeze=False)
+    for ax, (title, labels, vals, notes, colors, targets) in zip(axes[0], panels):
         ax.barh(labels, vals, color=colors)
         ax.invert_yaxis()
         for t in targets:
             ax.axvline(t, ls="--", color="k", lw=0.8)
-        for i, (v, r) in enumerate(zip(vals, rs)):
-            extra = f"{r['ms_per_step']:.1f} ms" if key == "x_floor" else f"{r['peak_gib']:.2f} GiB"
-            ax.text(v, i, f" {v:.3f} ({extra})", va="center", fontsize=8)
-        ax.set_xlim(0.9, max(vals) * 1.25)
+        for i, (v, n) in enumerate(zip(vals, notes)):
+            ax.text(v, i, f" {v:.3f} ({n})", va="center", fontsize=8)
+        ax.set_xlim(0.9, max(vals) * 1.3)
         ax.set_title(title + " (dashed: targets)", fontsize=10)
-    axes[1].set_yticklabels([])
-    fig.suptitle(f"Training step (fwd+bwd+AdamW), {d['layers']} LLaMA-7B layers, bf16 base, "
-                 f"{d['batch']}x{d['seq']} tokens, r={d['rank']}\n{_machine(d)}", fontsize=9)
+        ax.tick_params(axis="y", labelsize=8)
+    head = "LM head + cross-entropy" if d.get("head", "none") == "lm" else "decoder stack only"
+    fig.suptitle(f"Training step (fwd+bwd+{d.get('optimizer', 'AdamW foreach')}), {d['layers']} LLaMA-7B layers, "
+                 f"{head}, bf16 base, {d['batch']}x{d['seq']} tokens, r={d['rank']}\n{_machine(d)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(results_dir() / f"{name}.png", dpi=110)
     plt.close(fig)
