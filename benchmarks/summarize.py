@@ -118,7 +118,9 @@ def main() -> None:
     lines += infer_table("infer_7b_cuda")
     lines += loss_table("loss_minilm_cuda")
     lines += approx_table("approx_minilm_cpu")
-    lines += init_table("init_1b_cpu", "Init, 1B shape (TinyLlama: hidden 2048, MLP 5632, 22 layers), r=128, 2-core CPU")
+    for name, run in (("init_1b_cpu_run1", "run 1"), ("init_1b_cpu", "run 2")):
+        lines += init_table(name, f"Init, 1B shape (TinyLlama: hidden 2048, MLP 5632, 22 layers), r=128, shared 2-core "
+                                  f"CPU, {run}")
     d = _load("pinv_micro_cuda")
     if d:
         lines += ["**Per-call cost of the small factorisations on the H200** (`" + d["machine"]["command"] + "`)", "",
