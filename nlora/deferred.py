@@ -64,7 +64,7 @@ def initialize_adapters(model: nn.Module) -> list[tuple[str, str]]:
         adapter.cols = None if factors.cols is None else factors.cols.to(device)
         adapter.pending_init = False
         if adapter.preserve_output:
-            layer._add_to_weight(-adapter.delta_weight(initial=True))
+            layer._add_to_weight(-layer._delta(adapter, initial=True))
     return [(name, adapter_name) for name, _, adapter_name, _ in plans]
 
 

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The H200 run: every GPU benchmark in one call, results and logs under $NLORA_RESULTS (default $OUT).
+# Usage on the device machine, from the repository root:  bash benchmarks/run_gpu.sh [train infer loss init]
+set -uo pipefail
+export NLORA_RESULTS=${NLORA_RESULTS:-${OUT:-benchmarks/results}} PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+PY=${PYTHON:-python3}
+LOG=$NLORA_RESULTS/gpu_log.txt
+parts=${*:-train infer loss init}
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used --format=csv | tee -a "$LOG"
+for part in $parts; do
+  echo "=== $part $(date -u +%T)" | tee -a "$LOG"
+  case $part in
+    train) timeout 250 $PY benchmarks/bench_train.py --layers 2 --rounds 2 --profile --compile --compile-budget 100 ;;
+    train-decoder) timeout 240 $PY benchmarks/bench_train.py --head none --foreach-adam --layers 2 --rounds 2 \
+                     --profile --compile --compile-budget 110 --name train_7b_cuda_decoder_foreach ;;
+    pinv)  timeout 60 $PY benchmarks/bench_init.py --device cuda --pinv-micro ;;
+    infer) timeout 70 $PY benchmarks/bench_infer.py --layers 2 --rounds 2 ;;
+    loss)  timeout 90 $PY benchmarks/bench_loss.py --steps 300 ;;
+    init)  timeout 190 $PY benchmarks/bench_init.py --shape 7b --device cuda --dtypes float32 bfloat16 --repeats 2 ;;
+  esac 2>&1 | grep -v -E "^USDT|profiler_st" | tee -a "$LOG"
+done
+echo "=== done $(date -u +%T)" | tee -a "$LOG"
