@@ -342,9 +342,10 @@ def _slices_consistent(w: Tensor, ad: Adapter) -> bool:
     rows, cols = ad.rows.to(w.device), ad.cols.to(w.device)
     pre_rows = w.index_select(0, rows).float() + core.index_select(0, rows) @ a0
     pre_cols = w.index_select(1, cols).float() + core @ a0.index_select(1, cols)
-    eps = torch.finfo(w.dtype).eps
+    eps = max(torch.finfo(w.dtype).eps, torch.finfo(torch.float32).eps)  # computed in fp32 above (fp64 bases too)
+    ulp = torch.finfo(ad.init_A.dtype).eps  # init_A/B are the slices rounded to the adapter dtype (bf16: coarser)
     for pre, ref in ((pre_rows, a0), (pre_cols, b0)):
-        tol = 4 * eps * (pre.abs() + (core.abs().max() * a0.abs().max() * core.shape[1])) + 1e-30
+        tol = 4 * eps * (pre.abs() + (core.abs().max() * a0.abs().max() * core.shape[1])) + ulp * ref.abs() + 1e-30
         if not bool(((pre - ref).abs() <= tol).all()):
             return False
     return True
