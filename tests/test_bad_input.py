@@ -259,7 +259,6 @@ def loaded() -> nn.Module:
 
 
 def peft_export(tmp: Path) -> Path:
-    pytest.importorskip("peft")  # only to keep the row meaningful: the directory is written by nlora itself
     m = mlp()
     nlora.inject(m, ["fc"], rank=4, init="lora")
     return nlora.export_peft(m, tmp / "adapter")
@@ -279,7 +278,8 @@ FILE_ROWS = [
             r"adapter_model\.\w+ is corrupted or truncated \(sha256 differs.*\); save the adapter again"),
     BadFile("corrupted_adapter_file_one_bit", damaged(saved(), flip_bit), mlp,
             r"adapter_model\.\w+ is corrupted or truncated .*save the adapter again"),
-    BadFile("corrupted_config_file", damaged(saved(), lambda p: (p / "adapter_config.json").write_text('{"format": "n')),
+    BadFile("corrupted_config_file",
+            damaged(saved(), lambda p: (p / "adapter_config.json").write_text('{"format": "n')),
             mlp, r"adapter_config\.json is corrupted \(not valid JSON.*\); " + SAVE_AGAIN),
     BadFile("adapter_directory_without_tensor_file", damaged(saved(), lambda p: tensor_file(p).unlink()), mlp,
             r"has no adapter_model\.\w+: the adapter directory is incomplete; " + SAVE_AGAIN),
@@ -298,7 +298,8 @@ FILE_ROWS = [
             r"adapter_config\.json is a PEFT adapter \(load it with peft\)"),
     BadFile("checkpoint_missing_keys", damaged(saved(), edit_tensors(lambda t: t.pop("layers.1.fc.lora_N"))), mlp,
             r"file lacks tensors the config lists: layers\.1\.fc\.lora_N -> " + SAVE_AGAIN),
-    BadFile("checkpoint_extra_keys", damaged(saved(), edit_tensors(lambda t: t.update({"layers.1.fc.lora_Z": torch.zeros(2)}))),
+    BadFile("checkpoint_extra_keys",
+            damaged(saved(), edit_tensors(lambda t: t.update({"layers.1.fc.lora_Z": torch.zeros(2)}))),
             mlp, r"file has tensors the config does not describe: layers\.1\.fc\.lora_Z -> " + SAVE_AGAIN),
     BadFile("checkpoint_config_missing_keys", damaged(saved(), edit_config(lambda c: c["module_defaults"].pop("init"))),
             mlp, r"has an invalid config entry: layers\.0\.fc: missing 'init'.* -> " + SAVE_AGAIN),

@@ -393,7 +393,8 @@ def test_save_load_round_trip_is_bit_exact(c):
     assert_same_state(state_hash(model), fresh)
     a, b = buffers(model), buffers(fresh)
     for k in a:
-        assert (a[k] is None) == (b[k] is None) and (a[k] is None or (a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]))), k
+        assert (a[k] is None) == (b[k] is None), k
+        assert a[k] is None or (a[k].dtype == b[k].dtype and torch.equal(a[k], b[k])), k
     assert {n for n, p in fresh.named_parameters() if p.requires_grad} == \
            {n for n, p in model.named_parameters() if p.requires_grad}
     assert {n: l.adapters["default"].rank for n, l in nlora.model.adapter_layers(fresh).items()} == \
@@ -407,7 +408,8 @@ def test_save_load_round_trip_is_bit_exact(c):
         assert_same_state(state_hash(model), fresh)  # merging a loaded adapter gives the same weights, bitwise
 
 
-@given(adapter_cases(), st.sampled_from([torch.float32, torch.float64]), st.sampled_from([torch.float32, torch.float64]))
+@given(adapter_cases(), st.sampled_from([torch.float32, torch.float64]),
+       st.sampled_from([torch.float32, torch.float64]))
 def test_export_is_reproduced_by_peft(c, base_dtype, file_dtype):
     peft = pytest.importorskip("peft")
     original, model = adapted_pair(c, base_dtype)
@@ -429,7 +431,8 @@ def test_export_is_reproduced_by_peft(c, base_dtype, file_dtype):
         fa, fb = nlora.io._peft_factors(ad, torch.float64)
         mag = xd @ (weight_view(twin).double().abs() + weight_view(layer.base).double().abs()).T
         mag = mag + abs(ad.scaling) * ((xd @ fa.abs().T) @ fb.abs().T)
-        for fa_, fn_, fb_ in [(ad.lora_A, ad.lora_N, ad.lora_B)] + [(ad.init_A, ad.init_N, ad.init_B)] * ad.preserve_output:
+        factors = [(ad.lora_A, ad.lora_N, ad.lora_B)] + [(ad.init_A, ad.init_N, ad.init_B)] * ad.preserve_output
+        for fa_, fn_, fb_ in factors:
             h = xd @ fa_.double().abs().T
             h = h @ fn_.double().abs().T if fn_ is not None else h
             mag = mag + abs(ad.scaling) * (h @ fb_.double().abs().T)
