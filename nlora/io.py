@@ -342,9 +342,10 @@ def _slices_consistent(w: Tensor, ad: Adapter) -> bool:
     rows, cols = ad.rows.to(w.device), ad.cols.to(w.device)
     pre_rows = w.index_select(0, rows).float() + core.index_select(0, rows) @ a0
     pre_cols = w.index_select(1, cols).float() + core @ a0.index_select(1, cols)
-    eps = torch.finfo(w.dtype).eps
+    eps = max(torch.finfo(w.dtype).eps, torch.finfo(torch.float32).eps)  # computed in fp32 above (fp64 bases too)
+    ulp = torch.finfo(ad.init_A.dtype).eps  # init_A/B are the slices rounded to the adapter dtype (bf16: coarser)
     for pre, ref in ((pre_rows, a0), (pre_cols, b0)):
-        tol = 4 * eps * (pre.abs() + (core.abs().max() * a0.abs().max() * core.shape[1])) + 1e-30
+        tol = 4 * eps * (pre.abs() + (core.abs().max() * a0.abs().max() * core.shape[1])) + ulp * ref.abs() + 1e-30
         if not bool(((pre - ref).abs() <= tol).all()):
             return False
     return True
@@ -415,6 +416,27 @@ def _factor_defaults(records: dict[str, dict]) -> tuple[dict, dict[str, dict]]:
 
 
 # ------------------------------------------------------------------------------------------------ loading
+_SAVE_AGAIN = "the file is damaged or was edited: save the adapter again from the trained model"
+_OTHER_MODEL = "an adapter saved from another model? load it into the model (architecture) it was saved from"
+# What to do about each kind of load problem (matched by prefix), appended to its line of the error message.
+_LOAD_FIXES = {
+    "file has tensors": _SAVE_AGAIN, "file lacks tensors": _SAVE_AGAIN, "has an invalid config entry": _SAVE_AGAIN,
+    "has tensors that do not belong": _SAVE_AGAIN, "rank/shape mismatch": _SAVE_AGAIN, "has invalid": _SAVE_AGAIN,
+    "tensor dtype differs": _SAVE_AGAIN, "is missing tensors": _SAVE_AGAIN,
+    "missing from the model": _OTHER_MODEL, "is not a Linear/Conv1D": _OTHER_MODEL,
+    "shape mismatch": "load it into the base model it was trained on",
+    "already has an adapter": "pass adapter='<new name>' to load it under another name, or nlora.delete_adapter first",
+    "base weight differs": "load the base checkpoint it was trained on, or pass check_base=False to put it on this "
+                           "one on purpose",
+    "base weight slices differ": "load the base checkpoint (and dtype) it was saved on",
+    "trainable ": "load it into the model it was saved from, or save it with include_trainable=False",
+}
+
+
+def _load_fix(kind: str) -> str:
+    return next((f" -> {fix}" for key, fix in _LOAD_FIXES.items() if kind.startswith(key)), "")
+
+
 def read_adapter_config(path: str | os.PathLike) -> dict:
     """The parsed ``adapter_config.json`` of a native nlora adapter directory (validated format)."""
     path = Path(path)
@@ -422,11 +444,12 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory; save_adapter writes a directory")
     if not file.is_file():
-        raise ValueError(f"{path} has no {CONFIG_NAME}: not an adapter directory")
+        raise ValueError(f"{path} has no {CONFIG_NAME}: not an adapter directory; pass the directory save_adapter "
+                         f"wrote")
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{file} is corrupted (not valid JSON: {err})") from None
+        raise ValueError(f"{file} is corrupted (not valid JSON: {err}); {_SAVE_AGAIN}") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         kind = "a PEFT adapter (load it with peft)" if isinstance(config, dict) and "peft_type" in config else \
             "not an nlora adapter"
@@ -436,11 +459,12 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
                          f"{FORMAT_VERSION}: upgrade nlora")
     for key in ("adapter_name", "tensor_file", "tensor_sha256", "modules"):
         if key not in config:
-            raise ValueError(f"{file} is corrupted: the key {key!r} is missing")
+            raise ValueError(f"{file} is corrupted: the key {key!r} is missing; {_SAVE_AGAIN}")
     defaults = config.get("module_defaults", {})
     if not isinstance(config["modules"], dict) or not config["modules"] or not isinstance(defaults, dict) or \
             not all(isinstance(r, dict) for r in config["modules"].values()):
-        raise ValueError(f"{file} is corrupted: 'modules' must be a non-empty mapping of module entries")
+        raise ValueError(f"{file} is corrupted: 'modules' must be a non-empty mapping of module entries; "
+                         f"{_SAVE_AGAIN}")
     config["modules"] = {n: {**defaults, **r} for n, r in config["modules"].items()}  # entries complete from here on
     return config
 
@@ -451,7 +475,7 @@ def _read_tensors(path: Path, config: dict) -> dict[str, Tensor]:
         raise ValueError(f"{path / CONFIG_NAME}: unknown tensor_file {name!r}")
     file = path / name
     if not file.is_file():
-        raise ValueError(f"{path} has no {name}: the adapter directory is incomplete")
+        raise ValueError(f"{path} has no {name}: the adapter directory is incomplete; {_SAVE_AGAIN}")
     data = file.read_bytes()
     if hashlib.sha256(data).hexdigest() != config["tensor_sha256"]:
         raise ValueError(f"{file} is corrupted or truncated (sha256 differs from the one recorded at save time, "
@@ -467,10 +491,10 @@ def _read_tensors(path: Path, config: dict) -> dict[str, Tensor]:
     except ValueError:
         raise
     except Exception as err:  # noqa: BLE001 - any parse failure of a file whose hash matched is corruption
-        raise ValueError(f"{file} could not be read ({type(err).__name__}: {err})") from None
+        raise ValueError(f"{file} could not be read ({type(err).__name__}: {err}); {_SAVE_AGAIN}") from None
     if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
                                                 for k, v in tensors.items()):
-        raise ValueError(f"{file} does not hold a mapping of names to tensors")
+        raise ValueError(f"{file} does not hold a mapping of names to tensors; {_SAVE_AGAIN}")
     return tensors
 
 
@@ -657,8 +681,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
             plans.append(plan)
     extra = _plan_trainable(model, config, tensors, problems)
     if problems:
-        lines = [f"  {kind}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}" for kind, items in
-                 problems.items()]
+        lines = [f"  {kind}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}{_load_fix(kind)}"
+                 for kind, items in problems.items()]
         raise ValueError(f"cannot load adapter {name!r} from {path} into {type(model).__name__}; nothing was "
                          f"changed:\n" + "\n".join(lines))
     for plan in plans:  # apply: nothing below can fail on a checked plan
@@ -805,6 +829,15 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter: str | None =
         if [n for n in all_names if n.endswith(m) and n != m and not n.startswith(m + ".")]:
             raise ValueError(f"trainable module {m!r}: PEFT's modules_to_save matching (suffix) would also pick "
                              f"other modules; rename it or leave it out")
+    saved_ids = {id(p) for _, p in to_save.values()}
+    tied = sorted({n.replace(".base.", ".") for n, p in model.named_parameters(remove_duplicate=False)
+                   if id(p) in saved_ids and not any(n.startswith(m + ".") for m in save_modules)})
+    if tied:
+        raise ValueError(f"trainable modules {save_modules[:4]} share weights with {tied[:4]} (tied weights, e.g. an "
+                         f"output head tied to the input embedding); PEFT's modules_to_save trains a copy of the named "
+                         f"module only, which unties them, so the export would not reproduce this model: export with "
+                         f"include_trainable=False and ship the tied weights separately (or untie them before "
+                         f"training)")
     for pname, (_, p) in to_save.items():
         tensors[f"base_model.model.{pname}"] = p.detach().to(dtype if p.is_floating_point() else p.dtype)
     r = Counter(ranks.values()).most_common(1)[0][0]

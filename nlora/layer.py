@@ -57,9 +57,12 @@ class Adapter(nn.Module):
         self.compute_dtype = compute_dtype
         self.init_seed = seed  # the inject seed, so a deferred init draws what an immediate one would
         self.pending_init = factors.A.is_meta
-        self.lora_A = nn.Parameter(factors.A.to(dtype))
-        self.lora_N = None if factors.N is None else nn.Parameter(factors.N.to(dtype))
-        self.lora_B = nn.Parameter(factors.B.to(dtype))
+        # contiguous copies: Nyström slices of a Conv1D weight are transposed views, and a parameter's memory layout
+        # changes matmul rounding, so without this a saved-and-loaded adapter's outputs differed in the last bit
+        own = lambda t: t.to(dtype, memory_format=torch.contiguous_format, copy=True)  # noqa: E731
+        self.lora_A = nn.Parameter(own(factors.A))
+        self.lora_N = None if factors.N is None else nn.Parameter(own(factors.N))
+        self.lora_B = nn.Parameter(own(factors.B))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         trainable = {id(p) for p in self.trainable_parameters()}
         for p in self.parameters():
@@ -68,7 +71,7 @@ class Adapter(nn.Module):
         # pretrained weight (W0 = W_residual + s B0 N0 A0) for disable_adapter, unload and export.
         for name in ("A", "N", "B"):
             t = getattr(factors, name)
-            self.register_buffer(f"init_{name}", t.to(dtype).clone() if preserve_output and t is not None else None,
+            self.register_buffer(f"init_{name}", own(t) if preserve_output and t is not None else None,
                                  persistent=False)
         self.register_buffer("rows", factors.rows, persistent=False)
         self.register_buffer("cols", factors.cols, persistent=False)

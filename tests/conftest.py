@@ -25,7 +25,8 @@ def assert_same_state(before: dict, model: torch.nn.Module) -> None:
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+    # a copy in a fresh contiguous layout: .contiguous() keeps a 1-element tensor's stride, which .view rejects
+    return t.detach().reshape(-1).clone(memory_format=torch.contiguous_format).view(torch.uint8)
 
 
 @pytest.fixture

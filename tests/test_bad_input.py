@@ -5,6 +5,7 @@ for the README; ``test_every_row_is_in_the_readme_table`` keeps the two in step.
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from dataclasses import dataclass
@@ -175,6 +176,156 @@ def test_bad_input_raises_clearly_and_changes_nothing(row):
     assert {n for n, m in model.named_modules() if isinstance(m, NLoRALinear)} == wrappers
 
 
+# -- adapter files (nlora.load_adapter): damaged files, another model's adapter, missing or extra keys --------------
+def saved(init: str = "nystrom-pinv", train: str = "all", model: Callable[[], nn.Module] = mlp,
+          targets: object = ("fc",)) -> Callable[[Path], Path]:
+    """Writes an adapter trained (moved) from a fresh ``model()`` under ``tmp``; returns its directory."""
+    def make(tmp: Path) -> Path:
+        m = model()
+        nlora.inject(m, list(targets) if not isinstance(targets, str) else targets, rank=4, init=init, train=train,
+                     seed=0)
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+        return nlora.save_adapter(m, tmp / "adapter")
+    return make
+
+
+def damaged(make: Callable[[Path], Path], damage: Callable[[Path], None]) -> Callable[[Path], Path]:
+    def make_damaged(tmp: Path) -> Path:
+        path = make(tmp)
+        damage(path)
+        return path
+    return make_damaged
+
+
+def tensor_file(path: Path) -> Path:
+    return next(f for f in path.iterdir() if f.name.startswith("adapter_model."))
+
+
+def truncate(path: Path) -> None:
+    f = tensor_file(path)
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def flip_bit(path: Path) -> None:
+    f = tensor_file(path)
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0x08  # one bit of one float in the tensor data: a loader without the checksum would not notice
+    f.write_bytes(bytes(data))
+
+
+def edit_tensors(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    """Rewrites the tensor file with ``edit`` applied and a matching checksum: a consistent file with other keys."""
+    def apply(path: Path) -> None:
+        f = tensor_file(path)
+        st = f.suffix == ".safetensors"
+        if st:
+            from safetensors.torch import load_file, save_file
+            tensors = load_file(f)
+        else:
+            tensors = torch.load(f, weights_only=True)
+        edit(tensors)
+        save_file(tensors, f) if st else torch.save(tensors, f)
+        edit_config(lambda c: c.update(tensor_sha256=nlora.io._sha256_file(f)))(path)
+    return apply
+
+
+def edit_config(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    def apply(path: Path) -> None:
+        f = path / "adapter_config.json"
+        config = json.loads(f.read_text())
+        edit(config)
+        f.write_text(json.dumps(config))
+    return apply
+
+
+def wider_mlp() -> nn.Module:
+    """The same module names as ``mlp()`` with another hidden size (48 instead of 40)."""
+    torch.manual_seed(0)
+    model = MLP()
+    model.layers[0].fc, model.layers[1].fc = nn.Linear(24, 48), nn.Linear(48, 16)
+    return model
+
+
+def other_checkpoint() -> nn.Module:
+    torch.manual_seed(1)
+    return MLP()  # the same architecture with other weights
+
+
+def loaded() -> nn.Module:
+    """A model that already holds the adapter ``saved()`` writes (same name "default")."""
+    model = mlp()
+    nlora.inject(model, ["fc"], rank=4, init="nystrom-pinv", seed=0)
+    return model
+
+
+def peft_export(tmp: Path) -> Path:
+    m = mlp()
+    nlora.inject(m, ["fc"], rank=4, init="lora")
+    return nlora.export_peft(m, tmp / "adapter")
+
+
+@dataclass(frozen=True)
+class BadFile:
+    id: str
+    make: Callable[[Path], Path]  # writes the (bad) adapter directory under a tmp dir and returns it
+    build: Callable[[], nn.Module]  # the model it is loaded into
+    match: str  # names the file or the modules at fault, and says what to do
+
+
+SAVE_AGAIN = r"the file is damaged or was edited: save the adapter again"
+FILE_ROWS = [
+    BadFile("truncated_adapter_file", damaged(saved(), truncate), mlp,
+            r"adapter_model\.\w+ is corrupted or truncated \(sha256 differs.*\); save the adapter again"),
+    BadFile("corrupted_adapter_file_one_bit", damaged(saved(), flip_bit), mlp,
+            r"adapter_model\.\w+ is corrupted or truncated .*save the adapter again"),
+    BadFile("corrupted_config_file",
+            damaged(saved(), lambda p: (p / "adapter_config.json").write_text('{"format": "n')),
+            mlp, r"adapter_config\.json is corrupted \(not valid JSON.*\); " + SAVE_AGAIN),
+    BadFile("adapter_directory_without_tensor_file", damaged(saved(), lambda p: tensor_file(p).unlink()), mlp,
+            r"has no adapter_model\.\w+: the adapter directory is incomplete; " + SAVE_AGAIN),
+    BadFile("adapter_for_another_architecture", saved("lora", model=lambda: MODELS["gpt2"].model(), targets=["c_attn"]),
+            mlp, r"missing from the model: transformer\.h\.0\.attn\.c_attn, transformer\.h\.1\.attn\.c_attn -> an "
+                 r"adapter saved from another model\? load it into the model \(architecture\) it was saved from"),
+    BadFile("adapter_for_other_layer_sizes", saved("lora"), wider_mlp,
+            r"shape mismatch \(wrong base model\?\): layers\.0\.fc: saved Linear \(out, in\) = \(40, 24\), model has "
+            r"Linear \(48, 24\).* -> load it into the base model it was trained on"),
+    BadFile("adapter_for_another_checkpoint", saved("lora"), other_checkpoint,
+            r"base weight differs from the one the adapter was saved on.*: layers\.0\.fc, layers\.1\.fc -> load the "
+            r"base checkpoint it was trained on, or pass check_base=False"),
+    BadFile("compact_adapter_for_another_checkpoint", saved("nystrom", "middle"), other_checkpoint,
+            r"base weight slices differ.*: layers\.0\.fc, layers\.1\.fc -> load the base checkpoint \(and dtype\)"),
+    BadFile("peft_directory_given_to_load_adapter", peft_export, mlp,
+            r"adapter_config\.json is a PEFT adapter \(load it with peft\)"),
+    BadFile("checkpoint_missing_keys", damaged(saved(), edit_tensors(lambda t: t.pop("layers.1.fc.lora_N"))), mlp,
+            r"file lacks tensors the config lists: layers\.1\.fc\.lora_N -> " + SAVE_AGAIN),
+    BadFile("checkpoint_extra_keys",
+            damaged(saved(), edit_tensors(lambda t: t.update({"layers.1.fc.lora_Z": torch.zeros(2)}))),
+            mlp, r"file has tensors the config does not describe: layers\.1\.fc\.lora_Z -> " + SAVE_AGAIN),
+    BadFile("checkpoint_config_missing_keys", damaged(saved(), edit_config(lambda c: c["module_defaults"].pop("init"))),
+            mlp, r"has an invalid config entry: layers\.0\.fc: missing 'init'.* -> " + SAVE_AGAIN),
+    BadFile("checkpoint_config_extra_module", damaged(saved(), edit_config(
+        lambda c: c["modules"].update({"layers.2.fc": c["modules"]["layers.1.fc"]}))), mlp,
+            r"missing from the model: layers\.2\.fc -> an adapter saved from another model\?"),
+    BadFile("adapter_name_already_loaded", saved(), loaded,
+            r"already has an adapter of that name: layers\.0\.fc, layers\.1\.fc -> pass adapter='<new name>'"),
+]
+
+
+@pytest.mark.parametrize("row", FILE_ROWS, ids=[r.id for r in FILE_ROWS])
+def test_bad_adapter_file_raises_clearly_and_changes_nothing(row, tmp_path):
+    path = row.make(tmp_path)
+    model = row.build()
+    before = state_hash(model)
+    structure = repr(model)  # also: no wrapper added, none removed
+    with pytest.raises(ValueError, match=row.match):
+        nlora.load_adapter(model, path)
+    assert_same_state(before, model)
+    assert repr(model) == structure
+
+
 def test_errors_on_the_last_layer_leave_earlier_layers_untouched():
     """inject validates and computes every layer before it modifies any: a bad last layer changes nothing."""
     model = mlp()
@@ -205,4 +356,4 @@ def test_quantised_torch_linear_is_refused_by_name():
 def test_every_row_is_in_the_readme_table():
     table = (Path(__file__).parents[1] / "notes" / "README-bad-input.md").read_text()
     listed = set(re.findall(r"`(\w+)`\s*\|\s*$", table, flags=re.M))
-    assert listed == {r.id for r in ROWS}
+    assert listed == {r.id for r in ROWS} | {r.id for r in FILE_ROWS}

@@ -4,12 +4,14 @@ The table is ``MODELS`` (tests/model_zoo.py: MLP, tiny Llama, tiny BERT, tiny GP
 (below) x train mode ("all", and "middle" = IntTune where the variant has a trainable middle with a non-zero B).
 Each ``test_NN_*`` function is one behaviour row and runs over the whole table through the ``case`` fixture.
 To add a row, write one more ``test_NN_<behaviour>(case)``; to add a model or a variant, add one entry to
-``MODELS`` or ``VARIANTS``. Rows 11 (save/load; pickling is here) and 14 (PEFT export) live with nlora's io code.
+``MODELS`` or ``VARIANTS``. Rows 11 (save/load, pickling) and 14 (export to PEFT, checked under real PEFT) train an
+output head too (``HEADS``), so that extra trainable modules (PEFT's ``modules_to_save``) travel with the adapter.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import pickle
 from dataclasses import dataclass, field
 
@@ -444,3 +446,105 @@ def test_13_gradient_checkpointing_same_gradients(tcase):
     for n, g in grads[0].items():
         assert g is not None and g.abs().sum() > 0, f"{n} got no gradient"
         torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-7)
+
+
+# -- 11 (part). save/load round trip: bit-exact in fp32, requires_grad as trained -------------------------------
+# The output head each model trains in full next to its adapter in rows 11 and 14 (inject(trainable=[...])), so that
+# extra trainable modules are saved and exported too. GPT-2 ties lm_head to the input embedding wte.
+HEADS = {"mlp": "head", "llama": "lm_head", "bert": "classifier", "gpt2": "lm_head"}
+
+
+def train_like(model: nn.Module, seed: int = 0) -> None:
+    """Move exactly the parameters that require grad, as an optimizer would (A and B stay slices under IntTune)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_((torch.randn(p.shape, generator=g) * (0.5 * p.float().abs().mean() + 0.02)).to(p.dtype))
+
+
+def head_params(model: nn.Module, head: str) -> set[str]:
+    """Names (as ``named_parameters`` reports them, so a tied weight under its first name) of the head's params."""
+    ids = {id(p) for p in model.get_submodule(head).parameters()}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def adapter_buffers(model: nn.Module) -> dict[str, torch.Tensor | None]:
+    return {f"{n}.{a}.{b}": getattr(ad, b) for n, l in adapter_layers(model).items() for a, ad in l.adapters.items()
+            for b in ("init_A", "init_N", "init_B", "rows", "cols")}
+
+
+def test_11_save_load_round_trip_is_exact(tcase, tmp_path):
+    head = HEADS[tcase.spec.name]
+    tcase.inject(trainable=[head])
+    train_like(tcase.model)
+    y = tcase.run()
+    path = nlora.save_adapter(tcase.model, tmp_path / "a")
+    stored = {m: set(r["stored"]) for m, r in nlora.io.read_adapter_config(path)["modules"].items()}
+    assert sorted(stored) == sorted(tcase.spec.wrapped)
+    if tcase.variant.init.startswith("nystrom") and tcase.train == "middle":  # compact: A, B re-sliced from the base
+        assert all(not k & {"lora_A", "lora_B", "init_A", "init_B"} for k in stored.values()), stored
+    modes = {"default": tcase.train}
+    want = expected_trainable(tcase.model, ["default"], modes) | head_params(tcase.model, head)
+    assert trainable(tcase.model) == want
+    fresh = tcase.spec.model()
+    nlora.load_adapter(fresh, path)
+    assert_same_state(state_hash(tcase.model), fresh)  # base weights (residuals too), adapters and head, bitwise
+    assert trainable(fresh) == want
+    assert torch.equal(tcase.run(fresh), y)
+    a, b = adapter_buffers(tcase.model), adapter_buffers(fresh)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] is None) == (b[k] is None) and (a[k] is None or torch.equal(a[k], b[k])), k
+    if tcase.spec.name == "gpt2":  # the tie survives the load
+        assert fresh.lm_head.weight is fresh.transformer.wte.weight
+    # onto a model that already holds another adapter: the loaded one becomes active, the other is frozen
+    other = tcase.spec.model()
+    nlora.inject(other, tcase.spec.targets, rank=2, init="slora", adapter="extra", seed=1)
+    nlora.load_adapter(other, path)
+    assert nlora.adapter_names(other) == ["extra", "default"]
+    assert all(l.active_adapters == ("default",) for l in adapter_layers(other).values())
+    assert trainable(other) == expected_trainable(other, ["default"], modes) | head_params(other, head)
+    assert torch.equal(tcase.run(other), y)
+    nlora.set_adapter(other, "extra")
+    assert trainable(other) == expected_trainable(other, ["extra"], {"extra": "all"}) | head_params(other, head)
+
+
+# -- 14. export to PEFT format reproduces the outputs under real PEFT -----------------------------------------
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # transformers, via peft
+def test_14_export_peft_reproduces_outputs_under_peft(tcase, tmp_path):
+    peft = pytest.importorskip("peft")
+    head = HEADS[tcase.spec.name]
+    tied = tcase.spec.name == "gpt2"  # lm_head.weight is transformer.wte.weight
+    tcase.inject(trainable=[head])
+    train_like(tcase.model)
+    y = tcase.run()
+    if tied:  # PEFT's modules_to_save copies lm_head alone and so unties it from wte: not expressible, refused
+        before = state_hash(tcase.model)
+        with pytest.raises(ValueError, match=r"trainable modules \['lm_head'\] share weights with "
+                                             r"\['transformer\.wte\.weight'\].*include_trainable=False"):
+            nlora.export_peft(tcase.model, tmp_path / "p")
+        assert_same_state(before, tcase.model)
+        assert not (tmp_path / "p").exists()
+        # the adapter alone is expressible: compare with the same model whose head was not trained
+        with torch.no_grad():
+            tcase.model.lm_head.weight.copy_(tcase.original.lm_head.weight)
+        y = tcase.run()
+    nlora.export_peft(tcase.model, tmp_path / "p", include_trainable=not tied)
+    cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    k = 2 if tcase.variant.promise == "preserved" else 1  # relative to the original weights: rank 2r, alpha 2 alpha
+    assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"]) == ("LORA", RANK * k, ALPHA * k)
+    assert not cfg["rank_pattern"] and not cfg["alpha_pattern"]
+    assert cfg["fan_in_fan_out"] is (tcase.spec.name == "gpt2")
+    assert cfg["modules_to_save"] == (None if tied else [head])
+    pm = peft.PeftModel.from_pretrained(tcase.spec.model(), str(tmp_path / "p")).eval()
+    lora_layers = {n.removeprefix("base_model.model.") for n, m in pm.named_modules()
+                   if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert lora_layers == set(tcase.spec.wrapped)
+    close(tcase.run(pm), y)
+    # PEFT's own merge gives the same model as nlora's
+    merged = pm.merge_and_unload()
+    close(tcase.run(merged), y)
+    if tcase.spec.name == "bert":  # the task class adds classifier to modules_to_save and needs its weights: here
+        seq = peft.PeftModelForSequenceClassification.from_pretrained(tcase.spec.model(), str(tmp_path / "p")).eval()
+        close(tcase.run(seq), y)
