@@ -74,11 +74,11 @@ def worker(args: argparse.Namespace) -> None:
     if args.quick:  # small subsets: the pipeline, not the numbers
         split = {k: v[:256] for k, v in split.items()}
     train, val, test = (data.subset(split[k]) for k in ("train", "val", "test"))
-    grid = jobs(args.methods, args.seeds, LRS)[args.rank::args.world]
+    grid = jobs(args.methods, args.seeds, LRS)[args.worker_index::args.world]
     with open(args.out, "a") as f:
         for job in grid:
             if time.time() > deadline:
-                print(f"[worker {args.rank}] budget reached; skipping the rest", flush=True)
+                print(f"[worker {args.worker_index}] budget reached; skipping the rest", flush=True)
                 break
             method = rt.METHODS[job["method"]]
             model, init_s = rt.build(method, copy.deepcopy(encoder), rank=args.rank_r, seed=job["seed"])
@@ -90,7 +90,7 @@ def worker(args: argparse.Namespace) -> None:
             row = {**job, "init_s": init_s, "init_rel_change": change, "trainable": trainable, "total": total, **res}
             f.write(json.dumps(row) + "\n")
             f.flush()
-            print(f"[worker {args.rank}] {job['method']:16s} lr={job['lr']:.0e} seed={job['seed']} "
+            print(f"[worker {args.worker_index}] {job['method']:16s} lr={job['lr']:.0e} seed={job['seed']} "
                   f"val={res['val_acc']:.4f} test={res['test_acc']:.4f} loss={rt.final_loss(res['losses']):.4f} "
                   f"{res['train_s']:.1f}s", flush=True)
             del model
@@ -294,13 +294,14 @@ def export_assets(dest: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--quick", action="store_true", help="CPU pipeline check: 1 lr, 1 seed, 12 steps, 256-example splits")
     ap.add_argument("--methods", nargs="+", default=list(rt.METHODS), choices=list(rt.METHODS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--rank-r", type=int, default=8, help="adapter rank (alpha = rank, as in the paper)")
+    ap.add_argument("--rank", dest="rank_r", type=int, default=8, help="adapter rank (alpha = rank, as in the paper)")
     ap.add_argument("--max-len", type=int, default=64)
     ap.add_argument("--test", type=int, default=2000)
     ap.add_argument("--val", type=int, default=1000)
@@ -315,7 +316,7 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=None, help="where the per-run JSON lines go")
     ap.add_argument("--aggregate", type=Path, default=None, help="only aggregate this runs.jsonl")
     ap.add_argument("--export-assets", type=Path, default=None)
-    ap.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)  # worker index
+    ap.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--start", type=float, default=None, help=argparse.SUPPRESS)
@@ -333,7 +334,7 @@ def main() -> None:
         for m in args.methods:
             LRS[m] = list(args.lrs)
     tag = args.tag or ("study_quick" if args.quick else "study")
-    if args.rank is not None:
+    if args.worker_index is not None:
         return worker(args)
     meta = {"rank": args.rank_r, "steps": args.steps, "batch": args.batch, "max_len": args.max_len,
             "seeds": args.seeds, "lrs": {m: LRS[m] for m in args.methods}, "test": args.test, "val": args.val,
@@ -345,10 +346,10 @@ def main() -> None:
         runs.parent.mkdir(parents=True, exist_ok=True)
         runs.unlink(missing_ok=True)
         start = time.time()
-        base = [sys.executable, "-m", "benchmarks.study", "--world", str(args.workers), "--start", str(start)] + [a for a in sys.argv[1:] if a != "--quick"] + (["--quick"] if args.quick else [])
-        procs = []
-        for i in range(args.workers):
-            procs.append(subprocess.Popen(base + ["--rank", str(i), "--out", str(runs.with_suffix(f".{i}.part"))]))
+        base = [sys.executable, "-m", "benchmarks.study", *sys.argv[1:], "--world", str(args.workers),
+                "--start", str(start)]
+        procs = [subprocess.Popen(base + ["--worker-index", str(i), "--out", str(runs.with_suffix(f".{i}.part"))])
+                 for i in range(args.workers)]
         codes = [p.wait() for p in procs]
         with open(runs, "w") as f:
             for i in range(args.workers):
