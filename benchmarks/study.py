@@ -257,16 +257,15 @@ def plot_sweep(sweep: list[dict], meta: dict, path: Path) -> None:
 
 def init_stats(rank: int, out: Path) -> dict:
     """How far the faithful NLoRA init (first-r slices, core not inverted, base left alone) moves each MiniLM
-    weight: ||s B N A|| / ||W|| per layer kind, and the best rank-r error for scale."""
+    weight: ||s B N A|| / ||W|| per layer kind (s = 1, as alpha = r)."""
     _, encoder = rt.load_encoder()
     kinds: dict[str, list[float]] = {}
-    for name, mod in encoder.named_modules():
-        if isinstance(mod, torch.nn.Linear) and rt.nlora.model._matches(name, rt.TARGETS):
-            w = mod.weight.detach().float()
-            f = rt.nlora.get_init("nystrom").fn(w, rank, scaling=1.0)
-            delta = f.B @ f.N @ f.A
-            kind = ".".join(name.split(".")[3:])
-            kinds.setdefault(kind, []).append(float(delta.norm() / w.norm()))
+    for name, mod in rt.nlora.select_targets(encoder, rt.TARGETS).items():
+        w = mod.weight.detach().float()
+        f = rt.nlora.get_init("nystrom").fn(w, rank, scaling=1.0)
+        delta = f.B @ f.N @ f.A
+        kind = ".".join(name.split(".")[3:])
+        kinds.setdefault(kind, []).append(float(delta.norm() / w.norm()))
     stats = {k: {"mean": statistics.fmean(v), "max": max(v), "layers": len(v)} for k, v in kinds.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rank": rank, "scaling": 1.0, "rel_delta_norm": stats}, indent=1))
