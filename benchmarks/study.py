@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import platform
 import shutil
 import statistics
