@@ -1,0 +1,73 @@
+"""The same guarantees on a CUDA device (skipped without one): inits, fused forward, precision policy, merge."""
+
+import pytest
+import torch
+from torch import nn
+
+import nlora
+from nlora import NLoRALinear, get_init
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _linear(dtype, out_f=96, in_f=64):
+    torch.manual_seed(0)
+    return nn.Linear(in_f, out_f).to("cuda", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_faithful_nystrom_slices_on_cuda_equal_the_cpu_ones(dtype):
+    w = torch.randn(96, 64).to(dtype)
+    cpu = get_init("nystrom").fn(w, 16, scaling=1.0)
+    gpu = get_init("nystrom").fn(w.cuda(), 16, scaling=1.0)
+    for a, b in ((cpu.A, gpu.A), (cpu.N, gpu.N), (cpu.B, gpu.B)):
+        assert b.device.type == "cuda" and torch.equal(a, b.cpu())
+
+
+@pytest.mark.parametrize("init", ["nystrom", "slora", "nystrom-optimal", "pissa"])
+def test_fused_forward_on_cuda_matches_float64(init):
+    layer = NLoRALinear(_linear(torch.float32), rank=8, alpha=16, init=init)
+    with torch.no_grad():
+        for p in layer.adapters.parameters():
+            p.normal_(0, 0.2)
+    x = torch.randn(4, 32, 64, device="cuda", requires_grad=True)
+    y = layer(x)
+    a = layer.adapters["default"]
+    w = layer.base.weight.double() + a.delta_weight().double()
+    ref = x.double() @ w.T + layer.base.bias.double()
+    torch.testing.assert_close(y.double(), ref, rtol=2e-3, atol=2e-3)  # tf32 may be on for matmuls
+    y.sum().backward()
+    assert a.lora_A.grad is not None and torch.isfinite(a.lora_A.grad).all()
+
+
+def test_bf16_model_keeps_fp32_masters_and_bf16_compute_on_cuda():
+    layer = NLoRALinear(_linear(torch.bfloat16), rank=8, init="nystrom")
+    x = torch.randn(2, 16, 64, device="cuda", dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
+    y.float().square().mean().backward()
+    assert layer.lora_N.grad.dtype == torch.float32
+    ref = NLoRALinear(_linear(torch.bfloat16), rank=8, init="nystrom", compute_dtype=torch.float32)
+    torch.testing.assert_close(ref(x).float(), y.float(), rtol=5e-2, atol=5e-2)
+
+
+def test_merge_unmerge_and_disable_on_cuda():
+    model = nn.Sequential(_linear(torch.float32), nn.GELU(), _linear(torch.float32, 32, 96))
+    x = torch.randn(8, 64, device="cuda")
+    y0 = model(x)
+    nlora.inject(model, ["0", "2"], rank=8, init="nystrom-pinv")
+    torch.testing.assert_close(model(x), y0, rtol=1e-4, atol=1e-4)  # preserve_output by default
+    with torch.no_grad():
+        model[0].lora_B.normal_(0, 0.1)
+    y = model(x)
+    nlora.merge(model)
+    torch.testing.assert_close(model(x), y, rtol=1e-4, atol=1e-4)
+    with nlora.disable_adapter(model):
+        torch.testing.assert_close(model(x), y0, rtol=1e-4, atol=1e-4)
+    nlora.unmerge(model)
+    torch.testing.assert_close(model(x), y, rtol=1e-4, atol=1e-4)
+
+
+def test_seeded_random_inits_are_reproducible_on_cuda():
+    a, b = (nlora.inject(nn.Sequential(_linear(torch.float32)), ["0"], rank=8, init="slora", seed=3) for _ in range(2))
+    assert torch.equal(a[0].lora_A, b[0].lora_A) and torch.equal(a[0].lora_N, b[0].lora_N)
