@@ -27,5 +27,5 @@ __all__ = [
     "disable_adapter", "get_init", "initialize_adapters", "inject", "merge", "merge_and_unload",
     "nystrom_reconstruct", "optimal_core", "pending_adapters", "register_init", "regularised_pinv",
     "remap_base_keys", "select_indices", "select_targets", "set_adapter", "trainable_summary", "unload", "unmerge",
+    "export_peft", "load_adapter", "save_adapter",
 ]
-__all__ += ["export_peft", "load_adapter", "save_adapter"]

@@ -1,5 +1,5 @@
 """Bad input (issue 8's table): each row raises a clear error that names the module and the fix, and leaves the
-model bit-identical (checked with a bitwise hash of its state_dict). notes/README-bad-input.md is the same table
+model bit-identical (checked with a bitwise hash of its state_dict). README.md holds the same table
 for the README; ``test_every_row_is_in_the_readme_table`` keeps the two in step.
 """
 
@@ -354,6 +354,6 @@ def test_quantised_torch_linear_is_refused_by_name():
 
 
 def test_every_row_is_in_the_readme_table():
-    table = (Path(__file__).parents[1] / "notes" / "README-bad-input.md").read_text()
+    table = (Path(__file__).parents[1] / "README.md").read_text()
     listed = set(re.findall(r"`(\w+)`\s*\|\s*$", table, flags=re.M))
     assert listed == {r.id for r in ROWS} | {r.id for r in FILE_ROWS}
