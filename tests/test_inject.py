@@ -1,5 +1,7 @@
 """inject on real module trees: target semantics, freezing, training, and errors that leave the model untouched."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -8,6 +10,7 @@ import nlora
 from nlora import NLoRALinear
 
 from .conftest import assert_same_state, state_hash
+from .model_zoo import pristine
 
 
 def wrapped(model):
@@ -15,19 +18,11 @@ def wrapped(model):
 
 
 def tiny_llama():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return copy.deepcopy(pristine("llama"))
 
 
 def tiny_bert():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                  num_attention_heads=4, max_position_embeddings=32, num_labels=3)
-    torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(cfg).eval()
+    return copy.deepcopy(pristine("bert"))
 
 
 def test_list_targets_match_whole_names_or_dotted_suffixes():
