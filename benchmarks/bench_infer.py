@@ -16,7 +16,7 @@ import warnings
 import torch
 
 import nlora
-from _common import build_llama, cuda_step_times, free_memory, llama_config, machine_info, summary, table, write_json
+from _common import build_llama, cuda_step_times, free_memory, llama_config, machine_info, table, write_json
 from bench_train import Setup
 
 VARIANTS = {  # name -> (kind, options, merged)

@@ -55,13 +55,7 @@ def initialize_adapters(model: nn.Module) -> list[tuple[str, str]]:
                 param = getattr(adapter, pname)
                 if param is not None:
                     sharded.local_view(param).copy_(sharded.local_part(value.to(param.dtype), param))
-        device = sharded.local_view(adapter.lora_A).device
-        for key in ("A", "N", "B"):
-            value = getattr(factors, key)
-            keep = adapter.preserve_output and value is not None
-            setattr(adapter, f"init_{key}", value.to(device, adapter.lora_A.dtype).clone() if keep else None)
-        adapter.rows = None if factors.rows is None else factors.rows.to(device)
-        adapter.cols = None if factors.cols is None else factors.cols.to(device)
+        adapter.keep_initial(factors)
         adapter.pending_init = False
         if adapter.preserve_output:
             layer._add_to_weight(-layer._delta(adapter, initial=True))

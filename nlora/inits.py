@@ -112,16 +112,24 @@ def init_slora(weight: Tensor, rank: int, *, scaling: float, generator: torch.Ge
     return Factors(a, n, torch.zeros(out_features, rank, device=weight.device))
 
 
+def nystrom_slices(weight: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+    """``(R, C) = (W[rows, :], W[:, cols])`` as fresh fp32 tensors, never aliases of the weight (a sharded weight
+    sends only these r rows and r columns between ranks, never the whole matrix)."""
+    device = sharded.local_view(weight).device
+    r = sharded.take(weight, rows.to(device), 0)
+    c = sharded.take(weight, cols.to(device), 1)
+    return r.to(torch.float32, copy=True), c.to(torch.float32, copy=True)
+
+
 def _slices(weight: Tensor, rank: int, index: str, generator: torch.Generator | None) -> tuple[Tensor, ...]:
-    """``rows, cols, C = W[:, cols], R = W[rows, :]`` as fresh fp32 tensors (never aliases of the weight)."""
+    """``rows, cols, C = W[:, cols], R = W[rows, :]``, the slices as fresh fp32 tensors."""
     if index not in INDEX_METHODS:
         raise ValueError(f"index={index!r}: choose one of {INDEX_METHODS}")
     rows, cols = select_indices(weight, rank, index, generator)
     if index == "first" and not sharded.is_dtensor(weight):  # plain slices, as the paper's reference code
-        c, r = weight[:, :rank], weight[:rank, :]
-    else:  # a sharded weight sends only these r columns and r rows between ranks, never the whole matrix
-        c, r = sharded.take(weight, cols, 1), sharded.take(weight, rows, 0)
-    return rows, cols, c.to(torch.float32, copy=True), r.to(torch.float32, copy=True)
+        return rows, cols, weight[:, :rank].to(torch.float32, copy=True), weight[:rank, :].to(torch.float32, copy=True)
+    r, c = nystrom_slices(weight, rows, cols)
+    return rows, cols, c, r
 
 
 @register_init("nystrom", data_driven=True, has_middle=True)

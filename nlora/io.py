@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .fingerprint import SAMPLE_SIZE, same_sample, weight_sample
-from .inits import Factors, get_init
+from .inits import Factors, get_init, nystrom_slices
 from .layer import Adapter, NLoRALinear, is_conv1d, weight_view
 from .model import _EXTRA_TRAINABLE, _candidates, _set_module, adapter_layers, adapter_names, set_adapter
 
@@ -89,10 +89,8 @@ def _digest(*tensors: Tensor) -> str:
 
 def _slices(weight: Tensor, rows: Tensor, cols: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``(W[rows, :], W[:, cols])`` cast to fp32 then to the adapter dtype, exactly as the Nyström inits take them."""
-    rows, cols = rows.to(weight.device), cols.to(weight.device)
-    a = weight.index_select(0, rows).to(torch.float32, copy=True).to(dtype)
-    b = weight.index_select(1, cols).to(torch.float32, copy=True).to(dtype)
-    return a, b
+    a, b = nystrom_slices(weight, rows, cols)
+    return a.to(dtype), b.to(dtype)
 
 
 def _dropout_p(adapter: Adapter) -> float:

@@ -57,24 +57,28 @@ class Adapter(nn.Module):
         self.compute_dtype = compute_dtype
         self.init_seed = seed  # the inject seed, so a deferred init draws what an immediate one would
         self.pending_init = factors.A.is_meta
-        # contiguous copies: Nyström slices of a Conv1D weight are transposed views, and a parameter's memory layout
-        # changes matmul rounding, so without this a saved-and-loaded adapter's outputs differed in the last bit
-        own = lambda t: t.to(dtype, memory_format=torch.contiguous_format, copy=True)  # noqa: E731
-        self.lora_A = nn.Parameter(own(factors.A))
-        self.lora_N = None if factors.N is None else nn.Parameter(own(factors.N))
-        self.lora_B = nn.Parameter(own(factors.B))
+        self.lora_A = nn.Parameter(_owned(factors.A, dtype))
+        self.lora_N = None if factors.N is None else nn.Parameter(_owned(factors.N, dtype))
+        self.lora_B = nn.Parameter(_owned(factors.B, dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         trainable = {id(p) for p in self.trainable_parameters()}
         for p in self.parameters():
             p.requires_grad_(id(p) in trainable)
-        # The initial factors of an adapter whose init moved the base weight: they give back the original
-        # pretrained weight (W0 = W_residual + s B0 N0 A0) for disable_adapter, unload and export.
+        self.keep_initial(factors)
+
+    def keep_initial(self, factors: Factors) -> None:
+        """Record what the init produced, as non-persistent buffers: the Nyström index sets, and for an adapter
+        whose init moved the base weight the initial factors, which give back the original pretrained weight
+        (``W0 = W_residual + s B0 N0 A0``) for disable_adapter, unload and export."""
+        device = sharded.local_view(self.lora_A).device
         for name in ("A", "N", "B"):
             t = getattr(factors, name)
-            self.register_buffer(f"init_{name}", own(t) if preserve_output and t is not None else None,
+            keep = self.preserve_output and t is not None
+            self.register_buffer(f"init_{name}", _owned(t.to(device), self.lora_A.dtype) if keep else None,
                                  persistent=False)
-        self.register_buffer("rows", factors.rows, persistent=False)
-        self.register_buffer("cols", factors.cols, persistent=False)
+        for name in ("rows", "cols"):
+            t = getattr(factors, name)
+            self.register_buffer(name, None if t is None else t.to(device), persistent=False)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters this adapter trains: A, N, B for ``train="all"``, only N for ``"middle"`` (IntTune)."""
@@ -123,6 +127,12 @@ class Adapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha:g}, init={self.init!r}, train={self.train_mode!r}"
+
+
+def _owned(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """A contiguous copy in ``dtype``: Nyström slices of a Conv1D weight are transposed views, and a factor's memory
+    layout changes matmul rounding (a saved-and-loaded adapter's outputs would differ in the last bit)."""
+    return t.to(dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 def _compute_dtype(x: Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
@@ -259,22 +269,43 @@ class NLoRALinear(nn.Module):
         """An adapter's delta in the precision its merge into this base weight needs (fp32, fp64 for fp64)."""
         return adapter.delta_weight(initial, dtype=weight_view(self.base).dtype)
 
-    def _add_to_weight(self, delta: Tensor, safe: bool = False) -> None:
-        """``W += delta`` with the sum formed in fp32 (fp64 for fp64 weights) and rounded once into the weight's dtype.
+    def _weight_plus(self, delta: Tensor) -> Tensor:
+        """``W + delta`` formed in ``delta``'s precision (fp32, fp64 for fp64 weights), this rank's block only.
 
         ``delta`` (a fresh tensor from ``_delta``) is consumed as the buffer for the sum: no other (out, in) temporary.
-        A sharded (DTensor) weight takes only its local block of the full ``delta``.
         """
         w = weight_view(self.base)
-        new = sharded.local_part(delta, w).add_(sharded.local_view(w))
-        if safe and not sharded.all_ranks_true(bool(torch.isfinite(new).all()), w):
+        return sharded.local_part(delta, w).add_(sharded.local_view(w))
+
+    def _finite(self, t: Tensor) -> bool:
+        """Whether ``t`` (this rank's block of a new weight) is finite on every rank."""
+        return sharded.all_ranks_true(bool(torch.isfinite(t).all()), weight_view(self.base))
+
+    def _add_to_weight(self, delta: Tensor, safe: bool = False) -> None:
+        """``W += delta``, the sum rounded once into the weight's dtype (a DTensor weight updates its own shard)."""
+        new = self._weight_plus(delta)
+        if safe and not self._finite(new):
             raise ValueError(f"{self.module_name}: merging would put NaN/Inf into the weight; nothing was changed")
         with torch.no_grad():
-            sharded.local_view(w).copy_(new)
+            sharded.local_view(weight_view(self.base)).copy_(new)
+
+    def unmerged_active(self) -> list[str]:
+        """The active adapters not yet folded into the base weight (what ``merge`` would fold)."""
+        return [n for n in self.active_adapters if n not in self.merged_adapters]
+
+    def inactive_preserving(self) -> list[Adapter]:
+        """Inactive adapters whose init moved the base weight: they give that residual back, in forward and on
+        unload, so that each adapter computes ``W0 + its own delta`` whichever is active."""
+        return [a for n, a in self.adapters.items() if a.preserve_output and n not in self.active_adapters]
+
+    def merge_stays_finite(self) -> bool:
+        """Whether merging the unmerged active adapters would leave the weight finite (checked, nothing changed)."""
+        todo = self.unmerged_active()
+        return not todo or self._finite(self._weight_plus(sum(self._delta(self.adapters[n]) for n in todo)))
 
     def merge(self, safe: bool = False) -> None:
         """Fold every active, unmerged adapter into the base weight."""
-        todo = [n for n in self.active_adapters if n not in self.merged_adapters]
+        todo = self.unmerged_active()
         if not todo:
             warnings.warn(f"{self.module_name}: all active adapters are already merged; nothing to do", stacklevel=3)
             return
@@ -304,10 +335,8 @@ class NLoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.disabled:
             return self._original_forward(x)
-        todo = [self.adapters[n] for n in self.active_adapters if n not in self.merged_adapters]
-        # An inactive adapter whose init moved the base weight gives its initial delta back, so that each adapter
-        # computes W0 + its own delta, whichever is active.
-        restore = [a for n, a in self.adapters.items() if a.preserve_output and n not in self.active_adapters]
+        todo = [self.adapters[n] for n in self.unmerged_active()]
+        restore = self.inactive_preserving()
         # Eager only: under torch.compile the in-place update is functionalised and measured slower (H200:
         # 10.9 vs 9.1 ms/step, benchmarks/results/train_7b_cuda_compiled.json); inductor fuses the add itself.
         if todo and not restore and x.dim() >= 2 and x.is_contiguous() and not torch.compiler.is_compiling():

@@ -11,7 +11,6 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from . import sharded
 from .inits import get_init
 from .layer import NLoRALinear, build_factors, is_adaptable, resolve_preserve, weight_view
 
@@ -66,14 +65,18 @@ def _pattern_value(name: str, patterns: dict[str, float] | None, default):
     return default
 
 
+def _targetable(module: nn.Module) -> bool:
+    """A Linear/Conv1D to wrap, or an existing wrapper to give another adapter."""
+    return is_adaptable(module) or isinstance(module, NLoRALinear)
+
+
 def select_targets(model: nn.Module, targets: Targets, exclude: Targets | None = None,
                    layers: Sequence[int] | int | None = None) -> dict[str, nn.Module]:
     """The modules ``inject`` would adapt, by name; raises if the pattern matches nothing or a non-linear module."""
     candidates = _candidates(model)
     if targets == "all-linear":
         heads = output_head_names(model)
-        chosen = {n: m for n, m in candidates.items() if is_adaptable(m) or isinstance(m, NLoRALinear)}
-        chosen = {n: m for n, m in chosen.items() if n not in heads}
+        chosen = {n: m for n, m in candidates.items() if _targetable(m) and n not in heads}
     else:
         if not isinstance(targets, str) and (not targets or not all(isinstance(t, str) for t in targets)):
             raise TypeError(f"targets must be a regex string, 'all-linear' or a non-empty list of names, got {targets!r}")
@@ -85,11 +88,11 @@ def select_targets(model: nn.Module, targets: Targets, exclude: Targets | None =
         chosen = {n: m for n, m in chosen.items()
                   if (hit := _LAYER_INDEX.search(n)) is not None and int(hit.group(1)) in wanted}
     if not chosen:
-        linear = [n for n, m in candidates.items() if is_adaptable(m) or isinstance(m, NLoRALinear)]
+        linear = [n for n, m in candidates.items() if _targetable(m)]
         shown = ", ".join(linear[:8]) + (", ..." if len(linear) > 8 else "")
         raise ValueError(f"targets={targets!r} (exclude={exclude!r}, layers={layers!r}) matched no module of "
                          f"{type(model).__name__}; its linear modules include: {shown or 'none'}")
-    wrong = [f"{n} ({type(m).__name__})" for n, m in chosen.items() if not (is_adaptable(m) or isinstance(m, NLoRALinear))]
+    wrong = [f"{n} ({type(m).__name__})" for n, m in chosen.items() if not _targetable(m)]
     if wrong:
         raise TypeError(f"targets={targets!r} matched modules nlora cannot adapt: {', '.join(wrong[:8])}; "
                         f"only nn.Linear and HF Conv1D are supported: name their Linear sub-modules instead "
@@ -243,19 +246,15 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     """Fold the active adapters into the base weights (delta in fp32, rounded once). ``safe=True`` checks every
     merged weight for NaN/Inf first and raises without changing anything."""
     layers = _require_adapters(model)
-    work = {name: [n for n in layer.active_adapters if n not in layer.merged_adapters] for name, layer in layers.items()}
+    work = {name: layer.unmerged_active() for name, layer in layers.items()}
     if not any(work.values()):
         warnings.warn("every active adapter is already merged; merge did nothing", stacklevel=2)
         return model
     if safe:
-        for name, layer in layers.items():
-            if work[name]:
-                w = weight_view(layer.base)
-                delta = sum(layer._delta(layer.adapters[n]) for n in work[name])
-                new = sharded.local_part(delta, w).add_(sharded.local_view(w))
-                if not sharded.all_ranks_true(bool(torch.isfinite(new).all()), w):
-                    raise ValueError(f"{layer.module_name}: merging would put NaN/Inf into the weight; nothing "
-                                     f"was merged (check the adapter's parameters)")
+        for layer in layers.values():
+            if not layer.merge_stays_finite():
+                raise ValueError(f"{layer.module_name}: merging would put NaN/Inf into the weight; nothing "
+                                 f"was merged (check the adapter's parameters)")
     for name, layer in layers.items():
         if work[name]:
             layer.merge()
@@ -272,12 +271,10 @@ def unmerge(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
     """Merge the active adapters and replace every wrapper by its base module: a plain model, no nlora inside."""
     layers = _require_adapters(model)
-    if any(l.active_adapters and set(l.active_adapters) - set(l.merged_adapters) for l in layers.values()):
+    if any(layer.unmerged_active() for layer in layers.values()):
         merge(model, safe=safe)
     for name, layer in layers.items():
-        # inactive adapters whose init moved the base weight give that residual back, as they do in forward
-        back = [layer._delta(a, initial=True) for n, a in layer.adapters.items()
-                if a.preserve_output and n not in layer.active_adapters]
+        back = [layer._delta(a, initial=True) for a in layer.inactive_preserving()]  # as forward does
         if back:
             layer._add_to_weight(sum(back))
         _set_module(model, name, layer.base)
