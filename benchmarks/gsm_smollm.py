@@ -81,6 +81,8 @@ def load_lm(path: Path | None = None):
     folder, kw = (path.parent, {"gguf_file": path.name}) if path.suffix == ".gguf" else (path, {})
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kw)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True, **kw)
+    if tok.pad_token is None:  # a re-saved GGUF tokenizer can lose it; SmolLM2 pads with its end-of-turn token
+        tok.pad_token = tok.eos_token
     return tok, model.eval()
 
 
