@@ -131,11 +131,29 @@ def final_loss(losses: list[float]) -> float:
     return rt.final_loss(losses) if losses else float("nan")
 
 
-def _selection_key(s: dict) -> tuple[float, float]:
-    """Higher validation metric first, then lower validation NLL (where measured); NaN ranks last."""
+EXTRA = ("test_iid_acc", "val_nll", "test_iid_nll", "test_nll")  # further held-out measures some tasks report
+
+
+def _selection_key(s: dict) -> tuple[float, float, float]:
+    """The LRs run with the most seeds first (a sweep on seed 0 whose best LR then ran more seeds), then the
+    higher validation metric, then the lower validation NLL (where measured); NaN ranks last."""
     acc = s["val_acc"][0]
     nll = s.get("val_nll", (float("nan"), 0))[0]
-    return (-1.0 if math.isnan(acc) else acc, -math.inf if math.isnan(nll) else -nll)
+    return (s["seeds"], -1.0 if math.isnan(acc) else acc, -math.inf if math.isnan(nll) else -nll)
+
+
+def best_lrs(rows: list[dict]) -> dict[str, list[float]]:
+    """Each method's best learning rate in ``rows`` (same rule as ``aggregate``), as a one-LR grid."""
+    by: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        by.setdefault((r["method"], r["lr"]), []).append(r)
+    best: dict[str, tuple] = {}
+    for (m, lr), rs in by.items():
+        summary = {"seeds": len(rs), "val_acc": mean_std([r["val_acc"] for r in rs]),
+                   **({"val_nll": mean_std([r["val_nll"] for r in rs])} if "val_nll" in rs[0] else {})}
+        if m not in best or _selection_key(summary) > best[m][0]:
+            best[m] = (_selection_key(summary), lr)
+    return {m: [lr] for m, (_, lr) in best.items()}
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -160,7 +178,7 @@ def aggregate(rows: list[dict], meta: dict, out_dir: Path, tag: str, task=None) 
         sweep.append({"method": m, "lr": lr, "seeds": len(rs),
                       "val_acc": mean_std([r["val_acc"] for r in rs]), "test_acc": mean_std([r["test_acc"] for r in rs]),
                       "final_loss": mean_std([final_loss(r["losses"]) for r in rs]),
-                      **{k: mean_std([r[k] for r in rs]) for k in ("val_nll", "test_nll") if k in rs[0]},
+                      **{k: mean_std([r[k] for r in rs]) for k in EXTRA if k in rs[0]},
                       "diverged": sum("diverged_at" in r for r in rs)})
     best = {}
     for s in sweep:
@@ -189,7 +207,7 @@ def aggregate(rows: list[dict], meta: dict, out_dir: Path, tag: str, task=None) 
             "val_acc": b["val_acc"], "test_acc": b["test_acc"], "final_loss": b["final_loss"],
             "steps_to_lora_loss": (statistics.fmean(hit) if hit else None), "seeds_reaching": len(hit),
             "mean_loss": mean_std([statistics.fmean(r["losses"]) if r["losses"] else float("nan") for r in rs]),
-            **{k: b[k] for k in ("val_nll", "test_nll") if k in b},
+            **{k: b[k] for k in EXTRA if k in b},
             "steps_to_lora_early_loss": (statistics.fmean(hit_early) if hit_early else None),
             "seeds_reaching_early": len(hit_early),
             "val_acc_at_quarter": mean_std([a for a in at_quarter if a is not None]),
@@ -228,7 +246,7 @@ def print_tables(result: dict, task) -> None:
           f"steps counted on a {meta['smoothing_window']}-step moving average\n")
     head = f"{'method':16s} {'best lr':>8s} {'seeds':>5s} {'trainable':>9s} {'init s':>8s} {'init Δh':>8s} " \
            f"{'val ' + metric + ' %':>14s} {'test ' + metric + ' %':>14s} {'final loss':>16s} {'mean loss':>16s} {'steps→LoRA loss':>16s} " \
-           f"{'steps→early':>12s} {'val@quarter %':>14s}" + (f" {'test NLL':>16s}" if result["table"] and "test_nll" in result["table"][0] else "")
+           f"{'steps→early':>12s} {'val@quarter %':>14s}" + (f" {'test NLL':>16s} {'iid ' + metric + ' %':>14s} {'iid NLL':>16s}" if result["table"] and "test_iid_acc" in result["table"][-1] else "")
     print(head)
     print("-" * len(head))
     for t in result["table"]:
@@ -237,7 +255,7 @@ def print_tables(result: dict, task) -> None:
               f"{t['init_rel_change']:8.4f} {fmt(t['val_acc']):>14s} {fmt(t['test_acc']):>14s} "
               f"{fmt(t['final_loss'], False):>16s} {fmt(t['mean_loss'], False):>16s} {reach:>16s} "
               f"{_reach(t['steps_to_lora_early_loss'], t['seeds_reaching_early'], t['seeds']):>12s} "
-              f"{fmt(t['val_acc_at_quarter']):>14s}" + (f" {fmt(t['test_nll'], False):>16s}" if "test_nll" in t else ""))
+              f"{fmt(t['val_acc_at_quarter']):>14s}" + (f" {fmt(t['test_nll'], False):>16s} {fmt(t['test_iid_acc']):>14s} {fmt(t['test_iid_nll'], False):>16s}" if "test_iid_acc" in t else ""))
     print("\nLR sweep (mean ± std over seeds):")
     for s in result["sweep"]:
         print(f"  {s['method']:16s} lr={s['lr']:.0e} n={s['seeds']} val {fmt(s['val_acc'])}  test {fmt(s['test_acc'])}  "
@@ -369,6 +387,8 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     ap.add_argument("--runs", type=Path, default=None, help="where the per-run JSON lines go")
     ap.add_argument("--aggregate", type=Path, default=None, help="only aggregate this runs.jsonl")
+    ap.add_argument("--best-lr-from", type=Path, default=None,
+                    help="run each method only at its best LR among the runs in this runs.jsonl (e.g. a seed-0 sweep)")
     ap.add_argument("--export-assets", type=Path, default=None)
     ap.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
@@ -399,6 +419,8 @@ def main() -> None:
         for m in args.methods:
             if grid[m] != [0.0]:
                 grid[m] = list(args.lrs)
+    if args.best_lr_from:
+        grid = {**grid, **best_lrs([json.loads(x) for x in args.best_lr_from.read_text().splitlines() if x.strip()])}
     args.lr_grid = grid
     tag = args.tag or "study" + ("_gsm" if args.task == "gsm" else "") + ("_quick" if args.quick else "")
     if args.worker_index is not None:
