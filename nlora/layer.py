@@ -16,6 +16,10 @@ from .fingerprint import weight_sample
 
 TRAIN_MODES = ("all", "middle")
 
+FUSED_FUNCTION = True
+"""Run the eager adapter branch as one autograd node (``_AdapterBranch``); ``False`` restores the op-by-op path of
+commit e638000 (kept only so that benchmarks/bench_train.py can compare both in one process)."""
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """HF ``Conv1D`` (GPT-2 family) by duck typing: a 2-D weight stored ``(in, out)`` and an ``nf`` attribute."""
@@ -61,6 +65,7 @@ class Adapter(nn.Module):
         self.lora_N = None if factors.N is None else nn.Parameter(_owned(factors.N, dtype))
         self.lora_B = nn.Parameter(_owned(factors.B, dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._cast_cache: dict[str, tuple[tuple, Tensor]] = {}  # plain attribute: never in the state_dict
         trainable = {id(p) for p in self.trainable_parameters()}
         for p in self.parameters():
             p.requires_grad_(id(p) in trainable)
@@ -108,8 +113,34 @@ class Adapter(nn.Module):
         if out.dtype != dtype or out._is_view():
             delta = _low_rank(x, self.lora_A, self.lora_N, self.lora_B, self.scaling, self.compute_dtype)
             return out + delta.to(out.dtype)
+        factors = (self.lora_A, self.lora_N, self.lora_B)
+        if FUSED_FUNCTION and not any(sharded.is_dtensor(p) for p in factors):
+            return _AdapterBranch.apply(out, x, *factors, self.scaling, self._frozen_casts(dtype))
         h = _down(x, self.lora_A, self.lora_N, dtype)
         return out.addmm_(h, self.lora_B.to(dtype).t(), alpha=self.scaling)
+
+    def _frozen_casts(self, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
+        """``dtype`` copies of the frozen factors (IntTune's A and B), made once and reused across steps; ``None``
+        where the branch casts itself (trainable or already ``dtype``). A copy is keyed on the factor's version
+        counter, storage, dtype, device and shape, so in-place edits (``load_state_dict``, ``merge``, an optimizer,
+        ``p.copy_``) are never served stale; writes through ``p.data`` bypass version counting and are not seen.
+        Not used under FSDP2, which refills parameter storage with the version counter preserved."""
+        if torch.is_inference_mode_enabled() or getattr(self, "_is_fsdp_managed_module", False):
+            return (None, None, None)
+        cache = self.__dict__.setdefault("_cast_cache", {})  # adapters unpickled from older versions lack it
+        casts = []
+        for name in ("lora_A", "lora_N", "lora_B"):
+            p = getattr(self, name)
+            if p is None or p.requires_grad or p.dtype == dtype:
+                casts.append(None)
+                continue
+            key = (p._version, p.data_ptr(), p.dtype, p.device, p.shape, dtype)
+            hit = cache.get(name)
+            if hit is None or hit[0] != key:
+                with torch.no_grad():
+                    hit = cache[name] = (key, p.to(dtype))
+            casts.append(hit[1])
+        return tuple(casts)
 
     def initial_output(self, x: Tensor) -> Tensor:
         """``s B0 N0 A0 x``: what this adapter's init subtracted from the base weight (no dropout)."""
@@ -146,6 +177,89 @@ def _down(x: Tensor, a: Tensor, n: Tensor | None, dtype: torch.dtype) -> Tensor:
     """``N(A x)`` in ``dtype`` (the fp32 master factors are cast on the fly; a no-op when already ``dtype``)."""
     h = F.linear(x.to(dtype), a.to(dtype))
     return h if n is None else F.linear(h, n.to(dtype))
+
+
+_MM_OUT_DTYPE: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _mm_out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(..., out_dtype=torch.float32)`` (aten::mm.dtype: CUDA, torch >= 2.8) runs here for ``dtype``."""
+    key = (device.type, dtype)
+    if key not in _MM_OUT_DTYPE:
+        try:
+            z = torch.zeros(2, 2, dtype=dtype, device=device)
+            _MM_OUT_DTYPE[key] = torch.mm(z, z, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE[key] = False
+    return _MM_OUT_DTYPE[key]
+
+
+def _mm_to(a: Tensor, b: Tensor, dtype: torch.dtype, scaling: float = 1.0) -> Tensor:
+    """``scaling * a @ b`` in ``dtype``: an fp32 gradient straight from the bf16/fp16 GEMM where the backend can (no
+    cast kernel), else a GEMM in ``a``'s dtype, scaled, then cast (no cast when the dtypes agree)."""
+    if (dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16)
+            and _mm_out_dtype_works(a.device, a.dtype)):
+        c = torch.mm(a, b, out_dtype=dtype)
+    else:
+        c = torch.mm(a, b)
+    return (c if scaling == 1 else c.mul_(scaling)).to(dtype)
+
+
+class _AdapterBranch(torch.autograd.Function):
+    """``y += s B N A x`` in place (``N`` optional) as one autograd node: the fp32 masters are cast to ``y``'s dtype
+    inside, and backward computes only the gradients that are needed (IntTune: dN and dx), the parameter gradients
+    coming back in the parameters' dtype. ``y`` is the fresh 2-D base output, ``x`` the 2-D input; ``casts`` holds
+    cached compute-dtype copies of frozen factors (or ``None``)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, scaling: float,
+                casts: tuple[Tensor | None, ...]) -> Tensor:
+        _, need_x, need_a, need_n, need_b = ctx.needs_input_grad[:5]
+        dtype = y.dtype
+        ac, nc, bc = (c if c is not None or p is None else p.to(dtype) for p, c in zip((a, n, b), casts))
+        xc = x.to(dtype)
+        h1 = torch.mm(xc, ac.t())
+        h2 = h1 if nc is None else torch.mm(h1, nc.t())
+        y.addmm_(h2, bc.t(), alpha=scaling)
+        ctx.mark_dirty(y)
+        ctx.scaling = scaling
+        down = need_x or need_a  # the gradient has to go back through N and A
+        ctx.save_for_backward(x, a, n, b, xc if need_a else None, ac if need_x else None,
+                              nc if down else None, bc if down or need_n else None,
+                              h1 if need_n else None, h2 if need_b else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, a, n, b, xc, ac, nc, bc, h1, h2 = ctx.saved_tensors
+        need_y, need_x, need_a, need_n, need_b = ctx.needs_input_grad[:5]
+        s = ctx.scaling
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain composite so higher orders work
+            return (g if need_y else None, *_composite_grads(g, x, a, n, b, s, ctx.needs_input_grad[1:5]), None, None)
+        gx = ga = gn = gb = None
+        if need_b:
+            gb = _mm_to(g.t(), h2, b.dtype, s)
+        if need_x or need_a or need_n:
+            u = torch.mm(g, bc)  # dL/dh2 = s g B
+            u = u if s == 1 else u.mul_(s)
+            if need_n:
+                gn = _mm_to(u.t(), h1, n.dtype)
+            v = u if nc is None else torch.mm(u, nc)  # dL/dh1
+            if need_a:
+                ga = _mm_to(v.t(), xc, a.dtype)
+            if need_x:
+                gx = torch.mm(v, ac).to(x.dtype)
+        return g if need_y else None, gx, ga, gn, gb, None, None
+
+
+def _composite_grads(g: Tensor, x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, s: float,
+                     needs: tuple[bool, ...]) -> list[Tensor | None]:
+    """Gradients of ``s B N A x`` w.r.t. the needed ones of ``x, A, N, B`` through ordinary differentiable ops."""
+    with torch.enable_grad():
+        delta = _low_rank(x, a, n, b, s, g.dtype)
+        wrt = [t for t, need in zip((x, a, n, b), needs) if need]
+        got = iter(torch.autograd.grad(delta, wrt, g, create_graph=True, allow_unused=True))
+    return [next(got) if need else None for need in needs]
 
 
 def _low_rank(x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, scaling: float,
