@@ -97,27 +97,32 @@ class Adapter(nn.Module):
                                f"materialise the model (to_empty), load the base weights, then call "
                                f"nlora.initialize_adapters(model)")
 
-    def forward(self, x: Tensor, dropout: bool = True, out: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, dropout: bool = True, out: Tensor | None = None,
+                base_weight: Tensor | None = None) -> Tensor:
         """``s B N A dropout(x)``; ``dropout=False`` gives the exact delta of a merged adapter (no dropout mask).
 
         With ``out`` (a fresh 2-D base output for 2-D ``x``) it returns ``out + s B N A dropout(x)``, accumulating in
-        place when ``out`` has the compute dtype (one GEMM with beta=1, alpha=s, no output-sized add). Going through
-        ``__call__`` either way keeps module hooks (FSDP2's unshard) working.
+        place when ``out`` has the compute dtype (one GEMM with beta=1, alpha=s, no output-sized add), as one autograd
+        node (``_AdapterBranch``). ``base_weight``: ``out`` was computed without autograd and this node also gives the
+        base's input gradient (see ``NLoRALinear._base_weight_for_branch``). Going through ``__call__`` either way
+        keeps module hooks (FSDP2's unshard) working.
         """
         self._check_ready()
         x = self.dropout(x) if dropout else x
+        a, n, b = self.lora_A, self.lora_N, self.lora_B
         if out is None:
-            return _low_rank(x, self.lora_A, self.lora_N, self.lora_B, self.scaling, self.compute_dtype)
+            return _low_rank(x, a, n, b, self.scaling, self.compute_dtype)
         dtype = _compute_dtype(x, self.compute_dtype)
         # An in-place update of a view (e.g. HF Conv1D's output) would cost autograd a gradient copy.
-        if out.dtype != dtype or out._is_view():
-            delta = _low_rank(x, self.lora_A, self.lora_N, self.lora_B, self.scaling, self.compute_dtype)
+        if base_weight is None and (out.dtype != dtype or out._is_view()):
+            delta = _low_rank(x, a, n, b, self.scaling, self.compute_dtype)
             return out + delta.to(out.dtype)
-        factors = (self.lora_A, self.lora_N, self.lora_B)
-        if FUSED_FUNCTION and not any(sharded.is_dtensor(p) for p in factors):
-            return _AdapterBranch.apply(out, x, *factors, self.scaling, self._frozen_casts(dtype))
-        h = _down(x, self.lora_A, self.lora_N, dtype)
-        return out.addmm_(h, self.lora_B.to(dtype).t(), alpha=self.scaling)
+        if base_weight is not None or (FUSED_FUNCTION and not sharded.is_dtensor(a)):
+            frozen = not (a.requires_grad and b.requires_grad and (n is None or n.requires_grad))
+            casts = self._frozen_casts(dtype) if frozen else _NO_CASTS
+            return _AdapterBranch.apply(out, x, a, n, b, base_weight, self.scaling, casts)
+        h = _down(x, a, n, dtype)
+        return out.addmm_(h, b.to(dtype).t(), alpha=self.scaling)
 
     def _frozen_casts(self, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
         """``dtype`` copies of the frozen factors (IntTune's A and B), made once and reused across steps; ``None``
@@ -205,37 +210,45 @@ def _mm_to(a: Tensor, b: Tensor, dtype: torch.dtype, scaling: float = 1.0) -> Te
     return (c if scaling == 1 else c.mul_(scaling)).to(dtype)
 
 
+_NO_CASTS = (None, None, None)
+
+
 class _AdapterBranch(torch.autograd.Function):
     """``y += s B N A x`` in place (``N`` optional) as one autograd node: the fp32 masters are cast to ``y``'s dtype
     inside, and backward computes only the gradients that are needed (IntTune: dN and dx), the parameter gradients
     coming back in the parameters' dtype. ``y`` is the fresh 2-D base output, ``x`` the 2-D input; ``casts`` holds
-    cached compute-dtype copies of frozen factors (or ``None``)."""
+    cached compute-dtype copies of frozen factors (or ``None``). With ``w`` (the frozen ``(out, in)`` base weight,
+    ``y`` made without autograd) the input gradient includes the base's: ``dx = g W + s (g B N) A``, one GEMM
+    accumulating into the other, so the base needs no autograd node and ``x`` no gradient sum."""
 
     @staticmethod
-    def forward(ctx, y: Tensor, x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, scaling: float,
+    def forward(ctx, y: Tensor, x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, w: Tensor | None, scaling: float,
                 casts: tuple[Tensor | None, ...]) -> Tensor:
-        _, need_x, need_a, need_n, need_b = ctx.needs_input_grad[:5]
+        need_x, need_a, need_n, need_b = ctx.needs_input_grad[1:5]
         dtype = y.dtype
-        ac, nc, bc = (c if c is not None or p is None else p.to(dtype) for p, c in zip((a, n, b), casts))
-        xc = x.to(dtype)
-        h1 = torch.mm(xc, ac.t())
-        h2 = h1 if nc is None else torch.mm(h1, nc.t())
+        ac = casts[0] if casts[0] is not None else a.to(dtype)
+        nc = None if n is None else casts[1] if casts[1] is not None else n.to(dtype)
+        bc = casts[2] if casts[2] is not None else b.to(dtype)
+        xc = x if x.dtype == dtype else x.to(dtype)
+        h1 = F.linear(xc, ac)
+        h2 = h1 if nc is None else F.linear(h1, nc)
         y.addmm_(h2, bc.t(), alpha=scaling)
         ctx.mark_dirty(y)
         ctx.scaling = scaling
         down = need_x or need_a  # the gradient has to go back through N and A
-        ctx.save_for_backward(x, a, n, b, xc if need_a else None, ac if need_x else None,
-                              nc if down else None, bc if down or need_n else None,
-                              h1 if need_n else None, h2 if need_b else None)
+        ctx.save_for_backward(x, a, n, b, w if need_x else None, xc if need_a else None, ac if need_x else None,
+                              nc if down else None, bc if down or need_n else None, h1 if need_n else None,
+                              h2 if need_b else None)
         return y
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x, a, n, b, xc, ac, nc, bc, h1, h2 = ctx.saved_tensors
+        x, a, n, b, w, xc, ac, nc, bc, h1, h2 = ctx.saved_tensors
         need_y, need_x, need_a, need_n, need_b = ctx.needs_input_grad[:5]
         s = ctx.scaling
+        gy = g if need_y else None
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain composite so higher orders work
-            return (g if need_y else None, *_composite_grads(g, x, a, n, b, s, ctx.needs_input_grad[1:5]), None, None)
+            return (gy, *_composite_grads(g, x, a, n, b, w, s, ctx.needs_input_grad[1:5]), None, None, None)
         gx = ga = gn = gb = None
         if need_b:
             gb = _mm_to(g.t(), h2, b.dtype, s)
@@ -248,17 +261,20 @@ class _AdapterBranch(torch.autograd.Function):
             if need_a:
                 ga = _mm_to(v.t(), xc, a.dtype)
             if need_x:
-                gx = torch.mm(v, ac).to(x.dtype)
-        return g if need_y else None, gx, ga, gn, gb, None, None
+                gx = torch.mm(v, ac) if w is None else torch.mm(g, w).addmm_(v, ac)
+                gx = gx.to(x.dtype)
+        return gy, gx, ga, gn, gb, None, None, None
 
 
-def _composite_grads(g: Tensor, x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, s: float,
+def _composite_grads(g: Tensor, x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, w: Tensor | None, s: float,
                      needs: tuple[bool, ...]) -> list[Tensor | None]:
-    """Gradients of ``s B N A x`` w.r.t. the needed ones of ``x, A, N, B`` through ordinary differentiable ops."""
+    """Gradients of ``s B N A x`` (plus ``W x`` with ``w``) w.r.t. the needed ones of ``x, A, N, B`` through ordinary
+    differentiable ops."""
     with torch.enable_grad():
-        delta = _low_rank(x, a, n, b, s, g.dtype)
+        out = _low_rank(x, a, n, b, s, g.dtype)
+        out = out if w is None else out + F.linear(x.to(g.dtype), w.to(g.dtype))
         wrt = [t for t, need in zip((x, a, n, b), needs) if need]
-        got = iter(torch.autograd.grad(delta, wrt, g, create_graph=True, allow_unused=True))
+        got = iter(torch.autograd.grad(out, wrt, g, create_graph=True, allow_unused=True))
     return [next(got) if need else None for need in needs]
 
 
@@ -481,10 +497,32 @@ class NLoRALinear(nn.Module):
         in-place update of a reshaped view would make autograd copy the gradient (CopySlices) in backward.
         """
         x2 = x.reshape(-1, x.shape[-1])
-        y = self.base(x2)
-        for adapter in adapters:
+        w = self._base_weight_for_branch(x2, adapters[0])
+        if w is None:
+            y = self.base(x2)
+        else:
+            with torch.no_grad():
+                y = self.base(x2)
+        y = adapters[0](x2, out=y, base_weight=w)
+        for adapter in adapters[1:]:
             y = adapter(x2, out=y)
         return y.view(*x.shape[:-1], y.shape[-1])
+
+    def _base_weight_for_branch(self, x: Tensor, adapter: Adapter) -> Tensor | None:
+        """The frozen ``(out, in)`` base weight when the first adapter's ``_AdapterBranch`` can also give the base's
+        input gradient (one autograd node and no gradient sum for ``x`` instead of two nodes and an add); ``None``
+        where the base keeps its own node: hooks on it, a trainable or sharded weight, autocast or any dtype
+        change, dropout, or a custom Linear subclass (whose forward may differ)."""
+        base = self.base
+        w = base.weight
+        if (FUSED_FUNCTION and type(base) is nn.Linear and x.requires_grad and torch.is_grad_enabled()
+                and not (w.requires_grad or base._forward_hooks or base._forward_pre_hooks)
+                and (base.bias is None or not base.bias.requires_grad) and w.dtype == x.dtype
+                and adapter.compute_dtype in (None, x.dtype) and isinstance(adapter.dropout, nn.Identity)
+                and not torch.is_autocast_enabled(x.device.type)
+                and not sharded.is_dtensor(w) and not sharded.is_dtensor(adapter.lora_A)):
+            return w
+        return None
 
     def extra_repr(self) -> str:
         kind = "Conv1D" if is_conv1d(self.base) else "Linear"
