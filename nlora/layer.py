@@ -98,29 +98,30 @@ class Adapter(nn.Module):
                                f"nlora.initialize_adapters(model)")
 
     def forward(self, x: Tensor, dropout: bool = True, out: Tensor | None = None,
-                base_weight: Tensor | None = None) -> Tensor:
+                base: nn.Linear | None = None) -> Tensor:
         """``s B N A dropout(x)``; ``dropout=False`` gives the exact delta of a merged adapter (no dropout mask).
 
         With ``out`` (a fresh 2-D base output for 2-D ``x``) it returns ``out + s B N A dropout(x)``, accumulating in
         place when ``out`` has the compute dtype (one GEMM with beta=1, alpha=s, no output-sized add), as one autograd
-        node (``_AdapterBranch``). ``base_weight``: ``out`` was computed without autograd and this node also gives the
-        base's input gradient (see ``NLoRALinear._base_weight_for_branch``). Going through ``__call__`` either way
-        keeps module hooks (FSDP2's unshard) working.
+        node (``_AdapterBranch``). With ``base`` instead (a frozen ``nn.Linear``, see ``NLoRALinear._folds_base``) that
+        node also computes the base output and its input gradient. Going through ``__call__`` either way keeps
+        module hooks (FSDP2's unshard) working.
         """
         self._check_ready()
         x = self.dropout(x) if dropout else x
         a, n, b = self.lora_A, self.lora_N, self.lora_B
-        if out is None:
+        if out is None and base is None:
             return _low_rank(x, a, n, b, self.scaling, self.compute_dtype)
         dtype = _compute_dtype(x, self.compute_dtype)
         # An in-place update of a view (e.g. HF Conv1D's output) would cost autograd a gradient copy.
-        if base_weight is None and (out.dtype != dtype or out._is_view()):
+        if base is None and (out.dtype != dtype or out._is_view()):
             delta = _low_rank(x, a, n, b, self.scaling, self.compute_dtype)
             return out + delta.to(out.dtype)
-        if base_weight is not None or (FUSED_FUNCTION and not sharded.is_dtensor(a)):
+        if base is not None or (FUSED_FUNCTION and not sharded.is_dtensor(a)):
             frozen = not (a.requires_grad and b.requires_grad and (n is None or n.requires_grad))
             casts = self._frozen_casts(dtype) if frozen else _NO_CASTS
-            return _AdapterBranch.apply(out, x, a, n, b, base_weight, self.scaling, casts)
+            w, bias = (None, None) if base is None else (base.weight, base.bias)
+            return _AdapterBranch.apply(out, x, a, n, b, w, bias, self.scaling, casts)
         h = _down(x, a, n, dtype)
         return out.addmm_(h, b.to(dtype).t(), alpha=self.scaling)
 
@@ -217,14 +218,19 @@ class _AdapterBranch(torch.autograd.Function):
     """``y += s B N A x`` in place (``N`` optional) as one autograd node: the fp32 masters are cast to ``y``'s dtype
     inside, and backward computes only the gradients that are needed (IntTune: dN and dx), the parameter gradients
     coming back in the parameters' dtype. ``y`` is the fresh 2-D base output, ``x`` the 2-D input; ``casts`` holds
-    cached compute-dtype copies of frozen factors (or ``None``). With ``w`` (the frozen ``(out, in)`` base weight,
-    ``y`` made without autograd) the input gradient includes the base's: ``dx = g W + s (g B N) A``, one GEMM
-    accumulating into the other, so the base needs no autograd node and ``x`` no gradient sum."""
+    cached compute-dtype copies of frozen factors (or ``None``). With ``y=None`` and the frozen base ``w``, ``bias``
+    of an ``nn.Linear`` the node computes ``y = x W^T + bias`` itself and the base's input gradient with the
+    branch's, ``dx = g W + s (g B N) A`` (one GEMM accumulating into the other): the base gets no autograd node and
+    ``x`` no gradient sum."""
 
     @staticmethod
-    def forward(ctx, y: Tensor, x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, w: Tensor | None, scaling: float,
-                casts: tuple[Tensor | None, ...]) -> Tensor:
+    def forward(ctx, y: Tensor | None, x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, w: Tensor | None,
+                bias: Tensor | None, scaling: float, casts: tuple[Tensor | None, ...]) -> Tensor:
         need_x, need_a, need_n, need_b = ctx.needs_input_grad[1:5]
+        if y is None:
+            y = F.linear(x, w, bias)
+        else:
+            ctx.mark_dirty(y)
         dtype = y.dtype
         ac = casts[0] if casts[0] is not None else a.to(dtype)
         nc = None if n is None else casts[1] if casts[1] is not None else n.to(dtype)
@@ -233,7 +239,6 @@ class _AdapterBranch(torch.autograd.Function):
         h1 = F.linear(xc, ac)
         h2 = h1 if nc is None else F.linear(h1, nc)
         y.addmm_(h2, bc.t(), alpha=scaling)
-        ctx.mark_dirty(y)
         ctx.scaling = scaling
         down = need_x or need_a  # the gradient has to go back through N and A
         ctx.save_for_backward(x, a, n, b, w if need_x else None, xc if need_a else None, ac if need_x else None,
@@ -248,7 +253,7 @@ class _AdapterBranch(torch.autograd.Function):
         s = ctx.scaling
         gy = g if need_y else None
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain composite so higher orders work
-            return (gy, *_composite_grads(g, x, a, n, b, w, s, ctx.needs_input_grad[1:5]), None, None, None)
+            return (gy, *_composite_grads(g, x, a, n, b, w, s, ctx.needs_input_grad[1:5]), None, None, None, None)
         gx = ga = gn = gb = None
         if need_b:
             gb = _mm_to(g.t(), h2, b.dtype, s)
@@ -263,7 +268,7 @@ class _AdapterBranch(torch.autograd.Function):
             if need_x:
                 gx = torch.mm(v, ac) if w is None else torch.mm(g, w).addmm_(v, ac)
                 gx = gx.to(x.dtype)
-        return gy, gx, ga, gn, gb, None, None, None
+        return gy, gx, ga, gn, gb, None, None, None, None
 
 
 def _composite_grads(g: Tensor, x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, w: Tensor | None, s: float,
@@ -497,32 +502,26 @@ class NLoRALinear(nn.Module):
         in-place update of a reshaped view would make autograd copy the gradient (CopySlices) in backward.
         """
         x2 = x.reshape(-1, x.shape[-1])
-        w = self._base_weight_for_branch(x2, adapters[0])
-        if w is None:
-            y = self.base(x2)
-        else:
-            with torch.no_grad():
-                y = self.base(x2)
-        y = adapters[0](x2, out=y, base_weight=w)
+        first = adapters[0]
+        y = first(x2, base=self.base) if self._folds_base(x2, first) else first(x2, out=self.base(x2))
         for adapter in adapters[1:]:
             y = adapter(x2, out=y)
         return y.view(*x.shape[:-1], y.shape[-1])
 
-    def _base_weight_for_branch(self, x: Tensor, adapter: Adapter) -> Tensor | None:
-        """The frozen ``(out, in)`` base weight when the first adapter's ``_AdapterBranch`` can also give the base's
-        input gradient (one autograd node and no gradient sum for ``x`` instead of two nodes and an add); ``None``
-        where the base keeps its own node: hooks on it, a trainable or sharded weight, autocast or any dtype
-        change, dropout, or a custom Linear subclass (whose forward may differ)."""
+    def _folds_base(self, x: Tensor, adapter: Adapter) -> bool:
+        """Whether the first adapter's ``_AdapterBranch`` can also run the base and give its input gradient (one
+        autograd node and no gradient sum for ``x`` instead of two nodes and an add). Not where the base must keep its
+        own node: a custom Linear subclass or hooks (the output may differ from ``F.linear``), a trainable or sharded
+        weight or bias, autocast or any dtype change, dropout, or no gradient wanted."""
         base = self.base
-        w = base.weight
-        if (FUSED_FUNCTION and type(base) is nn.Linear and x.requires_grad and torch.is_grad_enabled()
-                and not (w.requires_grad or base._forward_hooks or base._forward_pre_hooks)
-                and (base.bias is None or not base.bias.requires_grad) and w.dtype == x.dtype
+        if not (FUSED_FUNCTION and type(base) is nn.Linear and x.requires_grad and torch.is_grad_enabled()
+                and not base._forward_hooks and not base._forward_pre_hooks):
+            return False
+        w, bias = base.weight, base.bias
+        return (not w.requires_grad and (bias is None or not bias.requires_grad) and w.dtype == x.dtype
                 and adapter.compute_dtype in (None, x.dtype) and isinstance(adapter.dropout, nn.Identity)
                 and not torch.is_autocast_enabled(x.device.type)
-                and not sharded.is_dtensor(w) and not sharded.is_dtensor(adapter.lora_A)):
-            return w
-        return None
+                and not sharded.is_dtensor(w) and not sharded.is_dtensor(adapter.lora_A))
 
     def extra_repr(self) -> str:
         kind = "Conv1D" if is_conv1d(self.base) else "Linear"
