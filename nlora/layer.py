@@ -18,7 +18,8 @@ TRAIN_MODES = ("all", "middle")
 
 FUSED_FUNCTION = True
 """Run the eager adapter branch as one autograd node (``_AdapterBranch``); ``False`` restores the op-by-op path of
-commit e638000 (kept only so that benchmarks/bench_train.py can compare both in one process)."""
+commit e638000 (for the same-process before/after benchmarks, and for double backward through adapters with a
+frozen A, which the one-node branch refuses because it does not keep the layer input)."""
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -239,11 +240,12 @@ class _AdapterBranch(torch.autograd.Function):
         h1 = F.linear(xc, ac)
         h2 = h1 if nc is None else F.linear(h1, nc)
         y.addmm_(h2, bc.t(), alpha=scaling)
-        ctx.scaling = scaling
+        ctx.scaling, ctx.x_dtype = scaling, x.dtype
         down = need_x or need_a  # the gradient has to go back through N and A
-        ctx.save_for_backward(x, a, n, b, w if need_x else None, xc if need_a else None, ac if need_x else None,
-                              nc if down else None, bc if down or need_n else None, h1 if need_n else None,
-                              h2 if need_b else None)
+        # x only where dA needs it (IntTune keeps no layer input alive, like plain autograd); a, n, b, w cost nothing
+        ctx.save_for_backward(x if need_a else None, a, n, b, w if need_x else None, xc if need_a else None,
+                              ac if need_x else None, nc if down else None, bc if down or need_n else None,
+                              h1 if need_n else None, h2 if need_b else None)
         return y
 
     @staticmethod
@@ -253,6 +255,10 @@ class _AdapterBranch(torch.autograd.Function):
         s = ctx.scaling
         gy = g if need_y else None
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain composite so higher orders work
+            if x is None:
+                raise RuntimeError("double backward through an nlora adapter with a frozen A (e.g. IntTune) needs the "
+                                   "layer input, which the one-node branch does not keep; set "
+                                   "nlora.layer.FUSED_FUNCTION = False for such runs")
             return (gy, *_composite_grads(g, x, a, n, b, w, s, ctx.needs_input_grad[1:5]), None, None, None, None)
         gx = ga = gn = gb = None
         if need_b:
@@ -267,7 +273,7 @@ class _AdapterBranch(torch.autograd.Function):
                 ga = _mm_to(v.t(), xc, a.dtype)
             if need_x:
                 gx = torch.mm(v, ac) if w is None else torch.mm(g, w).addmm_(v, ac)
-                gx = gx.to(x.dtype)
+                gx = gx.to(ctx.x_dtype)
         return gy, gx, ga, gn, gb, None, None, None, None
 
 

@@ -127,6 +127,41 @@ def test_gradcheck_with_the_base_folded_in_float64():
     torch.testing.assert_close(f(xd, a, n, b), _plain(xd @ w.T + bias, xd, a, n, b, 1.3, torch.float64))
 
 
+def _saved_bytes(model, x, on):
+    """Bytes of distinct tensors autograd keeps for backward (parameters and base weights excluded: always alive)."""
+    params = {p.data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            seen[t.data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    xg = x.clone().requires_grad_(True)
+    with function_path(on), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(xg)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("kind", ["nlora", "inttune", "three", "lora-alpha"])
+def test_branch_keeps_no_more_for_backward_than_plain_autograd(kind):
+    """Memory: the node saves what op-by-op autograd saves or less (IntTune keeps no layer input alive)."""
+    model = _setup(torch.bfloat16, ADAPTER_SETS[kind], 2)
+    x = torch.randn(4, 64, 12, dtype=torch.bfloat16)
+    assert _saved_bytes(model, x, True) <= _saved_bytes(model, x, False)
+
+
+def test_double_backward_through_frozen_a_is_refused_clearly():
+    model = _setup(torch.float64, ADAPTER_SETS["inttune"], 0)
+    x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="FUSED_FUNCTION = False"):
+        torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    with function_path(False):  # the documented way out
+        (gx,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+        gx.pow(2).sum().backward()
+    assert model[0].adapters["default"].lora_N.grad is not None
+
+
 # -- through NLoRALinear / inject: the Function path against the op-by-op path of e638000 ----------------------
 def _model(dtype, seed=0):
     torch.manual_seed(seed)
