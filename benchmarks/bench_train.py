@@ -52,6 +52,18 @@ def _unfused_forward(self: NLoRALinear, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
+def op_by_op():
+    """nlora's eager path as of commit e638000: the adapter branch as separate casts/matmuls/addmm_ autograd nodes
+    instead of one ``_AdapterBranch`` node (``nlora.layer.FUSED_FUNCTION``, kept for this before/after row)."""
+    saved = nlora.layer.FUSED_FUNCTION
+    nlora.layer.FUSED_FUNCTION = False
+    try:
+        yield
+    finally:
+        nlora.layer.FUSED_FUNCTION = saved
+
+
+@contextlib.contextmanager
 def unfused():
     saved = NLoRALinear.forward
     NLoRALinear.forward = _unfused_forward
@@ -71,6 +83,10 @@ def variants(rank: int) -> dict:
         "nlora-slora": ("nlora", {"init": "slora"}),
         "nlora-nystrom": ("nlora", {"init": "nystrom"}),
         "nlora-inttune": ("nlora", {"init": "nystrom", "train": "middle"}),
+        "nlora-lora (e638000 op-by-op)": ("nlora", {"init": "lora", "op_by_op": True}),
+        "nlora-slora (e638000 op-by-op)": ("nlora", {"init": "slora", "op_by_op": True}),
+        "nlora-nystrom (e638000 op-by-op)": ("nlora", {"init": "nystrom", "op_by_op": True}),
+        "nlora-inttune (e638000 op-by-op)": ("nlora", {"init": "nystrom", "train": "middle", "op_by_op": True}),
         "nlora-nystrom (unfused a8d7078 fwd)": ("nlora", {"init": "nystrom", "unfused": True}),
         "nlora-inttune (unfused a8d7078 fwd)": ("nlora", {"init": "nystrom", "train": "middle", "unfused": True}),
         "nlora-nystrom (fp32 compute)": ("nlora", {"init": "nystrom", "compute_dtype": torch.float32}),
@@ -83,7 +99,8 @@ class Setup:
 
     def __init__(self, model: nn.Module, kind: str, opts: dict, rank: int):
         self.model, self.kind, self.opts = model, kind, dict(opts)
-        self.ctx = unfused() if self.opts.pop("unfused", False) else contextlib.nullcontext()
+        self.ctx = (unfused() if self.opts.pop("unfused", False) else
+                    op_by_op() if self.opts.pop("op_by_op", False) else contextlib.nullcontext())
         self.ctx.__enter__()
         self.run_model = model
         if kind == "nlora":
@@ -173,9 +190,10 @@ def profile(setup: Setup, x: torch.Tensor, steps: int = 3) -> str:
 
 
 def check_fused(model: nn.Module, x: torch.Tensor, rank: int) -> dict:
-    """The fused forward against the a8d7078 one on this device: outputs and gradients of one step."""
+    """The current eager path against the e638000 op-by-op one and the a8d7078 unfused one on this device:
+    outputs and gradients of one step (relative differences of the current path to each)."""
     got = []
-    for ctx in (contextlib.nullcontext(), unfused()):
+    for ctx in (contextlib.nullcontext(), op_by_op(), unfused()):
         with ctx:
             nlora.inject(model, "all-linear", rank=rank, init="slora", seed=0)
             torch.manual_seed(1)
@@ -190,8 +208,9 @@ def check_fused(model: nn.Module, x: torch.Tensor, rank: int) -> dict:
                                                   for i in (0, -1) for m in "ANB"])
             nlora.unload(model)
             model.requires_grad_(False)
-    rel = [((a - b).norm() / b.norm()).item() for a, b in zip(*got)]
-    return {"max_rel_diff_output_and_grads": max(rel), "rel": rel}
+    rel = {name: [((a - b).norm() / b.norm()).item() for a, b in zip(got[0], other)]
+           for name, other in (("op_by_op_e638000", got[1]), ("unfused_a8d7078", got[2]))}
+    return {"max_rel_diff_output_and_grads": {k: max(v) for k, v in rel.items()}, "rel": rel}
 
 
 def main() -> None:
@@ -226,7 +245,8 @@ def main() -> None:
         _CONF["labels"] = torch.randint(model.config.vocab_size, (args.batch, args.seq), device=device,
                                         generator=torch.Generator(device).manual_seed(3))
     check = check_fused(model, x, args.rank)
-    print(f"fused vs unfused forward (bf16): max relative difference {check['max_rel_diff_output_and_grads']:.2e}")
+    print("current eager path vs older ones (bf16 output and fp32 grads): max relative difference "
+          + ", ".join(f"{k} {v:.2e}" for k, v in check["max_rel_diff_output_and_grads"].items()))
     all_variants = variants(args.rank)
     chosen = {k: v for k, v in all_variants.items() if args.only is None or k in args.only}
     rounds: dict[str, list[dict]] = {k: [] for k in chosen}

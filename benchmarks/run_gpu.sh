@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The H200 run: every GPU benchmark in one call, results and logs under $NLORA_RESULTS (default $OUT).
 # Usage on the device machine, from the repository root:  bash benchmarks/run_gpu.sh [train infer loss init]
+# (other parts: train-decoder, train-function, host, pinv)
 set -uo pipefail
 export NLORA_RESULTS=${NLORA_RESULTS:-${OUT:-benchmarks/results}} PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -14,6 +15,13 @@ for part in $parts; do
     train) timeout 250 $PY benchmarks/bench_train.py --layers 2 --rounds 2 --profile --compile --compile-budget 100 ;;
     train-decoder) timeout 240 $PY benchmarks/bench_train.py --head none --foreach-adam --layers 2 --rounds 2 \
                      --profile --compile --compile-budget 110 --name train_7b_cuda_decoder_foreach ;;
+    train-function) timeout 200 $PY benchmarks/bench_train.py --layers 2 --rounds 3 --only floor \
+                     'peft-lora (fp32 adapters, default)' 'peft-lora (bf16 adapters)' nlora-lora nlora-slora \
+                     nlora-nystrom nlora-inttune 'nlora-lora (e638000 op-by-op)' 'nlora-slora (e638000 op-by-op)' \
+                     'nlora-nystrom (e638000 op-by-op)' 'nlora-inttune (e638000 op-by-op)' 'nlora-nystrom (bf16 params)' \
+                     --profile floor nlora-nystrom 'nlora-nystrom (e638000 op-by-op)' nlora-inttune \
+                     'nlora-inttune (e638000 op-by-op)' --name train_7b_cuda_function ;;
+    host)  timeout 60 $PY benchmarks/bench_host.py --device cuda ;;
     pinv)  timeout 60 $PY benchmarks/bench_init.py --device cuda --pinv-micro ;;
     infer) timeout 70 $PY benchmarks/bench_infer.py --layers 2 --rounds 2 ;;
     loss)  timeout 90 $PY benchmarks/bench_loss.py --steps 300 ;;

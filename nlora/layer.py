@@ -16,6 +16,11 @@ from .fingerprint import weight_sample
 
 TRAIN_MODES = ("all", "middle")
 
+FUSED_FUNCTION = True
+"""Run the eager adapter branch as one autograd node (``_AdapterBranch``); ``False`` restores the op-by-op path of
+commit e638000 (for the same-process before/after benchmarks, and for double backward through adapters with a
+frozen A, which the one-node branch refuses because it does not keep the layer input)."""
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """HF ``Conv1D`` (GPT-2 family) by duck typing: a 2-D weight stored ``(in, out)`` and an ``nf`` attribute."""
@@ -61,6 +66,7 @@ class Adapter(nn.Module):
         self.lora_N = None if factors.N is None else nn.Parameter(_owned(factors.N, dtype))
         self.lora_B = nn.Parameter(_owned(factors.B, dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._cast_cache: dict[str, tuple[tuple, Tensor]] = {}  # plain attribute: never in the state_dict
         trainable = {id(p) for p in self.trainable_parameters()}
         for p in self.parameters():
             p.requires_grad_(id(p) in trainable)
@@ -92,24 +98,56 @@ class Adapter(nn.Module):
                                f"materialise the model (to_empty), load the base weights, then call "
                                f"nlora.initialize_adapters(model)")
 
-    def forward(self, x: Tensor, dropout: bool = True, out: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, dropout: bool = True, out: Tensor | None = None,
+                base: nn.Linear | None = None) -> Tensor:
         """``s B N A dropout(x)``; ``dropout=False`` gives the exact delta of a merged adapter (no dropout mask).
 
         With ``out`` (a fresh 2-D base output for 2-D ``x``) it returns ``out + s B N A dropout(x)``, accumulating in
-        place when ``out`` has the compute dtype (one GEMM with beta=1, alpha=s, no output-sized add). Going through
-        ``__call__`` either way keeps module hooks (FSDP2's unshard) working.
+        place when ``out`` has the compute dtype (one GEMM with beta=1, alpha=s, no output-sized add), as one autograd
+        node (``_AdapterBranch``). With ``base`` instead (a frozen ``nn.Linear``, see ``NLoRALinear._folds_base``) that
+        node also computes the base output and its input gradient. Going through ``__call__`` either way keeps
+        module hooks (FSDP2's unshard) working.
         """
         self._check_ready()
         x = self.dropout(x) if dropout else x
-        if out is None:
-            return _low_rank(x, self.lora_A, self.lora_N, self.lora_B, self.scaling, self.compute_dtype)
+        a, n, b = self.lora_A, self.lora_N, self.lora_B
+        if out is None and base is None:
+            return _low_rank(x, a, n, b, self.scaling, self.compute_dtype)
         dtype = _compute_dtype(x, self.compute_dtype)
         # An in-place update of a view (e.g. HF Conv1D's output) would cost autograd a gradient copy.
-        if out.dtype != dtype or out._is_view():
-            delta = _low_rank(x, self.lora_A, self.lora_N, self.lora_B, self.scaling, self.compute_dtype)
+        if base is None and (out.dtype != dtype or out._is_view()):
+            delta = _low_rank(x, a, n, b, self.scaling, self.compute_dtype)
             return out + delta.to(out.dtype)
-        h = _down(x, self.lora_A, self.lora_N, dtype)
-        return out.addmm_(h, self.lora_B.to(dtype).t(), alpha=self.scaling)
+        if base is not None or (FUSED_FUNCTION and not sharded.is_dtensor(a)):
+            frozen = not (a.requires_grad and b.requires_grad and (n is None or n.requires_grad))
+            casts = self._frozen_casts(dtype) if frozen else _NO_CASTS
+            w, bias = (None, None) if base is None else (base.weight, base.bias)
+            return _AdapterBranch.apply(out, x, a, n, b, w, bias, self.scaling, casts)
+        h = _down(x, a, n, dtype)
+        return out.addmm_(h, b.to(dtype).t(), alpha=self.scaling)
+
+    def _frozen_casts(self, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
+        """``dtype`` copies of the frozen factors (IntTune's A and B), made once and reused across steps; ``None``
+        where the branch casts itself (trainable or already ``dtype``). A copy is keyed on the factor's version
+        counter, storage, dtype, device and shape, so in-place edits (``load_state_dict``, ``merge``, an optimizer,
+        ``p.copy_``) are never served stale; writes through ``p.data`` bypass version counting and are not seen.
+        Not used under FSDP2, which refills parameter storage with the version counter preserved."""
+        if torch.is_inference_mode_enabled() or getattr(self, "_is_fsdp_managed_module", False):
+            return (None, None, None)
+        cache = self.__dict__.setdefault("_cast_cache", {})  # adapters unpickled from older versions lack it
+        casts = []
+        for name in ("lora_A", "lora_N", "lora_B"):
+            p = getattr(self, name)
+            if p is None or p.requires_grad or p.dtype == dtype:
+                casts.append(None)
+                continue
+            key = (p._version, p.data_ptr(), p.dtype, p.device, p.shape, dtype)
+            hit = cache.get(name)
+            if hit is None or hit[0] != key:
+                with torch.no_grad():
+                    hit = cache[name] = (key, p.to(dtype))
+            casts.append(hit[1])
+        return tuple(casts)
 
     def initial_output(self, x: Tensor) -> Tensor:
         """``s B0 N0 A0 x``: what this adapter's init subtracted from the base weight (no dropout)."""
@@ -146,6 +184,109 @@ def _down(x: Tensor, a: Tensor, n: Tensor | None, dtype: torch.dtype) -> Tensor:
     """``N(A x)`` in ``dtype`` (the fp32 master factors are cast on the fly; a no-op when already ``dtype``)."""
     h = F.linear(x.to(dtype), a.to(dtype))
     return h if n is None else F.linear(h, n.to(dtype))
+
+
+_MM_OUT_DTYPE: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _mm_out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(..., out_dtype=torch.float32)`` (aten::mm.dtype: CUDA, torch >= 2.8) runs here for ``dtype``."""
+    key = (device.type, dtype)
+    if key not in _MM_OUT_DTYPE:
+        try:
+            z = torch.zeros(2, 2, dtype=dtype, device=device)
+            _MM_OUT_DTYPE[key] = torch.mm(z, z, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE[key] = False
+    return _MM_OUT_DTYPE[key]
+
+
+def _mm_to(a: Tensor, b: Tensor, dtype: torch.dtype, scaling: float = 1.0) -> Tensor:
+    """``scaling * a @ b`` in ``dtype``: an fp32 gradient straight from the bf16/fp16 GEMM where the backend can (no
+    cast kernel), else a GEMM in ``a``'s dtype, scaled, then cast (no cast when the dtypes agree)."""
+    if (dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16)
+            and _mm_out_dtype_works(a.device, a.dtype)):
+        c = torch.mm(a, b, out_dtype=dtype)
+    else:
+        c = torch.mm(a, b)
+    return (c if scaling == 1 else c.mul_(scaling)).to(dtype)
+
+
+_NO_CASTS = (None, None, None)
+
+
+class _AdapterBranch(torch.autograd.Function):
+    """``y += s B N A x`` in place (``N`` optional) as one autograd node: the fp32 masters are cast to ``y``'s dtype
+    inside, and backward computes only the gradients that are needed (IntTune: dN and dx), the parameter gradients
+    coming back in the parameters' dtype. ``y`` is the fresh 2-D base output, ``x`` the 2-D input; ``casts`` holds
+    cached compute-dtype copies of frozen factors (or ``None``). With ``y=None`` and the frozen base ``w``, ``bias``
+    of an ``nn.Linear`` the node computes ``y = x W^T + bias`` itself and the base's input gradient with the
+    branch's, ``dx = g W + s (g B N) A`` (one GEMM accumulating into the other): the base gets no autograd node and
+    ``x`` no gradient sum."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor | None, x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, w: Tensor | None,
+                bias: Tensor | None, scaling: float, casts: tuple[Tensor | None, ...]) -> Tensor:
+        need_x, need_a, need_n, need_b = ctx.needs_input_grad[1:5]
+        if y is None:
+            y = F.linear(x, w, bias)
+        else:
+            ctx.mark_dirty(y)
+        dtype = y.dtype
+        ac = casts[0] if casts[0] is not None else a.to(dtype)
+        nc = None if n is None else casts[1] if casts[1] is not None else n.to(dtype)
+        bc = casts[2] if casts[2] is not None else b.to(dtype)
+        xc = x if x.dtype == dtype else x.to(dtype)
+        h1 = F.linear(xc, ac)
+        h2 = h1 if nc is None else F.linear(h1, nc)
+        y.addmm_(h2, bc.t(), alpha=scaling)
+        ctx.scaling, ctx.x_dtype = scaling, x.dtype
+        down = need_x or need_a  # the gradient has to go back through N and A
+        # x only where dA needs it (IntTune keeps no layer input alive, like plain autograd); a, n, b, w cost nothing
+        ctx.save_for_backward(x if need_a else None, a, n, b, w if need_x else None, xc if need_a else None,
+                              ac if need_x else None, nc if down else None, bc if down or need_n else None,
+                              h1 if need_n else None, h2 if need_b else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, a, n, b, w, xc, ac, nc, bc, h1, h2 = ctx.saved_tensors
+        need_y, need_x, need_a, need_n, need_b = ctx.needs_input_grad[:5]
+        s = ctx.scaling
+        gy = g if need_y else None
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain composite so higher orders work
+            if x is None:
+                raise RuntimeError("double backward through an nlora adapter with a frozen A (e.g. IntTune) needs the "
+                                   "layer input, which the one-node branch does not keep; set "
+                                   "nlora.layer.FUSED_FUNCTION = False for such runs")
+            return (gy, *_composite_grads(g, x, a, n, b, w, s, ctx.needs_input_grad[1:5]), None, None, None, None)
+        gx = ga = gn = gb = None
+        if need_b:
+            gb = _mm_to(g.t(), h2, b.dtype, s)
+        if need_x or need_a or need_n:
+            u = torch.mm(g, bc)  # dL/dh2 = s g B
+            u = u if s == 1 else u.mul_(s)
+            if need_n:
+                gn = _mm_to(u.t(), h1, n.dtype)
+            v = u if nc is None else torch.mm(u, nc)  # dL/dh1
+            if need_a:
+                ga = _mm_to(v.t(), xc, a.dtype)
+            if need_x:
+                gx = torch.mm(v, ac) if w is None else torch.mm(g, w).addmm_(v, ac)
+                gx = gx.to(ctx.x_dtype)
+        return gy, gx, ga, gn, gb, None, None, None, None
+
+
+def _composite_grads(g: Tensor, x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, w: Tensor | None, s: float,
+                     needs: tuple[bool, ...]) -> list[Tensor | None]:
+    """Gradients of ``s B N A x`` (plus ``W x`` with ``w``) w.r.t. the needed ones of ``x, A, N, B`` through ordinary
+    differentiable ops."""
+    with torch.enable_grad():
+        out = _low_rank(x, a, n, b, s, g.dtype)
+        out = out if w is None else out + F.linear(x.to(g.dtype), w.to(g.dtype))
+        wrt = [t for t, need in zip((x, a, n, b), needs) if need]
+        got = iter(torch.autograd.grad(out, wrt, g, create_graph=True, allow_unused=True))
+    return [next(got) if need else None for need in needs]
 
 
 def _low_rank(x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, scaling: float,
@@ -367,10 +508,26 @@ class NLoRALinear(nn.Module):
         in-place update of a reshaped view would make autograd copy the gradient (CopySlices) in backward.
         """
         x2 = x.reshape(-1, x.shape[-1])
-        y = self.base(x2)
-        for adapter in adapters:
+        first = adapters[0]
+        y = first(x2, base=self.base) if self._folds_base(x2, first) else first(x2, out=self.base(x2))
+        for adapter in adapters[1:]:
             y = adapter(x2, out=y)
         return y.view(*x.shape[:-1], y.shape[-1])
+
+    def _folds_base(self, x: Tensor, adapter: Adapter) -> bool:
+        """Whether the first adapter's ``_AdapterBranch`` can also run the base and give its input gradient (one
+        autograd node and no gradient sum for ``x`` instead of two nodes and an add). Not where the base must keep its
+        own node: a custom Linear subclass or hooks (the output may differ from ``F.linear``), a trainable or sharded
+        weight or bias, autocast or any dtype change, dropout, or no gradient wanted."""
+        base = self.base
+        if not (FUSED_FUNCTION and type(base) is nn.Linear and x.requires_grad and torch.is_grad_enabled()
+                and not base._forward_hooks and not base._forward_pre_hooks):
+            return False
+        w, bias = base.weight, base.bias
+        return (not w.requires_grad and (bias is None or not bias.requires_grad) and w.dtype == x.dtype
+                and adapter.compute_dtype in (None, x.dtype) and isinstance(adapter.dropout, nn.Identity)
+                and not torch.is_autocast_enabled(x.device.type)
+                and not sharded.is_dtensor(w) and not sharded.is_dtensor(adapter.lora_A))
 
     def extra_repr(self) -> str:
         kind = "Conv1D" if is_conv1d(self.base) else "Linear"
