@@ -44,7 +44,10 @@ def weight_samples(weights: list[Tensor], k: int = SAMPLE_SIZE) -> list[Tensor |
             out[i] = weight_sample(w, k)
             continue
         rows, cols = sample_positions(tuple(w.shape), k)
-        flat = (rows * w.shape[1] + cols).to(w.device, non_blocking=True)  # pageable -> device: staged, no sync
+        flat = rows * w.shape[1] + cols
+        if w.device.type == "cuda":  # from pinned memory the copy is truly asynchronous (pageable may sync)
+            flat = flat.pin_memory()
+        flat = flat.to(w.device, non_blocking=True)
         with torch.no_grad():
             groups.setdefault((w.device, w.dtype), []).append((i, w.detach().reshape(-1)[flat]))
     for parts in groups.values():

@@ -79,17 +79,17 @@ def check_pinv_options(rcond: float | None, solver: str) -> None:
 
 
 def _lambda_max_bound(gram: Tensor) -> Tensor:
-    """An upper bound of the largest eigenvalue of (a batch of) PSD ``gram`` with trace <= 1, from GEMMs only.
+    """An upper bound of the largest eigenvalue of (a batch of) PSD ``gram`` with trace 1, from GEMMs only.
 
     ``(trace G^p)^(1/p)`` with ``p = 2^(k+1)`` after ``k`` squarings lies in ``[λ_max, r^(1/p) λ_max]``; with
-    trace 1 every power stays above ``r^-p`` (no fp64 underflow for any realistic r), and ``trace(G)/r`` is a
-    floor should it underflow anyway.
+    trace 1 every power stays above ``r^-p`` (no fp64 underflow for any realistic r), and ``λ_max >= 1/r`` is a
+    floor should it underflow anyway (a zero Gram also gets ``1/r``: harmless, its pseudo-inverse is zero).
     """
     m = gram
     for _ in range(_SQUARINGS):
         m = m @ m
     bound = torch.linalg.matrix_norm(m).pow(2.0 / 2 ** (_SQUARINGS + 1))  # ||G^(p/2)||_F^(2/p) = tr(G^p)^(1/p)
-    return torch.maximum(bound, gram.diagonal(dim1=-2, dim2=-1).sum(-1) / gram.shape[-1])
+    return bound.clamp_min(1.0 / gram.shape[-1])
 
 
 def _ridge_factor(gram: Tensor, rtol: float | tuple[float, ...]) -> tuple[Tensor, Tensor, Tensor]:
@@ -97,8 +97,8 @@ def _ridge_factor(gram: Tensor, rtol: float | tuple[float, ...]) -> tuple[Tensor
     failure mask: ``λ = rtol² λ_max(G/t)`` (λ_max bounded by GEMMs, never an SVD), at least ``32 r eps64`` so that
     the factorisation of a finite Gram cannot fail, even a rank-deficient or zero one. No host synchronisation."""
     n = gram.shape[-1]
-    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
-    scale = torch.where(trace > 0, trace, torch.ones_like(trace))  # a zero Gram stays zero (its pinv is 0)
+    # a zero Gram stays zero (its pseudo-inverse is 0); tiny keeps the division finite
+    scale = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(torch.float64).tiny)
     g = gram / scale[..., None, None]
     # rtol enters as Python floats (a tensor built from host values would cost a host-to-device copy and a sync).
     rtols = list(rtol) if isinstance(rtol, (tuple, list)) else [float(rtol)]
@@ -120,7 +120,7 @@ def _chol_solve(chol: Tensor, rhs: Tensor) -> Tensor:
 def _poison(x: Tensor, failed: Tensor) -> Tensor:
     """``x``, or NaN everywhere if any factorisation failed: a deferred check (inject refuses non-finite factors)
     instead of a host synchronisation per layer; a finite input never gets here."""
-    return torch.where(failed.any(), torch.full_like(x, float("nan")), x)
+    return torch.where(failed if failed.dim() == 0 else failed.any(), float("nan"), x)
 
 
 def ridge_pinv(mat: Tensor, rcond: float | None = None) -> Tensor:
@@ -182,7 +182,7 @@ def optimal_core(weight: Tensor, rows: Tensor, cols: Tensor, rcond: float | None
     grams = torch.stack((c64.mT @ c64, r64 @ r64.mT))  # CᵀC and RRᵀ, one batched factorisation for both
     rtol = (default_rtol(out_f, k), default_rtol(k, in_f)) if rcond is None else float(rcond)
     chol, scale, failed = _ridge_factor(grams, rtol)
-    y = (ctw.double() @ r64.mT) / (scale[0] * scale[1])  # Cᵀ W Rᵀ, the traces folded in
+    y = (ctw.double() @ r64.mT) / scale[0] / scale[1]  # Cᵀ W Rᵀ, the traces folded in (their product may underflow)
     left = _chol_solve(chol[0], y)  # (CᵀC + λ)⁻¹ Cᵀ W Rᵀ
     core = _chol_solve(chol[1], left.mT).mT  # ... (RRᵀ + λ)⁻¹ (both Grams symmetric)
     return _poison(core, failed).float()

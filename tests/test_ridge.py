@@ -208,3 +208,17 @@ def test_ridge_cores_make_no_host_sync_on_cuda(dtype):
     torch.testing.assert_close(core.cpu(), cpu, rtol=1e-4, atol=1e-4 * float(cpu.abs().max()))
     torch.testing.assert_close(p.cpu(), ridge_pinv(w[:16, :16].cpu()), rtol=1e-4, atol=1e-4)
     assert torch.isfinite(f.N).all()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_batched_weight_samples_equal_one_by_one(device):
+    from nlora.fingerprint import weight_sample, weight_samples
+
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(37, 19, generator=g).to(device, dt) for dt in (torch.float32, torch.bfloat16, torch.float32)]
+    ws.append(torch.empty(5, 5, device="meta"))
+    got = weight_samples(ws)
+    assert got[-1] is None
+    for w, s in zip(ws[:-1], got[:-1]):
+        assert s.device.type == "cpu" and torch.equal(s, weight_sample(w.cpu()))
