@@ -26,6 +26,8 @@ NLORA_METHODS = {  # label: (init, options)
     "nystrom": ("nystrom", {}),
     "nystrom-pinv": ("nystrom-pinv", {}),
     "nystrom-optimal": ("nystrom-optimal", {}),
+    "nystrom-pinv[svd]": ("nystrom-pinv", {"solver": "svd"}),  # the SVD solver (the default before the ridge one)
+    "nystrom-optimal[svd]": ("nystrom-optimal", {"solver": "svd"}),
     "pissa-lowrank4": ("pissa", {"svd": "lowrank", "niter": 4}),
     "pissa-full": ("pissa", {"svd": "full"}),
 }

@@ -40,16 +40,12 @@ def weight_samples(weights: list[Tensor], k: int = SAMPLE_SIZE) -> list[Tensor |
     for i, w in enumerate(weights):
         if w.is_meta or w.dim() != 2 or w.numel() == 0 or type(w).__name__ == "DTensor":
             continue
-        if w.device.type == "cpu":
-            out[i] = weight_sample(w, k)
-            continue
-        rows, cols = sample_positions(tuple(w.shape), k)
-        flat = rows * w.shape[1] + cols
+        pos = torch.stack(sample_positions(tuple(w.shape), k))
         if w.device.type == "cuda":  # from pinned memory the copy is truly asynchronous (pageable may sync)
-            flat = flat.pin_memory()
-        flat = flat.to(w.device, non_blocking=True)
-        with torch.no_grad():
-            groups.setdefault((w.device, w.dtype), []).append((i, w.detach().reshape(-1)[flat]))
+            pos = pos.pin_memory()
+        pos = pos.to(w.device, non_blocking=True)
+        with torch.no_grad():  # indexing, not a flat view: a transposed (Conv1D) weight is not copied
+            groups.setdefault((w.device, w.dtype), []).append((i, w.detach()[pos[0], pos[1]]))
     for parts in groups.values():
         host = torch.cat([t for _, t in parts]).to("cpu")
         for (i, _), piece in zip(parts, host.split(k)):

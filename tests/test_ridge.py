@@ -217,6 +217,7 @@ def test_batched_weight_samples_equal_one_by_one(device):
 
     g = torch.Generator().manual_seed(0)
     ws = [torch.randn(37, 19, generator=g).to(device, dt) for dt in (torch.float32, torch.bfloat16, torch.float32)]
+    ws.append(torch.randn(23, 41, generator=g).to(device).T)  # a Conv1D-style transposed view
     ws.append(torch.empty(5, 5, device="meta"))
     got = weight_samples(ws)
     assert got[-1] is None
