@@ -26,6 +26,8 @@ NLORA_METHODS = {  # label: (init, options)
     "nystrom": ("nystrom", {}),
     "nystrom-pinv": ("nystrom-pinv", {}),
     "nystrom-optimal": ("nystrom-optimal", {}),
+    "nystrom-pinv[svd]": ("nystrom-pinv", {"solver": "svd"}),  # the SVD solver (the default before the ridge one)
+    "nystrom-optimal[svd]": ("nystrom-optimal", {"solver": "svd"}),
     "pissa-lowrank4": ("pissa", {"svd": "lowrank", "niter": 4}),
     "pissa-full": ("pissa", {"svd": "full"}),
 }
@@ -98,15 +100,59 @@ def pinv_micro(device: str, iters: int = 20) -> list[dict]:
     if torch.device(device).type == "cuda":
         for drv in ("gesvd", "gesvdj", "gesvda"):
             rows.append((f"svd 128x128 driver={drv}", lambda d=drv: torch.linalg.svd(core, driver=d), 1))
+    # The SVD-free default solver (nystrom.ridge_pinv / optimal_core(solver="ridge")) and its pieces, per layer.
+    from nlora.inits import INITIALIZERS
+    from nlora.nystrom import _lambda_max_bound, optimal_core, ridge_pinv
+
+    spd = (core.double() @ core.double().T) / 128 + torch.eye(128, device=device, dtype=torch.float64)
+    spd2 = torch.stack((spd, spd))
+    chol = torch.linalg.cholesky(spd)
+    tall64 = tall.double()
+    w_big = torch.randn(11008, 4096, device=device, generator=g)
+    w_big16 = w_big.bfloat16()
+    idx = torch.arange(128, device=device)
+    pinv_fn, opt_fn = INITIALIZERS["nystrom-pinv"].fn, INITIALIZERS["nystrom-optimal"].fn
+    rows += [("ridge pinv 128x128 (rcond 0.1; the nystrom-pinv core)", lambda: ridge_pinv(core, 0.1), 1),
+             ("gram 11008x128 fp64 (C^T C)", lambda: tall64.T @ tall64, 1),
+             ("lambda_max bound 128x128 fp64 (5 squarings)", lambda: _lambda_max_bound(spd), 1),
+             ("cholesky_ex 128x128 fp64", lambda: torch.linalg.cholesky_ex(spd), 1),
+             ("cholesky_ex batched 2 x 128x128 fp64 (per call)", lambda: torch.linalg.cholesky_ex(spd2), 1),
+             ("solve_triangular 128x128 fp64", lambda: torch.linalg.solve_triangular(chol, spd, upper=False), 1),
+             ("C^T W 11008x4096 fp32 (the optimal core's big product)", lambda: tall.T @ w_big, 1),
+             ("optimal core via Cholesky 11008x4096 fp32", lambda: optimal_core(w_big, idx, idx), 1),
+             ("optimal core via Cholesky 11008x4096 bf16", lambda: optimal_core(w_big16, idx, idx), 1),
+             ("optimal core via SVD 11008x4096 fp32 (solver='svd')",
+              lambda: optimal_core(w_big, idx, idx, solver="svd"), 1),
+             ("nystrom-pinv factors 11008x4096 fp32 (ridge)", lambda: pinv_fn(w_big, 128, scaling=1.0), 1),
+             ("nystrom-pinv factors 11008x4096 fp32 (solver='svd')",
+              lambda: pinv_fn(w_big, 128, scaling=1.0, solver="svd"), 1),
+             ("nystrom-optimal factors 11008x4096 fp32 (ridge)", lambda: opt_fn(w_big, 128, scaling=1.0), 1),
+             ("nystrom-optimal factors 11008x4096 bf16 (ridge)", lambda: opt_fn(w_big16, 128, scaling=1.0), 1)]
     out = []
     for label, fn, per in rows:
         try:
-            out.append({"op": label, "ms_per_matrix": clock(fn) / per})
+            out.append({"op": label, "ms_per_matrix": clock(fn) / per, **launches(fn, device)})
         except RuntimeError as e:  # a driver a build lacks
             out.append({"op": label, "error": str(e)[:200]})
-    print(table([[o["op"], f"{o['ms_per_matrix']:.3f}" if "ms_per_matrix" in o else o["error"]] for o in out],
-                ["op", "ms per matrix"]))
+    print(table([[o["op"], f"{o['ms_per_matrix']:.3f}" if "ms_per_matrix" in o else o["error"],
+                  o.get("kernels", ""), o.get("syncs", "")] for o in out],
+                ["op", "ms per matrix", "GPU kernels", "host syncs"]))
     return out
+
+
+def launches(fn, device: str) -> dict:
+    """GPU kernels one call launches and host synchronisations it makes (torch.profiler; CUDA only)."""
+    if torch.device(device).type != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = prof.events()
+    kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    syncs = sum(1 for e in events if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy")) - 1
+    return {"kernels": kernels, "syncs": max(syncs, 0)}
 
 
 def main() -> None:

@@ -106,6 +106,18 @@ def approx_table(name: str) -> list[str]:
         t = "/".join(f"{q[f'{i}/first/seconds'] * 1e3:.2f}" for i in ("nystrom-pinv", "nystrom-optimal", "nystrom"))
         out.append(_row([s["rank"], f"{q['svd_best_rel_error']:.3f}"] + [f"{q[c]:.3f}" for c in cols]
                         + [f"{q['nystrom/first/perturbation']:.3f}", f"{q['nystrom/norm/perturbation']:.3f}", t]))
+    svd = [s for s in d["summary"] if "nystrom-pinv[svd]/first/rel_error" in s["median_over_modules"]]
+    if svd:  # the same with solver="svd" (exact SVD truncation; the default before the ridge solver)
+        out += ["", "Same, with `solver=\"svd\"` (the exact SVD truncation; the plain columns above use the default "
+                    "ridge solver):", "",
+                _row(["rank", "pinv[svd] first", "pinv[svd] random", "pinv[svd] norm", "optimal[svd] first",
+                      "optimal[svd] random", "optimal[svd] norm", "init ms pinv/optimal"]), _row(["---"] * 8)]
+        for s in svd:
+            q = s["median_over_modules"]
+            cols = [f"{i}[svd]/{x}/rel_error" for i in ("nystrom-pinv", "nystrom-optimal")
+                    for x in ("first", "random", "norm")]
+            t = "/".join(f"{q[f'{i}[svd]/first/seconds'] * 1e3:.2f}" for i in ("nystrom-pinv", "nystrom-optimal"))
+            out.append(_row([s["rank"]] + [f"{q[c]:.3f}" for c in cols] + [t]))
     return out + [""]
 
 

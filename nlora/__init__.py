@@ -18,7 +18,7 @@ from .model import (
     unload,
     unmerge,
 )
-from .nystrom import nystrom_reconstruct, optimal_core, regularised_pinv, select_indices
+from .nystrom import nystrom_reconstruct, optimal_core, regularised_pinv, ridge_pinv, select_indices
 
 __version__ = "0.1.0"
 
@@ -26,6 +26,7 @@ __all__ = [
     "Adapter", "Factors", "INITIALIZERS", "NLoRALinear", "adapter_names", "count_parameters", "delete_adapter",
     "disable_adapter", "get_init", "initialize_adapters", "inject", "merge", "merge_and_unload",
     "nystrom_reconstruct", "optimal_core", "pending_adapters", "register_init", "regularised_pinv",
-    "remap_base_keys", "select_indices", "select_targets", "set_adapter", "trainable_summary", "unload", "unmerge",
+    "remap_base_keys", "ridge_pinv", "select_indices", "select_targets", "set_adapter", "trainable_summary",
+    "unload", "unmerge",
     "export_peft", "load_adapter", "save_adapter",
 ]

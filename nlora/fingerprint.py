@@ -32,6 +32,27 @@ def weight_sample(weight: Tensor, k: int = SAMPLE_SIZE) -> Tensor | None:
         return weight[rows.to(weight.device), cols.to(weight.device)].detach().to("cpu", copy=True)
 
 
+def weight_samples(weights: list[Tensor], k: int = SAMPLE_SIZE) -> list[Tensor | None]:
+    """``weight_sample`` of many weights with one device-to-host copy per (device, dtype) instead of one per weight
+    (each copy is a host synchronisation; ``inject`` takes every layer's sample this way)."""
+    out: list[Tensor | None] = [None] * len(weights)
+    groups: dict[tuple, list[tuple[int, Tensor]]] = {}
+    for i, w in enumerate(weights):
+        if w.is_meta or w.dim() != 2 or w.numel() == 0 or type(w).__name__ == "DTensor":
+            continue
+        pos = torch.stack(sample_positions(tuple(w.shape), k))
+        if w.device.type == "cuda":  # from pinned memory the copy is truly asynchronous (pageable may sync)
+            pos = pos.pin_memory()
+        pos = pos.to(w.device, non_blocking=True)
+        with torch.no_grad():  # indexing, not a flat view: a transposed (Conv1D) weight is not copied
+            groups.setdefault((w.device, w.dtype), []).append((i, w.detach()[pos[0], pos[1]]))
+    for parts in groups.values():
+        host = torch.cat([t for _, t in parts]).to("cpu")
+        for (i, _), piece in zip(parts, host.split(k)):
+            out[i] = piece.clone()
+    return out
+
+
 def same_sample(saved: Tensor, current: Tensor) -> bool:
     """Whether two samples agree exactly once both are rounded to the less precise of their two dtypes
     (an fp32 checkpoint cast to bf16 matches the bf16 model it became; any other change does not)."""

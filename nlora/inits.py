@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from . import sharded
-from .nystrom import INDEX_METHODS, optimal_core, regularised_pinv, select_indices
+from .nystrom import (INDEX_METHODS, check_pinv_options, optimal_core, regularised_pinv, ridge_pinv,
+                      select_indices)
 
 
 @dataclass(frozen=True)
@@ -147,28 +148,37 @@ def init_nystrom(weight: Tensor, rank: int, *, scaling: float, generator: torch.
 
 @register_init("nystrom-pinv", data_driven=True, has_middle=True, preserve_default=True)
 def init_nystrom_pinv(weight: Tensor, rank: int, *, scaling: float, generator: torch.Generator | None = None,
-                      index: str = "first", rcond: float = 0.1) -> Factors:
-    """Exact Nyström of Eq. 6: ``s B N A = C U⁺ R`` with ``N = U⁺ / s``.
+                      index: str = "first", rcond: float | None = 0.1, solver: str = "ridge") -> Factors:
+    """Exact Nyström of Eq. 6 with a regularised core: ``s B N A = C U⁺ R``, ``N = U⁺ / s``, ``U = W[I, J]``.
 
-    ``U⁺`` drops singular values below ``rcond * σ_max(U)`` (default 0.1): the plain pseudo-inverse of a
-    core sampled from a full-rank weight has condition numbers up to 1e4 and gives reconstruction errors
-    of 10-60x ||W||; truncation at 0.1 keeps it near the SVD optimum. ``rcond=None`` is the plain pinv.
+    The plain pseudo-inverse of a core sampled from a full-rank weight has condition numbers up to 1e4 and gives
+    reconstruction errors of 10-60x ||W||, so ``U⁺`` is regularised at ``rcond * σ_max(U)`` (default 0.1;
+    ``None``: torch's pinv cutoff). ``solver="ridge"`` (default): the Tikhonov inverse ``(UᵀU + λI)⁻¹Uᵀ``,
+    ``λ = (rcond σ_max)²``, singular values ``σ/(σ² + λ)``, from an fp64 Gram + Cholesky (``ridge_pinv``: no SVD,
+    no host sync). ``solver="svd"``: the exact truncation, dropping singular values below ``rcond * σ_max``
+    (one SVD per layer, milliseconds each on a GPU).
     """
+    check_pinv_options(rcond, solver)
     rows, cols, c, r = _slices(weight, rank, index, generator)
-    core = regularised_pinv(r[:, cols], rcond)
+    u = r[:, cols]
+    core = ridge_pinv(u, rcond) if solver == "ridge" else regularised_pinv(u, rcond)
     return Factors(r, core / scaling, c, rows, cols)
 
 
 @register_init("nystrom-optimal", data_driven=True, has_middle=True, preserve_default=True)
 def init_nystrom_optimal(weight: Tensor, rank: int, *, scaling: float, generator: torch.Generator | None = None,
-                         index: str = "first", rcond: float | None = None) -> Factors:
+                         index: str = "first", rcond: float | None = None, solver: str = "ridge") -> Factors:
     """Nyström with the optimal core for the sampled rows and columns: ``s B N A = C (C⁺ W R⁺) R``.
 
     The best Frobenius approximation that uses exactly these ``C`` and ``R``; costs one ``(r, out) @ (out, in)``
-    product per layer, still far cheaper than an SVD.
+    product per layer, still far cheaper than an SVD. ``solver="ridge"`` (default) forms ``C⁺`` and ``R⁺`` from
+    their fp64 Grams by one batched Cholesky with a ridge ``(rcond σ_max)²`` (``None``: torch's pinv cutoff
+    ``eps * max`` of each slice's shape), so rank-deficient slices still give a finite core; ``solver="svd"``
+    truncates their SVDs at ``rcond`` instead (see ``optimal_core``).
     """
+    check_pinv_options(rcond, solver)
     rows, cols, c, r = _slices(weight, rank, index, generator)
-    core = optimal_core(weight, rows, cols, rcond)
+    core = optimal_core(weight, rows, cols, rcond, solver)
     return Factors(r, core / scaling, c, rows, cols)
 
 

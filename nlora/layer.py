@@ -376,17 +376,20 @@ class NLoRALinear(nn.Module):
     # -- adapter management ---------------------------------------------------------------------------
     def attach(self, adapter: str, factors: Factors, *, rank: int, alpha: float | None, init: str, train: str,
                dropout: float, preserve_output: bool | None, adapter_dtype: torch.dtype,
-               compute_dtype: torch.dtype | None, options: dict, seed: int | None = None) -> Adapter:
-        """Add an adapter from precomputed factors; applies the residual update if the output is preserved."""
+               compute_dtype: torch.dtype | None, options: dict, seed: int | None = None,
+               sample: Tensor | None = ...) -> Adapter:
+        """Add an adapter from precomputed factors; applies the residual update if the output is preserved.
+        ``sample``: the base weight's ``weight_sample`` if the caller already took it (inject batches them)."""
         spec = get_init(init)
         preserve = resolve_preserve(spec, preserve_output)
-        sample = weight_sample(weight_view(self.base))  # a few entries of the weight it sits on (load_adapter checks)
+        if sample is ...:  # a few entries of the weight it sits on (load_adapter checks)
+            sample = weight_sample(weight_view(self.base))
         module = Adapter(factors, alpha=float(rank if alpha is None else alpha), init=init, train=train,
                          dropout=dropout, preserve_output=preserve and not spec.zero_delta, options=options,
                          dtype=adapter_dtype, compute_dtype=compute_dtype, seed=seed)
         module.to(weight_view(self.base).device)
         if module.preserve_output and not module.pending_init:
-            self._add_to_weight(-self._delta(module, initial=True))
+            self._subtract_initial(module)
         self.adapters[adapter] = module
         module.base_sample = sample
         return module
@@ -417,6 +420,20 @@ class NLoRALinear(nn.Module):
         """
         w = weight_view(self.base)
         return sharded.local_part(delta, w).add_(sharded.local_view(w))
+
+    def _subtract_initial(self, adapter: Adapter) -> None:
+        """``W -= s B0 N0 A0`` for an init that preserves the output. A plain weight in the delta's own precision
+        (fp32, fp64) is updated by one in-place GEMM (``addmm_``, rounded once, no (out, in) temporary: two
+        passes over the weight instead of five); low-precision and sharded weights take the general path."""
+        w = weight_view(self.base)
+        dt = torch.promote_types(torch.promote_types(adapter.init_A.dtype, torch.float32), w.dtype)
+        if sharded.is_dtensor(w) or w.dtype != dt or sharded.is_dtensor(adapter.init_A):
+            self._add_to_weight(-self._delta(adapter, initial=True))
+            return
+        a, b = adapter.init_A.to(dt), adapter.init_B.to(dt)
+        a = a if adapter.init_N is None else adapter.init_N.to(dt) @ a
+        with torch.no_grad():
+            w.addmm_(b, a, alpha=-adapter.scaling)
 
     def _finite(self, t: Tensor) -> bool:
         """Whether ``t`` (this rank's block of a new weight) is finite on every rank."""
@@ -545,10 +562,32 @@ def resolve_preserve(spec, preserve_output: bool | None) -> bool:
     return bool(preserve_output)
 
 
+def nonfinite_weight_error(label: str, init: str) -> ValueError:
+    """The error for a data-driven init on a weight with NaN/Inf (one wording for build_factors and inject)."""
+    return ValueError(f"{label}: weight has NaN/Inf, so the data-driven init {init!r} cannot use it; "
+                      f"fix the checkpoint or pick a random init (lora/slora)")
+
+
+def weights_finite(weights: list[Tensor]) -> list[bool]:
+    """Whether each plain (non-sharded, non-meta) weight is finite, with one host synchronisation for all of them:
+    an fp32 sum per weight (NaN/Inf make it non-finite; only a weight whose sum overflows is re-checked element-wise)."""
+    sums = [w.sum(dtype=torch.float32) for w in weights]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(sums):
+        by_device.setdefault(t.device, []).append(i)
+    ok = [True] * len(weights)
+    for idx in by_device.values():
+        flags = torch.isfinite(torch.stack([sums[i] for i in idx])).tolist()  # the one sync per device
+        for i, f in zip(idx, flags):
+            ok[i] = f or bool(torch.isfinite(weights[i]).all())
+    return ok
+
+
 def build_factors(base: nn.Module, rank: int, alpha: float | None, init: str, *, train: str, adapter: str,
                   name: str, generator: torch.Generator | None, existing: Iterable[str],
-                  **init_options) -> tuple[Factors, dict]:
-    """Validate one layer's request and run the initialiser; raises before anything is modified."""
+                  weight_checked: bool = False, **init_options) -> tuple[Factors, dict]:
+    """Validate one layer's request and run the initialiser; raises before anything is modified.
+    ``weight_checked``: the caller has already found the weight finite (inject checks all layers with one sync)."""
     label = name or type(base).__name__
     spec = get_init(init)
     unknown = set(init_options) - set(spec.options)
@@ -582,10 +621,10 @@ def build_factors(base: nn.Module, rank: int, alpha: float | None, init: str, *,
         # One fp32 reduction instead of a full boolean mask: any NaN/Inf makes the sum non-finite; a finite
         # weight whose sum overflows is re-checked element-wise.
         local = sharded.local_view(w)
-        finite = bool(torch.isfinite(local.sum(dtype=torch.float32))) or bool(torch.isfinite(local).all())
+        finite = weight_checked or bool(torch.isfinite(local.sum(dtype=torch.float32))) or \
+            bool(torch.isfinite(local).all())
         if not sharded.all_ranks_true(finite, w):
-            raise ValueError(f"{label}: weight has NaN/Inf, so the data-driven init {init!r} cannot use it; "
-                             f"fix the checkpoint or pick a random init (lora/slora)")
+            raise nonfinite_weight_error(label, init)
     factors = spec.fn(w, rank, scaling=scaling, generator=generator, **init_options)
     if sharded.is_dtensor(w) and generator is None:  # unseeded random draws may differ by rank: take rank 0's
         factors = Factors(*(None if t is None else sharded.broadcast(t, w) for t in

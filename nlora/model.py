@@ -11,8 +11,11 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from . import sharded
+from .fingerprint import weight_samples
 from .inits import get_init
-from .layer import NLoRALinear, build_factors, is_adaptable, resolve_preserve, weight_view
+from .layer import (NLoRALinear, build_factors, is_adaptable, nonfinite_weight_error, resolve_preserve,
+                    weight_view, weights_finite)
 
 Targets = str | Sequence[str]
 HEAD_NAMES = ("lm_head",)
@@ -150,22 +153,32 @@ def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | Non
         if not chosen:
             raise ValueError(f"targets={targets!r} only matched the trainable modules {sorted(extra)}; target "
                              f"other modules, or drop them from trainable")
-    plans = []
-    for name, module in chosen.items():  # phase 1: validate and compute every factor; nothing is modified
-        base = module.base if isinstance(module, NLoRALinear) else module
+    # Phase 1: validate and compute every factor; nothing is modified. The finiteness checks of all weights (before
+    # the inits) and of all factors (after) are each resolved with one host synchronisation, not one per layer, so
+    # that a GPU runs the layers' init kernels while the host is still launching the next ones.
+    bases = {n: (m.base if isinstance(m, NLoRALinear) else m) for n, m in chosen.items()}
+    plain = {n: weight_view(b) for n, b in bases.items() if _plain_float(weight_view(b))}
+    checked = set()
+    if spec.data_driven:
+        for (n, w), ok in zip(plain.items(), weights_finite(list(plain.values()))):
+            if not ok:
+                raise nonfinite_weight_error(n, init)
+        checked = set(plain)
+    plans, finite_flags = [], []
+    for name, module in chosen.items():
+        base = bases[name]
         existing = tuple(module.adapters) if isinstance(module, NLoRALinear) else ()
         r = _pattern_value(name, rank_pattern, rank)
         a = _pattern_value(name, alpha_pattern, alpha)
         factors, options = build_factors(base, r, a, init, train=train, adapter=adapter, name=name,
                                          generator=_generator(seed, name, weight_view(base).device),
-                                         existing=existing, **init_options)
-        bad = [k for k in ("A", "N", "B") if getattr(factors, k) is not None and not factors.A.is_meta
-               and not torch.isfinite(getattr(factors, k).to(adapter_dtype)).all()]
-        if bad:
-            raise ValueError(f"{name}: init {init!r} gives lora_{'/'.join(bad)} values that are not finite in "
-                             f"{adapter_dtype} (an ill-conditioned Nyström core overflows); nothing was changed. Use "
-                             f"adapter_dtype=torch.float32, init='nystrom-optimal', or a larger rcond")
+                                         existing=existing, weight_checked=name in checked, **init_options)
+        if not factors.A.is_meta:
+            finite_flags.append((name, [(k, torch.isfinite(getattr(factors, k).to(adapter_dtype)).all())
+                                        for k in ("A", "N", "B") if getattr(factors, k) is not None]))
         plans.append((name, module, base, r, a, factors, options))
+    _refuse_nonfinite_factors(finite_flags, init, adapter_dtype)
+    samples = dict(zip(plain, weight_samples(list(plain.values()))))  # one device-to-host copy for all layers
     kwargs = dict(init=init, train=train, dropout=dropout, preserve_output=preserve_output,
                   adapter_dtype=adapter_dtype, compute_dtype=compute_dtype, seed=seed)
     for name, module, base, r, a, factors, options in plans:  # phase 2: apply
@@ -174,11 +187,33 @@ def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | Non
         else:
             layer = NLoRALinear.wrapping(base, name)
             _set_module(model, name, layer)
-        layer.attach(adapter, factors, rank=r, alpha=a, options=options, **kwargs)
+        layer.attach(adapter, factors, rank=r, alpha=a, options=options, sample=samples.get(name, ...), **kwargs)
     for module in extra.values():
         setattr(module, _EXTRA_TRAINABLE, True)
     set_adapter(model, adapter)
     return model
+
+
+def _plain_float(w: torch.Tensor) -> bool:
+    """A weight inject can check and sample in one batch: a plain (not sharded, not meta) 16/32/64-bit float."""
+    return (not sharded.is_dtensor(w) and not w.is_meta and w.dim() == 2 and w.is_floating_point()
+            and w.dtype.itemsize >= 2)
+
+
+def _refuse_nonfinite_factors(flags: list, init: str, adapter_dtype: torch.dtype) -> None:
+    """Raise for the first layer whose factors are not finite in ``adapter_dtype`` (one sync per device if all are)."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for _, layer_flags in flags:
+        for _, t in layer_flags:
+            by_device.setdefault(t.device, []).append(t)
+    if all(bool(torch.stack(ts).all()) for ts in by_device.values()):
+        return
+    for name, layer_flags in flags:
+        bad = [k for k, t in layer_flags if not bool(t)]
+        if bad:
+            raise ValueError(f"{name}: init {init!r} gives lora_{'/'.join(bad)} values that are not finite in "
+                             f"{adapter_dtype} (an ill-conditioned Nyström core overflows); nothing was changed. Use "
+                             f"adapter_dtype=torch.float32, init='nystrom-optimal', or a larger rcond")
 
 
 def _refresh_requires_grad(model: nn.Module) -> None:

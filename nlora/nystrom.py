@@ -7,6 +7,8 @@ Everything here is a pure function: tensors in, tensors out, nothing modified.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -50,10 +52,97 @@ def _sample_by_weight(p: Tensor, k: int, generator: torch.Generator | None) -> T
 
 
 def regularised_pinv(core: Tensor, rcond: float | None = None) -> Tensor:
-    """Pseudo-inverse that drops singular values below ``rcond * σ_max`` (``None``: torch's default)."""
+    """Pseudo-inverse that drops singular values below ``rcond * σ_max`` (``None``: torch's default): the exact
+    SVD truncation, kept as the reference and as ``solver="svd"`` (one cuSOLVER SVD, milliseconds on a GPU)."""
     if rcond is None:
         return torch.linalg.pinv(core)
     return torch.linalg.pinv(core, rtol=rcond)
+
+
+PINV_SOLVERS = ("ridge", "svd")
+_SQUARINGS = 5  # λ_max bound from trace(G^64)^(1/64): never below λ_max, at most r^(1/64) above it (≤ 8% at r=128)
+
+
+def default_rtol(rows: int, cols: int, dtype: torch.dtype = torch.float32) -> float:
+    """torch.linalg.pinv's default relative cutoff for a ``rows x cols`` matrix: ``eps(dtype) * max(rows, cols)``."""
+    return torch.finfo(dtype).eps * max(rows, cols)
+
+
+def check_pinv_options(rcond: float | None, solver: str) -> None:
+    """Refuse a bad ``solver`` or ``rcond`` (the Nyström inits' options) with a message that names the fix."""
+    if solver not in PINV_SOLVERS:
+        raise ValueError(f"solver={solver!r}: choose 'ridge' (Gram + Cholesky, no SVD) or 'svd' (exact truncation)")
+    if rcond is not None and (isinstance(rcond, bool) or not isinstance(rcond, (int, float))
+                              or not math.isfinite(rcond) or rcond < 0):
+        raise ValueError(f"rcond={rcond!r} must be a finite number >= 0 (relative to σ_max), or None for torch's "
+                         f"default cutoff")
+
+
+def _lambda_max_bound(gram: Tensor) -> Tensor:
+    """An upper bound of the largest eigenvalue of (a batch of) PSD ``gram`` with trace 1, from GEMMs only.
+
+    ``(trace G^p)^(1/p)`` with ``p = 2^(k+1)`` after ``k`` squarings lies in ``[λ_max, r^(1/p) λ_max]``; with
+    trace 1 every power stays above ``r^-p`` (no fp64 underflow for any realistic r), and ``λ_max >= 1/r`` is a
+    floor should it underflow anyway (a zero Gram also gets ``1/r``: harmless, its pseudo-inverse is zero).
+    """
+    m = gram
+    for _ in range(_SQUARINGS):
+        m = m @ m
+    bound = torch.linalg.matrix_norm(m).pow(2.0 / 2 ** (_SQUARINGS + 1))  # ||G^(p/2)||_F^(2/p) = tr(G^p)^(1/p)
+    return bound.clamp_min(1.0 / gram.shape[-1])
+
+
+def _ridge_factor(gram: Tensor, rtol: float | tuple[float, ...]) -> tuple[Tensor, Tensor, Tensor]:
+    """Cholesky factor of ``G/t + λ I`` for (a batch of) fp64 PSD ``gram`` ``G``, its trace scale ``t`` and the
+    failure mask: ``λ = rtol² λ_max(G/t)`` (λ_max bounded by GEMMs, never an SVD), at least ``32 r eps64`` so that
+    the factorisation of a finite Gram cannot fail, even a rank-deficient or zero one. No host synchronisation."""
+    n = gram.shape[-1]
+    # a zero Gram stays zero (its pseudo-inverse is 0); tiny keeps the division finite
+    scale = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(torch.float64).tiny)
+    g = gram / scale[..., None, None]
+    # rtol enters as Python floats (a tensor built from host values would cost a host-to-device copy and a sync).
+    rtols = list(rtol) if isinstance(rtol, (tuple, list)) else [float(rtol)]
+    lam = _lambda_max_bound(g) * rtols[0] ** 2
+    for i, rt in enumerate(rtols[1:], 1):  # per-matrix cutoffs of a batch (optimal_core: C and R)
+        lam[i].mul_((rt / rtols[0]) ** 2)  # tuples come from default_rtol: rtols[0] > 0
+    lam = lam.clamp_min(32 * n * torch.finfo(torch.float64).eps)
+    g.diagonal(dim1=-2, dim2=-1).add_(lam[..., None])
+    chol, info = torch.linalg.cholesky_ex(g)
+    return chol, scale, info != 0
+
+
+def _chol_solve(chol: Tensor, rhs: Tensor) -> Tensor:
+    """``(L Lᵀ)⁻¹ rhs`` by two triangular solves (cuBLAS trsm on a GPU; cholesky_solve may go through MAGMA)."""
+    y = torch.linalg.solve_triangular(chol, rhs, upper=False)
+    return torch.linalg.solve_triangular(chol.mT, y, upper=True)
+
+
+def _poison(x: Tensor, failed: Tensor) -> Tensor:
+    """``x``, or NaN everywhere if any factorisation failed: a deferred check (inject refuses non-finite factors)
+    instead of a host synchronisation per layer; a finite input never gets here."""
+    return torch.where(failed if failed.dim() == 0 else failed.any(), float("nan"), x)
+
+
+def ridge_pinv(mat: Tensor, rcond: float | None = None) -> Tensor:
+    """Tikhonov-regularised pseudo-inverse ``(MᵀM + λI)⁻¹Mᵀ``, ``λ = (rcond σ_max)²``, from a Gram + Cholesky in fp64.
+
+    Its singular values are ``σ / (σ² + λ)``: equal to ``1/σ`` well above the cut, ``σ/λ -> 0`` well below, half
+    of ``1/σ`` at ``σ = rcond σ_max`` (the SVD truncation at ``rcond`` keeps ``1/σ`` above and 0 below). ``None``:
+    torch.linalg.pinv's default cutoff ``eps * max(m, n)``. σ_max is bounded by GEMMs (≤ 8% above for r <= 128),
+    so the ridge is at least as strong as asked. Costs a handful of small kernels and no host synchronisation;
+    returns NaN (never finite garbage) if the Cholesky factorisation fails, which a finite input cannot make it do.
+    Result in ``mat``'s dtype (fp32 at least).
+    """
+    m, n = mat.shape[-2:]
+    out_dtype = torch.promote_types(mat.dtype, torch.float32)
+    rtol = default_rtol(m, n, out_dtype) if rcond is None else float(rcond)
+    x = mat.double()
+    tall = m >= n
+    gram = x.mT @ x if tall else x @ x.mT
+    chol, scale, failed = _ridge_factor(gram, rtol)
+    sol = _chol_solve(chol, x.mT if tall else x) / scale[..., None, None]
+    sol = sol if tall else sol.mT
+    return _poison(sol, failed).to(out_dtype)
 
 
 def left_multiply(m: Tensor, weight: Tensor, chunk: int = 4096) -> Tensor:
@@ -70,13 +159,33 @@ def left_multiply(m: Tensor, weight: Tensor, chunk: int = 4096) -> Tensor:
     return torch.cat(blocks, dim=1)
 
 
-def optimal_core(weight: Tensor, rows: Tensor, cols: Tensor, rcond: float | None = None) -> Tensor:
-    """The Frobenius-optimal core ``C⁺ W R⁺`` for fixed ``C = W[:, cols]`` and ``R = W[rows, :]`` (fp32)."""
+def optimal_core(weight: Tensor, rows: Tensor, cols: Tensor, rcond: float | None = None,
+                 solver: str = "ridge") -> Tensor:
+    """The Frobenius-optimal core ``C⁺ W R⁺`` for fixed ``C = W[:, cols]`` and ``R = W[rows, :]`` (fp32).
+
+    ``solver="ridge"`` (default): ``(CᵀC + λ_C I)⁻¹ Cᵀ W Rᵀ (RRᵀ + λ_R I)⁻¹`` with both r x r Grams factorised by
+    one batched fp64 Cholesky and ``λ = (rtol σ_max)²`` as in ``ridge_pinv`` (``rcond=None``: torch's pinv cutoff
+    ``eps * max(rows, cols)`` of each slice), so a rank-deficient ``C`` or ``R`` still gives a finite core. The
+    one big product ``Cᵀ W`` runs through ``left_multiply`` (low-precision and sharded weights never upcast whole).
+    ``solver="svd"``: the pseudo-inverses of ``C`` and ``R`` by SVD truncation at ``rcond`` (``regularised_pinv``).
+    """
+    check_pinv_options(rcond, solver)
     c = sharded.take(weight, cols, 1).float()
     r = sharded.take(weight, rows, 0).float()
-    c_pinv = regularised_pinv(c, rcond)  # (rank, out)
-    r_pinv = regularised_pinv(r, rcond)  # (in, rank)
-    return left_multiply(c_pinv, weight) @ r_pinv
+    if solver == "svd":
+        c_pinv = regularised_pinv(c, rcond)  # (rank, out)
+        r_pinv = regularised_pinv(r, rcond)  # (in, rank)
+        return left_multiply(c_pinv, weight) @ r_pinv
+    (out_f, k), in_f = c.shape, r.shape[1]
+    ctw = left_multiply(c.mT, weight)  # (rank, in) = Cᵀ W, fp32, the only product as large as the weight
+    c64, r64 = c.double(), r.double()
+    grams = torch.stack((c64.mT @ c64, r64 @ r64.mT))  # CᵀC and RRᵀ, one batched factorisation for both
+    rtol = (default_rtol(out_f, k), default_rtol(k, in_f)) if rcond is None else float(rcond)
+    chol, scale, failed = _ridge_factor(grams, rtol)
+    y = (ctw.double() @ r64.mT) / scale[0] / scale[1]  # Cᵀ W Rᵀ, the traces folded in (their product may underflow)
+    left = _chol_solve(chol[0], y)  # (CᵀC + λ)⁻¹ Cᵀ W Rᵀ
+    core = _chol_solve(chol[1], left.mT).mT  # ... (RRᵀ + λ)⁻¹ (both Grams symmetric)
+    return _poison(core, failed).float()
 
 
 def nystrom_reconstruct(weight: Tensor, rows: Tensor, cols: Tensor, rcond: float | None = None) -> Tensor:

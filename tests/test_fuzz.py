@@ -18,6 +18,7 @@ from torch import nn
 import nlora
 from .conftest import assert_same_state, state_hash
 from .model_zoo import one_thread  # noqa: F401 (autouse fixture)
+from .test_ridge import ridge_pinv_reference
 from nlora.inits import INITIALIZERS
 from nlora.layer import weight_view
 from nlora.nystrom import INDEX_METHODS, left_multiply, nystrom_reconstruct, optimal_core, regularised_pinv, select_indices
@@ -238,8 +239,10 @@ def test_nystrom_inits_equal_their_float64_formulas(shape, data):
     scaling = data.draw(st.sampled_from([0.5, 1.0, 2.0]))
     w = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).double()
     w32 = w.float()
+    solver = data.draw(st.sampled_from(["ridge", "svd"]))
     f = {name: INITIALIZERS[name].fn(w32, rank, scaling=scaling, generator=torch.Generator().manual_seed(seed),
-                                     index=index) for name in ("nystrom", "nystrom-pinv", "nystrom-optimal")}
+                                     index=index, **({} if name == "nystrom" else {"solver": solver}))
+         for name in ("nystrom", "nystrom-pinv", "nystrom-optimal")}
     rows, cols = f["nystrom"].rows, f["nystrom"].cols
     assert all(torch.equal(x.rows, rows) and torch.equal(x.cols, cols) for x in f.values())  # same generator, same sets
     c, u, r = w[:, cols], w[rows][:, cols], w[rows, :]
@@ -247,7 +250,7 @@ def test_nystrom_inits_equal_their_float64_formulas(shape, data):
     torch.testing.assert_close(delta["nystrom"], scaling * c @ u @ r, rtol=1e-5, atol=1e-5)  # the paper's N = U
     sv = torch.linalg.svdvals(u)
     assume(sv[-1] > 1e-3 * sv[0])  # fp32 vs fp64 pinv/lstsq agree only on decently conditioned cores
-    ref_pinv = c @ torch.linalg.pinv(u, rtol=0.1) @ r
+    ref_pinv = c @ (torch.linalg.pinv(u, rtol=0.1) if solver == "svd" else ridge_pinv_reference(u, 0.1)) @ r
     cond = (sv[0] / sv[sv > 0.1 * sv[0]][-1]).item()
     torch.testing.assert_close(delta["nystrom-pinv"], ref_pinv, rtol=0, atol=1e-4 * cond**2 * ref_pinv.abs().max().item() + 1e-6)
     best = c @ (torch.linalg.pinv(c) @ w @ torch.linalg.pinv(r)) @ r
