@@ -15,7 +15,7 @@ for part in $parts; do
     train) timeout 250 $PY benchmarks/bench_train.py --layers 2 --rounds 2 --profile --compile --compile-budget 100 ;;
     train-decoder) timeout 240 $PY benchmarks/bench_train.py --head none --foreach-adam --layers 2 --rounds 2 \
                      --profile --compile --compile-budget 110 --name train_7b_cuda_decoder_foreach ;;
-    train-function) timeout 200 $PY benchmarks/bench_train.py --layers 2 --rounds 3 --only floor \
+    train-function) timeout 170 $PY benchmarks/bench_train.py --layers 2 --rounds 2 --only floor \
                      'peft-lora (fp32 adapters, default)' 'peft-lora (bf16 adapters)' nlora-lora nlora-slora \
                      nlora-nystrom nlora-inttune 'nlora-lora (e638000 op-by-op)' 'nlora-slora (e638000 op-by-op)' \
                      'nlora-nystrom (e638000 op-by-op)' 'nlora-inttune (e638000 op-by-op)' 'nlora-nystrom (bf16 params)' \
@@ -26,6 +26,8 @@ for part in $parts; do
     infer) timeout 70 $PY benchmarks/bench_infer.py --layers 2 --rounds 2 ;;
     loss)  timeout 90 $PY benchmarks/bench_loss.py --steps 300 ;;
     init)  timeout 190 $PY benchmarks/bench_init.py --shape 7b --device cuda --dtypes float32 bfloat16 --repeats 2 ;;
+    init-nofull) timeout 140 $PY benchmarks/bench_init.py --shape 7b --device cuda --dtypes float32 bfloat16 --repeats 2 --full-layers 0 ;;
+    cuda-tests) timeout 70 $PY -m pytest -q -x -p no:cacheprovider tests/test_ridge.py tests/test_fused_function.py tests/test_cuda.py ;;
   esac 2>&1 | grep -v -E "^USDT|profiler_st" | tee -a "$LOG"
 done
 echo "=== done $(date -u +%T)" | tee -a "$LOG"
