@@ -37,13 +37,17 @@ def weight_samples(weights: list[Tensor], k: int = SAMPLE_SIZE) -> list[Tensor |
     (each copy is a host synchronisation; ``inject`` takes every layer's sample this way)."""
     out: list[Tensor | None] = [None] * len(weights)
     groups: dict[tuple, list[tuple[int, Tensor]]] = {}
+    positions: dict[tuple, Tensor] = {}  # one host-to-device copy per (shape, device): a model has few shapes
     for i, w in enumerate(weights):
         if w.is_meta or w.dim() != 2 or w.numel() == 0 or type(w).__name__ == "DTensor":
             continue
-        pos = torch.stack(sample_positions(tuple(w.shape), k))
-        if w.device.type == "cuda":  # from pinned memory the copy is truly asynchronous (pageable may sync)
-            pos = pos.pin_memory()
-        pos = pos.to(w.device, non_blocking=True)
+        key = (tuple(w.shape), w.device)
+        if key not in positions:
+            pos = torch.stack(sample_positions(key[0], k))
+            if w.device.type == "cuda":  # from pinned memory the copy is truly asynchronous (pageable may sync)
+                pos = pos.pin_memory()
+            positions[key] = pos.to(w.device, non_blocking=True)
+        pos = positions[key]
         with torch.no_grad():  # indexing, not a flat view: a transposed (Conv1D) weight is not copied
             groups.setdefault((w.device, w.dtype), []).append((i, w.detach()[pos[0], pos[1]]))
     for parts in groups.values():
