@@ -285,6 +285,9 @@ def plot(rows: list[dict], best: dict, meta: dict, window: int, path: Path, task
             xs = [p[0] for p in rs[0]["acc_curve"]]
             ys = [statistics.fmean(r["acc_curve"][i][1] for r in rs) for i in range(len(xs))]
             ax2.plot(xs, [100 * y for y in ys], style + "o", ms=3, label=m)
+    lo, hi = (min(v), max(v)) if (v := [y for line in ax1.get_lines() for y in line.get_ydata()]) else (1, 1)
+    if lo > 0 and hi / lo > 20:  # losses spanning orders of magnitude (a destroyed init next to working ones)
+        ax1.set_yscale("log")
     if meta.get("lora_final_loss_target"):
         ax1.axhline(meta["lora_final_loss_target"], color="grey", lw=0.8, ls=":", label="LoRA final loss")
     ax1.set(xlabel="step", ylabel=f"train loss ({window}-step moving avg, mean over seeds)",
@@ -293,7 +296,14 @@ def plot(rows: list[dict], best: dict, meta: dict, window: int, path: Path, task
         ax2.set(xlabel="step", ylabel="validation accuracy % (mean over seeds)", title="held-out accuracy during training")
     else:  # no curve during training (generation is costly): the final held-out metric per method
         names = [m for m in task.methods if m in best]
-        ax2.barh(names, [100 * best[m]["test_acc"][0] for m in names], xerr=[100 * best[m]["test_acc"][1] for m in names])
+        ys = range(len(names))
+        splits = [("test", "held-out templates")] + ([("test_iid", "unseen problems, training templates")]
+                                                    if "test_iid_acc" in best[names[0]] else [])
+        h = 0.8 / len(splits)
+        for i, (key, label) in enumerate(splits):
+            ax2.barh([y + i * h for y in ys], [100 * best[m][f"{key}_acc"][0] for m in names], height=h,
+                     xerr=[100 * best[m][f"{key}_acc"][1] for m in names], label=label)
+        ax2.set_yticks([y + h * (len(splits) - 1) / 2 for y in ys], names)
         ax2.invert_yaxis()
         ax2.set(xlabel=f"test {task.metric} % (mean ± std over seeds, best lr)", title="held-out result")
     ax1.legend(fontsize=8)
