@@ -336,12 +336,17 @@ def plot_sweep(sweep: list[dict], meta: dict, path: Path, task) -> None:
     print(f"plot: {path}")
 
 
-def init_stats(rank: int, out: Path) -> dict:
-    """How far the faithful NLoRA init (first-r slices, core not inverted, base left alone) moves each MiniLM
-    weight: ||s B N A|| / ||W|| per layer kind (s = 1, as alpha = r)."""
-    _, encoder = rt.load_encoder()
+def init_stats(rank: int, out: Path, task: str = "rt") -> dict:
+    """How far the faithful NLoRA init (first-r slices, core not inverted, base left alone) moves each pretrained
+    weight (MiniLM, or SmolLM2 for ``task="gsm"``): ||s B N A|| / ||W|| per layer kind (s = 1, as alpha = r)."""
+    if task == "gsm":
+        from benchmarks import gsm_smollm
+
+        model, targets, model_name = gsm_smollm.load_lm()[1], gsm_smollm.TARGETS, "SmolLM2-135M"
+    else:
+        model, targets, model_name = rt.load_encoder()[1], rt.TARGETS, "MiniLM-L6"
     kinds: dict[str, list[float]] = {}
-    for name, mod in rt.nlora.select_targets(encoder, rt.TARGETS).items():
+    for name, mod in rt.nlora.select_targets(model, targets).items():
         w = mod.weight.detach().float()
         f = rt.nlora.get_init("nystrom").fn(w, rank, scaling=1.0)
         delta = f.B @ f.N @ f.A
@@ -349,8 +354,8 @@ def init_stats(rank: int, out: Path) -> dict:
         kinds.setdefault(kind, []).append(float(delta.norm() / w.norm()))
     stats = {k: {"mean": statistics.fmean(v), "max": max(v), "layers": len(v)} for k, v in kinds.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rank": rank, "scaling": 1.0, "rel_delta_norm": stats}, indent=1))
-    print(f"faithful NLoRA init on MiniLM-L6, r={rank}, s=1: ||B N A||_F / ||W||_F")
+    out.write_text(json.dumps({"model": model_name, "rank": rank, "scaling": 1.0, "rel_delta_norm": stats}, indent=1))
+    print(f"faithful NLoRA init on {model_name}, r={rank}, s=1: ||B N A||_F / ||W||_F")
     for k, v in stats.items():
         print(f"  {k:28s} mean {v['mean']:.4f}  max {v['max']:.4f}  ({v['layers']} layers)")
     return stats
@@ -416,7 +421,8 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown methods {unknown} for --task {args.task}; choose from {list(task.methods)}")
     if args.init_stats:
-        return init_stats(args.rank_r, args.out_dir / "nlora_init_stats.json")
+        return init_stats(args.rank_r, args.out_dir / ("nlora_init_stats" + ("_smollm2" if args.task == "gsm" else "")
+                                                       + ".json"), args.task)
     if args.export_assets:
         return export_assets(args.export_assets)
     grid = {m: list(task.lrs[m]) for m in task.methods}
