@@ -14,7 +14,7 @@ from torch import nn
 from . import sharded
 from .fingerprint import weight_samples
 from .inits import get_init
-from .layer import (NLoRALinear, build_factors, is_adaptable, nonfinite_weight_error, resolve_preserve,
+from .layer import (NLoRALinear, build_factors, check_request, is_adaptable, nonfinite_weight_error, resolve_preserve,
                     weight_view, weights_finite)
 
 Targets = str | Sequence[str]
@@ -164,19 +164,33 @@ def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | Non
             if not ok:
                 raise nonfinite_weight_error(n, init)
         checked = set(plain)
-    plans, finite_flags = [], []
+    # Plain weights of an init with a batched form (InitSpec.many) are checked one by one here and initialised
+    # together below, so that the r x r work of all layers runs as one batch (few ops, whatever the layer count).
+    plans, batch = [], {}
     for name, module in chosen.items():
         base = bases[name]
         existing = tuple(module.adapters) if isinstance(module, NLoRALinear) else ()
         r = _pattern_value(name, rank_pattern, rank)
         a = _pattern_value(name, alpha_pattern, alpha)
-        factors, options = build_factors(base, r, a, init, train=train, adapter=adapter, name=name,
-                                         generator=_generator(seed, name, weight_view(base).device),
-                                         existing=existing, weight_checked=name in checked, **init_options)
-        if not factors.A.is_meta:
-            finite_flags.append((name, [(k, torch.isfinite(getattr(factors, k).to(adapter_dtype)).all())
-                                        for k in ("A", "N", "B") if getattr(factors, k) is not None]))
-        plans.append((name, module, base, r, a, factors, options))
+        generator = _generator(seed, name, weight_view(base).device)
+        if spec.many is not None and name in plain:
+            w, scaling = check_request(base, r, a, init, train=train, adapter=adapter, name=name, existing=existing,
+                                       weight_checked=name in checked, **init_options)
+            batch[len(plans)] = (w, r, scaling, generator)
+            factors, options = None, dict(init_options)
+        else:
+            factors, options = build_factors(base, r, a, init, train=train, adapter=adapter, name=name,
+                                             generator=generator, existing=existing, weight_checked=name in checked,
+                                             **init_options)
+        plans.append([name, module, base, r, a, factors, options])
+    if batch:
+        ws, ranks, scalings, gens = zip(*batch.values())
+        for i, factors in zip(batch, spec.many(list(ws), list(ranks), scalings=list(scalings),
+                                               generators=list(gens), **init_options)):
+            plans[i][5] = factors
+    finite_flags = [(name, [(k, torch.isfinite(getattr(factors, k).to(adapter_dtype)).all())
+                            for k in ("A", "N", "B") if getattr(factors, k) is not None])
+                    for name, _, _, _, _, factors, _ in plans if not factors.A.is_meta]
     _refuse_nonfinite_factors(finite_flags, init, adapter_dtype)
     samples = dict(zip(plain, weight_samples(list(plain.values()))))  # one device-to-host copy for all layers
     kwargs = dict(init=init, train=train, dropout=dropout, preserve_output=preserve_output,
