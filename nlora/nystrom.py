@@ -209,11 +209,12 @@ def optimal_cores(weights: Sequence[Tensor], cs: Sequence[Tensor], rs: Sequence[
     # C and R Grams in one batch, sorted by shape so that per-shape cutoffs (rcond=None) form few runs
     order = sorted(range(n), key=lambda i: (cs[i].shape[0], rs[i].shape[1]))
     grams, ys = [], []
-    for i in order:
-        c64, r64 = cs[i].double(), rs[i].double()
+    r64s = [rs[i].double() for i in order]
+    for i, r64 in zip(order, r64s):
+        c64 = cs[i].double()
         grams.append(c64.mT @ c64)
         ys.append(left_multiply(cs[i].mT, weights[i]).double() @ r64.mT)  # Cᵀ W Rᵀ, Cᵀ W in fp32 as optimal_core
-    grams += [r.double() @ r.double().mT for r in (rs[i] for i in order)]
+    grams += [r64 @ r64.mT for r64 in r64s]
     k = cs[0].shape[1]
     if rcond is None:
         rtol = ([default_rtol(cs[i].shape[0], k) for i in order] + [default_rtol(k, rs[i].shape[1]) for i in order])
