@@ -228,7 +228,9 @@ def init_nystrom_pinv_many(weights: Sequence[Tensor], ranks: Sequence[int], *, s
     ``ridge_pinv``, so the op count of the r x r work does not grow with the number of layers."""
 
     def cores(members, sl, scaling):
-        u = torch.stack([r[:, cols] for rows, cols, c, r in sl])
+        # U = R[:, cols]; for "first" that is a plain slice (a view, no gather kernel per layer)
+        u = torch.stack([r[:, :k] if index == "first" else r[:, cols] for k, (rows, cols, c, r) in
+                         zip((ranks[i] for i in members), sl)])
         return (ridge_pinv(u, rcond) / scaling).unbind(0)
 
     return _batched(init_nystrom_pinv, weights, ranks, scalings, generators, index, rcond, solver, cores)

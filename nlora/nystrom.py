@@ -61,6 +61,7 @@ def regularised_pinv(core: Tensor, rcond: float | None = None) -> Tensor:
 
 
 PINV_SOLVERS = ("ridge", "svd")
+_STACK = 32  # optimal_cores stacks at most this many layers' slices in fp64 at once
 _SQUARINGS = 5  # λ_max bound from trace(G^64)^(1/64): never below λ_max, at most r^(1/64) above it (≤ 8% at r=128)
 
 
@@ -139,7 +140,8 @@ def ridge_pinv(mat: Tensor, rcond: float | None = None) -> Tensor:
     of ``1/σ`` at ``σ = rcond σ_max`` (the SVD truncation at ``rcond`` keeps ``1/σ`` above and 0 below). ``None``:
     torch.linalg.pinv's default cutoff ``eps * max(m, n)``. σ_max is bounded by GEMMs (≤ 8% above for r <= 128),
     so the ridge is at least as strong as asked. Costs a handful of small kernels and no host synchronisation;
-    returns NaN (never finite garbage) if the Cholesky factorisation fails, which a finite input cannot make it do.
+    returns NaN (never finite garbage) if the Cholesky factorisation fails, which a finite input cannot make it do
+    (for a batch ``(..., m, n)``: NaN for that matrix only).
     Result in ``mat``'s dtype (fp32 at least).
     """
     m, n = mat.shape[-2:]
@@ -206,22 +208,31 @@ def optimal_cores(weights: Sequence[Tensor], cs: Sequence[Tensor], rs: Sequence[
     core NaN."""
     check_pinv_options(rcond, "ridge")
     n = len(weights)
-    # C and R Grams in one batch, sorted by shape so that per-shape cutoffs (rcond=None) form few runs
-    order = sorted(range(n), key=lambda i: (cs[i].shape[0], rs[i].shape[1]))
-    grams, ys = [], []
-    r64s = [rs[i].double() for i in order]
-    for i, r64 in zip(order, r64s):
-        c64 = cs[i].double()
-        grams.append(c64.mT @ c64)
-        ys.append(left_multiply(cs[i].mT, weights[i]).double() @ r64.mT)  # Cᵀ W Rᵀ, Cᵀ W in fp32 as optimal_core
-    grams += [r64 @ r64.mT for r64 in r64s]
+    shape = lambda i: (cs[i].shape[0], rs[i].shape[1])  # noqa: E731
+    # sorted by shape: per-shape cutoffs (rcond=None) form few runs, and layers of one shape are stacked, at most
+    # _STACK at a time (bounds the fp64 copies), for their Grams and Cᵀ W Rᵀ; only Cᵀ W is a product per layer
+    order = sorted(range(n), key=shape)
+    chunks: list[list[int]] = []
+    for i in order:
+        if chunks and len(chunks[-1]) < _STACK and shape(i) == shape(chunks[-1][0]):
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    c_grams, r_grams, ys = [], [], []
+    for chunk in chunks:
+        c64 = torch.stack([cs[i] for i in chunk]).double()
+        r64 = torch.stack([rs[i] for i in chunk]).double()
+        ctw = torch.stack([left_multiply(cs[i].mT, weights[i]) for i in chunk])  # Cᵀ W in fp32, as optimal_core
+        c_grams.append(c64.mT @ c64)
+        r_grams.append(r64 @ r64.mT)
+        ys.append(ctw.double() @ r64.mT)  # Cᵀ W Rᵀ
     k = cs[0].shape[1]
     if rcond is None:
         rtol = ([default_rtol(cs[i].shape[0], k) for i in order] + [default_rtol(k, rs[i].shape[1]) for i in order])
     else:
         rtol = float(rcond)
-    chol, scale, failed = _ridge_factor(torch.stack(grams), rtol)
-    y = torch.stack(ys) / scale[:n, None, None] / scale[n:, None, None]
+    chol, scale, failed = _ridge_factor(torch.cat(c_grams + r_grams), rtol)  # CᵀC of all layers, then RRᵀ
+    y = torch.cat(ys) / scale[:n, None, None] / scale[n:, None, None]
     left = _chol_solve(chol[:n], y)  # (CᵀC + λ)⁻¹ Cᵀ W Rᵀ
     core = _chol_solve(chol[n:], left.mT).mT  # ... (RRᵀ + λ)⁻¹
     cores = (_poison(core, failed[:n] | failed[n:]).float() / scaling).unbind(0)

@@ -261,3 +261,30 @@ def test_many_makes_no_host_sync_on_cuda_and_matches_the_cpu(name, dtype):
         want = spec.fn(w, k, scaling=s)
         torch.testing.assert_close(f.N.cpu(), want.N, rtol=1e-4, atol=1e-4 * float(want.N.abs().max()) + 1e-30)
         assert torch.equal(f.A.cpu(), want.A) and torch.equal(f.B.cpu(), want.B)
+
+
+@pytest.mark.parametrize("value, ok", [(65504.0, True), (65520.0, False), (float(torch.finfo(torch.float32).max), False)])
+def test_the_one_pass_finiteness_check_is_exact_at_the_adapter_dtype_boundary(value, ok):
+    """A (= W's first rows, init 'nystrom') holds ``value``: fp16's largest finite value passes, the first value that
+    rounds to inf in fp16 is refused with the layer's name; the model is left as it was."""
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])
+    with torch.no_grad():
+        model[2].weight[1, 5] = value
+    before = state_hash(model)
+    if ok:
+        nlora.inject(model, "all-linear", rank=3, init="nystrom", adapter_dtype=torch.float16)
+        assert adapter_layers(model)["2"].adapters["default"].lora_A[1, 5] == value
+    else:
+        with pytest.raises(ValueError, match=r"^2: init 'nystrom' gives lora_A values that are not finite"):
+            nlora.inject(model, "all-linear", rank=3, init="nystrom", adapter_dtype=torch.float16)
+        assert_same_state(before, model)
+
+
+def test_a_finite_factor_whose_sum_overflows_is_accepted():
+    """sum |A| overflows fp32 though every value is finite: the per-layer exact check runs and accepts it."""
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(3)])
+    big = float(torch.finfo(torch.float32).max) / 2
+    with torch.no_grad():
+        model[1].weight[:3, :3] = big
+    nlora.inject(model, "all-linear", rank=3, init="nystrom", preserve_output=False)
+    assert adapter_layers(model)["1"].adapters["default"].lora_A[:3, :3].eq(big).all()
