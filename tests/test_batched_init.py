@@ -288,3 +288,19 @@ def test_a_finite_factor_whose_sum_overflows_is_accepted():
         model[1].weight[:3, :3] = big
     nlora.inject(model, "all-linear", rank=3, init="nystrom", preserve_output=False)
     assert adapter_layers(model)["1"].adapters["default"].lora_A[:3, :3].eq(big).all()
+
+
+@pytest.mark.parametrize("name", BATCHED)
+def test_conv1d_layers_give_the_same_model_as_layer_by_layer_init(name, monkeypatch):
+    """HF Conv1D stores its weight (in, out): the batched path works on the same transposed view."""
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    model = nn.Sequential(conv1d(24, 16), conv1d(24, 16), conv1d(16, 24), nn.Linear(24, 16)).to(torch.bfloat16)
+    kw = dict(rank=5, init=name, seed=1, index="norm")
+    batched = nlora.inject(copy.deepcopy(model), "all-linear", **kw)
+    _without_many(monkeypatch, name)
+    single = nlora.inject(copy.deepcopy(model), "all-linear", **kw)
+    a, b = batched.state_dict(), single.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6 * float(b[k].float().abs().max()) + 1e-30)
