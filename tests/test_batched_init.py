@@ -1,5 +1,5 @@
-"""The batched Nyström inits (``InitSpec.many``): equal to the per-layer initialiser layer by layer (indices, slices and
-cores, for mixed shapes, ranks, scalings, index methods, dtypes, rcond values, rank-deficient and zero weights), inject
+"""The batched Nyström inits (``InitSpec.many``): equal to the per-layer initialiser layer by layer (indices, slices
+and cores, for mixed shapes, ranks, scalings, index methods, dtypes, rcond values, rank-deficient and zero weights), inject
 gives the same model with and without them, a failed factorisation poisons only its own layer, and the op count of
 one inject grows by far fewer ops per layer than layer-by-layer initialisation."""
 
@@ -263,7 +263,8 @@ def test_many_makes_no_host_sync_on_cuda_and_matches_the_cpu(name, dtype):
         assert torch.equal(f.A.cpu(), want.A) and torch.equal(f.B.cpu(), want.B)
 
 
-@pytest.mark.parametrize("value, ok", [(65504.0, True), (65520.0, False), (float(torch.finfo(torch.float32).max), False)])
+@pytest.mark.parametrize("value, ok", [(65504.0, True), (65520.0, False),
+                                       (float(torch.finfo(torch.float32).max), False)])
 def test_the_one_pass_finiteness_check_is_exact_at_the_adapter_dtype_boundary(value, ok):
     """A (= W's first rows, init 'nystrom') holds ``value``: fp16's largest finite value passes, the first value that
     rounds to inf in fp16 is refused with the layer's name; the model is left as it was."""
