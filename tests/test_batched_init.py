@@ -1,7 +1,7 @@
-"""The batched Nyström inits (``InitSpec.many``): equal to the per-layer initialiser layer by layer (indices, slices
-and cores, for mixed shapes, ranks, scalings, index methods, dtypes, rcond values, rank-deficient and zero weights), inject
-gives the same model with and without them, a failed factorisation poisons only its own layer, and the op count of
-one inject grows by far fewer ops per layer than layer-by-layer initialisation."""
+"""The batched Nyström inits (``InitSpec.many``): equal to the per-layer initialiser layer by layer (indices,
+slices and cores, for mixed shapes, ranks, scalings, index methods, dtypes, rcond values, rank-deficient and zero
+weights), inject gives the same model with and without them, a failed factorisation poisons only its own layer, and
+the op count of one inject grows by far fewer ops per layer than layer-by-layer initialisation."""
 
 from __future__ import annotations
 
