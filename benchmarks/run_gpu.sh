@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 run: every GPU benchmark in one call, results and logs under $NLORA_RESULTS (default $OUT).
 # Usage on the device machine, from the repository root:  bash benchmarks/run_gpu.sh [train infer loss init]
-# (other parts: train-decoder, train-function, host, pinv)
+# (other parts: train-decoder, train-function, host, pinv, init-batch, init-nofull, cuda-tests)
 set -uo pipefail
 export NLORA_RESULTS=${NLORA_RESULTS:-${OUT:-benchmarks/results}} PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -26,8 +26,9 @@ for part in $parts; do
     infer) timeout 70 $PY benchmarks/bench_infer.py --layers 2 --rounds 2 ;;
     loss)  timeout 90 $PY benchmarks/bench_loss.py --steps 300 ;;
     init)  timeout 190 $PY benchmarks/bench_init.py --shape 7b --device cuda --dtypes float32 bfloat16 --repeats 2 ;;
+    init-batch) for dt in float32 bfloat16; do timeout 150 $PY benchmarks/bench_init_batch.py --device cuda --shape 7b --dtype $dt; done ;;
     init-nofull) timeout 140 $PY benchmarks/bench_init.py --shape 7b --device cuda --dtypes float32 bfloat16 --repeats 2 --full-layers 0 ;;
-    cuda-tests) timeout 70 $PY -m pytest -q -x -p no:cacheprovider tests/test_ridge.py tests/test_fused_function.py tests/test_cuda.py ;;
+    cuda-tests) timeout 70 $PY -m pytest -q -x -p no:cacheprovider tests/test_ridge.py tests/test_batched_init.py tests/test_fused_function.py tests/test_cuda.py ;;
   esac 2>&1 | grep -v -E "^USDT|profiler_st" | tee -a "$LOG"
 done
 echo "=== done $(date -u +%T)" | tee -a "$LOG"

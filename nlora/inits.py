@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from . import sharded
-from .nystrom import (INDEX_METHODS, check_pinv_options, optimal_core, regularised_pinv, ridge_pinv,
+from .nystrom import (INDEX_METHODS, check_pinv_options, optimal_core, optimal_cores, regularised_pinv, ridge_pinv,
                       select_indices)
 
 
@@ -43,6 +43,9 @@ class InitSpec:
     preserve_default: bool  # default for preserve_output
     preserve_fixed: bool = False  # preserve_output cannot be switched off (pissa)
     zero_delta: bool = False  # the initial delta is exactly zero (B = 0)
+    # optional batched form ``many(weights, ranks, *, scalings, generators, **options) -> list[Factors]``, equal to
+    # ``fn`` layer by layer (to fp64 rounding) but with the r x r work of all layers in one pass (see register_many)
+    many: Callable[..., list[Factors]] | None = None
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -60,6 +63,16 @@ def register_init(name: str, *, data_driven: bool, has_middle: bool, preserve_de
     def wrap(fn: Callable[..., Factors]) -> Callable[..., Factors]:
         INITIALIZERS[name] = InitSpec(name, fn, data_driven, has_middle, preserve_default, preserve_fixed, zero_delta)
         return fn
+
+    return wrap
+
+
+def register_many(name: str) -> Callable:
+    """Decorator: attach a batched form (``InitSpec.many``) to the registered initialiser ``name``."""
+
+    def wrap(many: Callable[..., list[Factors]]) -> Callable[..., list[Factors]]:
+        INITIALIZERS[name] = replace(INITIALIZERS[name], many=many)
+        return many
 
     return wrap
 
@@ -180,6 +193,61 @@ def init_nystrom_optimal(weight: Tensor, rank: int, *, scaling: float, generator
     rows, cols, c, r = _slices(weight, rank, index, generator)
     core = optimal_core(weight, rows, cols, rcond, solver)
     return Factors(r, core / scaling, c, rows, cols)
+
+
+def _batched(fn: Callable[..., Factors], weights: Sequence[Tensor], ranks: Sequence[int], scalings: Sequence[float],
+             generators: Sequence[torch.Generator | None], index: str, rcond: float | None, solver: str,
+             cores: Callable[[list[int], list[tuple[Tensor, ...]], float], list[Tensor]]) -> list[Factors]:
+    """The shared loop of the batched Nyström inits: each layer's indices and slices in layer order (the same draws
+    as ``fn``), then ``cores`` once per group of layers with equal (rank, device, scaling); ``solver="svd"`` and
+    sharded or meta weights go through ``fn`` one by one."""
+    check_pinv_options(rcond, solver)
+    if not len(weights) == len(ranks) == len(scalings) == len(generators):
+        raise ValueError("weights, ranks, scalings and generators must have one entry per layer")
+    out: list[Factors | None] = [None] * len(weights)
+    groups: dict[tuple, list[int]] = {}
+    slices: dict[int, tuple[Tensor, ...]] = {}
+    for i, (w, k, s, g) in enumerate(zip(weights, ranks, scalings, generators)):
+        if solver != "ridge" or sharded.is_dtensor(w) or sharded.is_meta(w):
+            out[i] = fn(w, k, scaling=s, generator=g, index=index, rcond=rcond, solver=solver)
+        else:
+            slices[i] = _slices(w, k, index, g)
+            groups.setdefault((k, w.device, float(s)), []).append(i)
+    for (_, _, s), members in groups.items():
+        for i, core in zip(members, cores(members, [slices[i] for i in members], s)):
+            rows, cols, c, r = slices[i]
+            out[i] = Factors(r, core, c, rows, cols)
+    return out  # type: ignore[return-value]
+
+
+@register_many("nystrom-pinv")
+def init_nystrom_pinv_many(weights: Sequence[Tensor], ranks: Sequence[int], *, scalings: Sequence[float],
+                           generators: Sequence[torch.Generator | None], index: str = "first",
+                           rcond: float | None = 0.1, solver: str = "ridge") -> list[Factors]:
+    """``init_nystrom_pinv`` of many layers: the cores ``U`` of each group of equal rank stacked into one batched
+    ``ridge_pinv``, so the op count of the r x r work does not grow with the number of layers."""
+
+    def cores(members, sl, scaling):
+        # U = R[:, cols]; for "first" that is a plain slice (a view, no gather kernel per layer)
+        u = torch.stack([r[:, :k] if index == "first" else r[:, cols] for k, (rows, cols, c, r) in
+                         zip((ranks[i] for i in members), sl)])
+        return (ridge_pinv(u, rcond) / scaling).unbind(0)
+
+    return _batched(init_nystrom_pinv, weights, ranks, scalings, generators, index, rcond, solver, cores)
+
+
+@register_many("nystrom-optimal")
+def init_nystrom_optimal_many(weights: Sequence[Tensor], ranks: Sequence[int], *, scalings: Sequence[float],
+                              generators: Sequence[torch.Generator | None], index: str = "first",
+                              rcond: float | None = None, solver: str = "ridge") -> list[Factors]:
+    """``init_nystrom_optimal`` of many layers: per layer the product ``Cᵀ W Rᵀ`` and the Grams, then one batched
+    ridge factorisation and solve per group of equal rank (``optimal_cores``)."""
+
+    def cores(members, sl, scaling):
+        return optimal_cores([weights[i] for i in members], [c for _, _, c, _ in sl], [r for _, _, _, r in sl],
+                             rcond, scaling)
+
+    return _batched(init_nystrom_optimal, weights, ranks, scalings, generators, index, rcond, solver, cores)
 
 
 @register_init("pissa", data_driven=True, has_middle=True, preserve_default=True, preserve_fixed=True)

@@ -588,6 +588,23 @@ def build_factors(base: nn.Module, rank: int, alpha: float | None, init: str, *,
                   weight_checked: bool = False, **init_options) -> tuple[Factors, dict]:
     """Validate one layer's request and run the initialiser; raises before anything is modified.
     ``weight_checked``: the caller has already found the weight finite (inject checks all layers with one sync)."""
+    spec = get_init(init)
+    w, scaling = check_request(base, rank, alpha, init, train=train, adapter=adapter, name=name, existing=existing,
+                               weight_checked=weight_checked, **init_options)
+    if sharded.is_meta(w):  # shapes only: the adapter stays pending until nlora.initialize_adapters
+        return spec.fn(w, rank, scaling=scaling, generator=None, **init_options), dict(init_options)
+    factors = spec.fn(w, rank, scaling=scaling, generator=generator, **init_options)
+    if sharded.is_dtensor(w) and generator is None:  # unseeded random draws may differ by rank: take rank 0's
+        factors = Factors(*(None if t is None else sharded.broadcast(t, w) for t in
+                            (factors.A, factors.N, factors.B, factors.rows, factors.cols)))
+    return factors, dict(init_options)
+
+
+def check_request(base: nn.Module, rank: int, alpha: float | None, init: str, *, train: str, adapter: str,
+                  name: str, existing: Iterable[str], weight_checked: bool = False,
+                  **init_options) -> tuple[Tensor, float]:
+    """``build_factors``' checks of one layer's request without running the initialiser: raises as it would, else
+    returns the ``(out, in)`` weight view and the scaling (inject runs batched inits on many checked layers)."""
     label = name or type(base).__name__
     spec = get_init(init)
     unknown = set(init_options) - set(spec.options)
@@ -615,9 +632,7 @@ def build_factors(base: nn.Module, rank: int, alpha: float | None, init: str, *,
         raise TypeError(f"{label}: weight dtype {w.dtype} is not a 16/32/64-bit float (quantised, fp8 or integer "
                         f"weights are not supported); dequantise the model first")
     scaling = float(rank if alpha is None else alpha) / rank
-    if sharded.is_meta(w):  # shapes only: the adapter stays pending until nlora.initialize_adapters
-        return spec.fn(w, rank, scaling=scaling, generator=None, **init_options), dict(init_options)
-    if spec.data_driven:
+    if spec.data_driven and not sharded.is_meta(w):
         # One fp32 reduction instead of a full boolean mask: any NaN/Inf makes the sum non-finite; a finite
         # weight whose sum overflows is re-checked element-wise.
         local = sharded.local_view(w)
@@ -625,8 +640,4 @@ def build_factors(base: nn.Module, rank: int, alpha: float | None, init: str, *,
             bool(torch.isfinite(local).all())
         if not sharded.all_ranks_true(finite, w):
             raise nonfinite_weight_error(label, init)
-    factors = spec.fn(w, rank, scaling=scaling, generator=generator, **init_options)
-    if sharded.is_dtensor(w) and generator is None:  # unseeded random draws may differ by rank: take rank 0's
-        factors = Factors(*(None if t is None else sharded.broadcast(t, w) for t in
-                            (factors.A, factors.N, factors.B, factors.rows, factors.cols)))
-    return factors, dict(init_options)
+    return w, scaling

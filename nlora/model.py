@@ -13,8 +13,8 @@ from torch import nn
 
 from . import sharded
 from .fingerprint import weight_samples
-from .inits import get_init
-from .layer import (NLoRALinear, build_factors, is_adaptable, nonfinite_weight_error, resolve_preserve,
+from .inits import Factors, get_init
+from .layer import (NLoRALinear, build_factors, check_request, is_adaptable, nonfinite_weight_error, resolve_preserve,
                     weight_view, weights_finite)
 
 Targets = str | Sequence[str]
@@ -164,20 +164,31 @@ def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | Non
             if not ok:
                 raise nonfinite_weight_error(n, init)
         checked = set(plain)
-    plans, finite_flags = [], []
+    # Plain weights of an init with a batched form (InitSpec.many) are checked one by one here and initialised
+    # together below, so that the r x r work of all layers runs as one batch (few ops, whatever the layer count).
+    plans, batch = [], {}
     for name, module in chosen.items():
         base = bases[name]
         existing = tuple(module.adapters) if isinstance(module, NLoRALinear) else ()
         r = _pattern_value(name, rank_pattern, rank)
         a = _pattern_value(name, alpha_pattern, alpha)
-        factors, options = build_factors(base, r, a, init, train=train, adapter=adapter, name=name,
-                                         generator=_generator(seed, name, weight_view(base).device),
-                                         existing=existing, weight_checked=name in checked, **init_options)
-        if not factors.A.is_meta:
-            finite_flags.append((name, [(k, torch.isfinite(getattr(factors, k).to(adapter_dtype)).all())
-                                        for k in ("A", "N", "B") if getattr(factors, k) is not None]))
-        plans.append((name, module, base, r, a, factors, options))
-    _refuse_nonfinite_factors(finite_flags, init, adapter_dtype)
+        generator = _generator(seed, name, weight_view(base).device)
+        if spec.many is not None and name in plain:
+            w, scaling = check_request(base, r, a, init, train=train, adapter=adapter, name=name, existing=existing,
+                                       weight_checked=name in checked, **init_options)
+            batch[len(plans)] = (w, r, scaling, generator)
+            factors, options = None, dict(init_options)
+        else:
+            factors, options = build_factors(base, r, a, init, train=train, adapter=adapter, name=name,
+                                             generator=generator, existing=existing, weight_checked=name in checked,
+                                             **init_options)
+        plans.append([name, module, base, r, a, factors, options])
+    if batch:
+        ws, ranks, scalings, gens = zip(*batch.values())
+        for i, factors in zip(batch, spec.many(list(ws), list(ranks), scalings=list(scalings),
+                                               generators=list(gens), **init_options)):
+            plans[i][5] = factors
+    _refuse_nonfinite_factors({p[0]: p[5] for p in plans if not p[5].A.is_meta}, init, adapter_dtype)
     samples = dict(zip(plain, weight_samples(list(plain.values()))))  # one device-to-host copy for all layers
     kwargs = dict(init=init, train=train, dropout=dropout, preserve_output=preserve_output,
                   adapter_dtype=adapter_dtype, compute_dtype=compute_dtype, seed=seed)
@@ -200,16 +211,25 @@ def _plain_float(w: torch.Tensor) -> bool:
             and w.dtype.itemsize >= 2)
 
 
-def _refuse_nonfinite_factors(flags: list, init: str, adapter_dtype: torch.dtype) -> None:
-    """Raise for the first layer whose factors are not finite in ``adapter_dtype`` (one sync per device if all are)."""
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for _, layer_flags in flags:
-        for _, t in layer_flags:
-            by_device.setdefault(t.device, []).append(t)
-    if all(bool(torch.stack(ts).all()) for ts in by_device.values()):
+def _refuse_nonfinite_factors(factors: dict[str, Factors], init: str, adapter_dtype: torch.dtype) -> None:
+    """Raise for the first layer whose factors are not finite in ``adapter_dtype``.
+
+    All layers are checked together, a few ops and one host synchronisation per (device, dtype) whatever the layer
+    count: each factor's ``sum |x|`` finite means it has no NaN/Inf, its ``max |x|`` finite in ``adapter_dtype``
+    (rounding is monotonic) means no value overflows there. Only if that fails (or a finite sum overflowed) are the
+    layers checked one by one, to name the first bad one."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for f in factors.values():
+        for t in (f.A, f.N, f.B):
+            if t is not None:
+                groups.setdefault((t.device, t.dtype), []).append(t)
+    if all(bool(torch.isfinite(torch.stack(torch._foreach_norm(ts, 1))).all()
+                & torch.isfinite(torch.stack(torch._foreach_norm(ts, float("inf"))).to(adapter_dtype)).all())
+           for ts in groups.values()):
         return
-    for name, layer_flags in flags:
-        bad = [k for k, t in layer_flags if not bool(t)]
+    for name, f in factors.items():
+        bad = [k for k in ("A", "N", "B")
+               if getattr(f, k) is not None and not bool(torch.isfinite(getattr(f, k).to(adapter_dtype)).all())]
         if bad:
             raise ValueError(f"{name}: init {init!r} gives lora_{'/'.join(bad)} values that are not finite in "
                              f"{adapter_dtype} (an ill-conditioned Nyström core overflows); nothing was changed. Use "

@@ -8,6 +8,7 @@ Everything here is a pure function: tensors in, tensors out, nothing modified.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -60,6 +61,7 @@ def regularised_pinv(core: Tensor, rcond: float | None = None) -> Tensor:
 
 
 PINV_SOLVERS = ("ridge", "svd")
+_STACK = 32  # optimal_cores stacks at most this many layers' slices in fp64 at once
 _SQUARINGS = 5  # λ_max bound from trace(G^64)^(1/64): never below λ_max, at most r^(1/64) above it (≤ 8% at r=128)
 
 
@@ -100,11 +102,17 @@ def _ridge_factor(gram: Tensor, rtol: float | tuple[float, ...]) -> tuple[Tensor
     # a zero Gram stays zero (its pseudo-inverse is 0); tiny keeps the division finite
     scale = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(torch.float64).tiny)
     g = gram / scale[..., None, None]
-    # rtol enters as Python floats (a tensor built from host values would cost a host-to-device copy and a sync).
-    rtols = list(rtol) if isinstance(rtol, (tuple, list)) else [float(rtol)]
-    lam = _lambda_max_bound(g) * rtols[0] ** 2
-    for i, rt in enumerate(rtols[1:], 1):  # per-matrix cutoffs of a batch (optimal_core: C and R)
-        lam[i].mul_((rt / rtols[0]) ** 2)  # tuples come from default_rtol: rtols[0] > 0
+    # rtol enters as Python floats (a tensor built from host values would cost a host-to-device copy and a sync);
+    # per-matrix cutoffs of a batch (optimal_core: C and R) multiply each run of equal values with one op.
+    lam = _lambda_max_bound(g)
+    if isinstance(rtol, (tuple, list)):
+        start = 0
+        for i in range(1, len(rtol) + 1):
+            if i == len(rtol) or rtol[i] != rtol[start]:
+                lam[start:i].mul_(float(rtol[start]) ** 2)
+                start = i
+    else:
+        lam = lam * float(rtol) ** 2
     lam = lam.clamp_min(32 * n * torch.finfo(torch.float64).eps)
     g.diagonal(dim1=-2, dim2=-1).add_(lam[..., None])
     chol, info = torch.linalg.cholesky_ex(g)
@@ -118,9 +126,11 @@ def _chol_solve(chol: Tensor, rhs: Tensor) -> Tensor:
 
 
 def _poison(x: Tensor, failed: Tensor) -> Tensor:
-    """``x``, or NaN everywhere if any factorisation failed: a deferred check (inject refuses non-finite factors)
-    instead of a host synchronisation per layer; a finite input never gets here."""
-    return torch.where(failed if failed.dim() == 0 else failed.any(), float("nan"), x)
+    """``x`` with NaN where a factorisation failed: per matrix if ``failed`` has ``x``'s batch shape, else everywhere
+    if any failed. A deferred check (inject refuses non-finite factors) instead of a host synchronisation per layer;
+    a finite input never gets here."""
+    mask = failed[..., None, None] if failed.shape == x.shape[:-2] else failed.any()
+    return torch.where(mask, float("nan"), x)
 
 
 def ridge_pinv(mat: Tensor, rcond: float | None = None) -> Tensor:
@@ -130,7 +140,8 @@ def ridge_pinv(mat: Tensor, rcond: float | None = None) -> Tensor:
     of ``1/σ`` at ``σ = rcond σ_max`` (the SVD truncation at ``rcond`` keeps ``1/σ`` above and 0 below). ``None``:
     torch.linalg.pinv's default cutoff ``eps * max(m, n)``. σ_max is bounded by GEMMs (≤ 8% above for r <= 128),
     so the ridge is at least as strong as asked. Costs a handful of small kernels and no host synchronisation;
-    returns NaN (never finite garbage) if the Cholesky factorisation fails, which a finite input cannot make it do.
+    returns NaN (never finite garbage) if the Cholesky factorisation fails, which a finite input cannot make it do
+    (for a batch ``(..., m, n)``: NaN for that matrix only).
     Result in ``mat``'s dtype (fp32 at least).
     """
     m, n = mat.shape[-2:]
@@ -186,6 +197,49 @@ def optimal_core(weight: Tensor, rows: Tensor, cols: Tensor, rcond: float | None
     left = _chol_solve(chol[0], y)  # (CᵀC + λ)⁻¹ Cᵀ W Rᵀ
     core = _chol_solve(chol[1], left.mT).mT  # ... (RRᵀ + λ)⁻¹ (both Grams symmetric)
     return _poison(core, failed).float()
+
+
+def optimal_cores(weights: Sequence[Tensor], cs: Sequence[Tensor], rs: Sequence[Tensor],
+                  rcond: float | None = None, scaling: float = 1.0) -> list[Tensor]:
+    """``optimal_core`` (``solver="ridge"``) of many layers at once, from their fp32 slices ``C = W[:, cols]`` and
+    ``R = W[rows, :]`` (equal rank, one device): per layer only the products ``Cᵀ W Rᵀ`` and the two Grams, then all
+    r x r work (ridge, Cholesky, solves) as one batch, so its op count does not grow with the number of layers.
+    Returns the fp32 cores divided by ``scaling``, in input order; a failed factorisation makes only that layer's
+    core NaN."""
+    check_pinv_options(rcond, "ridge")
+    n = len(weights)
+    shape = lambda i: (cs[i].shape[0], rs[i].shape[1])  # noqa: E731
+    # sorted by shape: per-shape cutoffs (rcond=None) form few runs, and layers of one shape are stacked, at most
+    # _STACK at a time (bounds the fp64 copies), for their Grams and Cᵀ W Rᵀ; only Cᵀ W is a product per layer
+    order = sorted(range(n), key=shape)
+    chunks: list[list[int]] = []
+    for i in order:
+        if chunks and len(chunks[-1]) < _STACK and shape(i) == shape(chunks[-1][0]):
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    c_grams, r_grams, ys = [], [], []
+    for chunk in chunks:
+        c64 = torch.stack([cs[i] for i in chunk]).double()
+        r64 = torch.stack([rs[i] for i in chunk]).double()
+        ctw = torch.stack([left_multiply(cs[i].mT, weights[i]) for i in chunk])  # Cᵀ W in fp32, as optimal_core
+        c_grams.append(c64.mT @ c64)
+        r_grams.append(r64 @ r64.mT)
+        ys.append(ctw.double() @ r64.mT)  # Cᵀ W Rᵀ
+    k = cs[0].shape[1]
+    if rcond is None:
+        rtol = ([default_rtol(cs[i].shape[0], k) for i in order] + [default_rtol(k, rs[i].shape[1]) for i in order])
+    else:
+        rtol = float(rcond)
+    chol, scale, failed = _ridge_factor(torch.cat(c_grams + r_grams), rtol)  # CᵀC of all layers, then RRᵀ
+    y = torch.cat(ys) / scale[:n, None, None] / scale[n:, None, None]
+    left = _chol_solve(chol[:n], y)  # (CᵀC + λ)⁻¹ Cᵀ W Rᵀ
+    core = _chol_solve(chol[n:], left.mT).mT  # ... (RRᵀ + λ)⁻¹
+    cores = (_poison(core, failed[:n] | failed[n:]).float() / scaling).unbind(0)
+    out: list[Tensor] = [cores[0]] * n
+    for j, i in enumerate(order):  # back to input order on the host: no index tensor to copy to the device
+        out[i] = cores[j]
+    return out
 
 
 def nystrom_reconstruct(weight: Tensor, rows: Tensor, cols: Tensor, rcond: float | None = None) -> Tensor:

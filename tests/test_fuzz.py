@@ -165,7 +165,14 @@ def test_unload_gives_back_the_original_weight(c, merge_first):
     else:  # at most three roundings (residual, merge, unmerge/unload), each <= u of the largest magnitude involved
         u = torch.finfo(c["dtype"]).eps / 2
         scale = w0.abs() + delta.abs() + (delta0.abs() if a.preserve_output else 0)
-        assert ((w - w0).abs() <= 4 * u * scale + 64 * sub(c["dtype"])).all()
+        # the init's residual (one addmm_) and unload's add-back form s B0 N0 A0 by different GEMMs: each rounds it
+        # by up to γ_2k s |B0| |N0| |A0| (not u |delta0|: the product can cancel), and the two need not agree
+        gemm = 0.0
+        if a.preserve_output:
+            b0, a0 = a.init_B.double().abs(), a.init_A.double().abs()
+            na0 = a0 if a.init_N is None else a.init_N.double().abs() @ a0
+            gemm = 2 * gamma(2 * c["rank"] + 1, c["dtype"]) * abs(a.scaling) * (b0 @ na0)
+        assert ((w - w0).abs() <= 4 * u * scale + gemm + 64 * sub(c["dtype"])).all()
 
 
 @FUZZ
