@@ -249,18 +249,27 @@ def test_op_count_of_the_r_by_r_work_does_not_grow_with_layers(name, monkeypatch
 def test_many_makes_no_host_sync_on_cuda_and_matches_the_cpu(name, dtype):
     spec = INITIALIZERS[name]
     ws, ranks, scalings = _weights(dtype, seed=4)
+    # optimal's default rcond=None is a ridge at eps level: for the rank-deficient fp32 layers the result is then
+    # rounding noise amplified ~1e10 (GPU and CPU GEMMs round differently); compare at a meaningful ridge
+    opts = {"rcond": 1e-3} if name == "nystrom-optimal" else {}
     cuda = [w.cuda() for w in ws]
-    spec.many(cuda, ranks, scalings=scalings, generators=[None] * len(ws))  # warm-up (handles, workspaces)
+    spec.many(cuda, ranks, scalings=scalings, generators=[None] * len(ws), **opts)  # warm-up (handles, workspaces)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        got = spec.many(cuda, ranks, scalings=scalings, generators=[None] * len(ws))
+        got = spec.many(cuda, ranks, scalings=scalings, generators=[None] * len(ws), **opts)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     for w, k, s, f in zip(ws, ranks, scalings, got):
-        want = spec.fn(w, k, scaling=s)
-        torch.testing.assert_close(f.N.cpu(), want.N, rtol=1e-4, atol=1e-4 * float(want.N.abs().max()) + 1e-30)
+        want = spec.fn(w, k, scaling=s, **opts)
         assert torch.equal(f.A.cpu(), want.A) and torch.equal(f.B.cpu(), want.B)
+        # Compare what the core is for, s·B N A: with rank-deficient slices the ridge core's components along their
+        # null directions are rounding noise over a tiny ridge (GPU and CPU round differently), and C, R cancel them.
+        def delta(fac):
+            return s * (fac.B.double().cpu() @ fac.N.double().cpu() @ fac.A.double().cpu())
+
+        scale = float(w.double().norm()) + 1e-30
+        assert float((delta(f) - delta(want)).norm()) <= 1e-3 * scale
 
 
 @pytest.mark.parametrize("value, ok", [(65504.0, True), (65520.0, False),
