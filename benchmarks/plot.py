@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -39,6 +40,7 @@ def plot_init(name: str) -> None:
         vals = [r["seconds_whole_model"]["median"] for r in rs]
         ax.barh(labels, vals, color=[COLORS[r["library"]] for r in rs])
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short spans
         ax.invert_yaxis()
         for i, v in enumerate(vals):
             ax.text(v, i, f" {v:.3g} s", va="center", fontsize=8)
@@ -166,7 +168,9 @@ def main() -> None:
         kind = stem.split("_")[0]
         fn = {"init": plot_init, "train": plot_train, "infer": plot_infer, "loss": plot_loss,
               "approx": plot_approx}.get(kind)
-        if fn:
+        data = _load(stem)
+        if fn and isinstance(data, dict) and data.get("results") and "machine" in data \
+                and (kind != "init" or "dtype" in data["results"][0]):  # init_batch_*: op counts, a table only
             fn(stem)
             print(f"plotted {stem}.png")
 
