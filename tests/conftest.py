@@ -4,7 +4,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# "ci": the same 25 examples per test on every run (derandomized, no example database), so CI is reproducible and a
+# numerically unlucky draw cannot turn it red at random; "long" explores at random (HYPOTHESIS_PROFILE=long).
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("long", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 

@@ -280,10 +280,13 @@ def test_optimal_core_and_pinv_against_float64(shape, data):
     w = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).double()
     rows, cols = select_indices(w, rank, "random", torch.Generator().manual_seed(seed))
     c, r = w[:, cols], w[rows, :]
-    assume(torch.linalg.cond(c) < 1e3 and torch.linalg.cond(r) < 1e3)
+    kappa = max(torch.linalg.cond(c).item(), torch.linalg.cond(r).item())
+    assume(kappa < 1e3)
     core = optimal_core(w.float(), rows, cols)
     ref = torch.linalg.pinv(c) @ w @ torch.linalg.pinv(r)
-    torch.testing.assert_close(core.double(), ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
+    # the fp32 rounding of W alone moves the least-squares core by ~eps32 * kappa^2 (relative)
+    tol = 1e-3 + 1e-7 * kappa**2
+    torch.testing.assert_close(core.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
     rcond = data.draw(st.sampled_from([None, 0.01, 0.1, 0.5]))
     u = w[rows][:, cols]
     sv = torch.linalg.svdvals(u)
