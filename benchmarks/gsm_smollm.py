@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import nlora
-from benchmarks.rt_sentiment import Method, lr_at
+from benchmarks.rt_sentiment import ADAPTER_METHODS, Method, lr_at
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # every linear, as the paper
@@ -42,17 +42,8 @@ METRIC = "exact match"
 # Controls first: "zero-shot" is the untouched model; "norms-only" trains the RMSNorm gains alone (17k numbers,
 # fewer than IntTune's), the causal-LM analogue of the classifier-head control: it can learn the answer format
 # but barely the reasoning, so an adapter that does not beat it has learned little.
-METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("zero-shot", None),
-    Method("norms-only", None),
-    Method("lora", "lora"),
-    Method("pissa", "pissa"),
-    Method("slora", "slora"),
-    Method("nlora", "nystrom"),  # faithful to the paper's code: first-r slices, core not inverted, output moved
-    Method("nlora-preserve", "nystrom", preserve_output=True),
-    Method("nystrom-optimal", "nystrom-optimal"),
-    Method("inttune", "nystrom", train="middle", lr_mult=10.0),
-]}
+METHODS: dict[str, Method] = {m.name: m for m in (Method("zero-shot", None), Method("norms-only", None),
+                                                    *ADAPTER_METHODS)}
 LRS = {  # two per method (the GPU budget): the paper's LoRA rate 3e-4 and 3x it; IntTune's N trains at 10x these
     "zero-shot": [0.0],
     "norms-only": [3e-3, 1e-2],

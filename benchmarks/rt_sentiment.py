@@ -40,8 +40,8 @@ class Method:
     options: dict = field(default_factory=dict)
 
 
-METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("head-only", None),
+# The adapter methods both studies compare (the MiniLM one here, the SmolLM2 one in gsm_smollm.py).
+ADAPTER_METHODS = (
     Method("lora", "lora"),
     Method("pissa", "pissa"),
     Method("slora", "slora"),
@@ -49,7 +49,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("nlora-preserve", "nystrom", preserve_output=True),
     Method("nystrom-optimal", "nystrom-optimal"),
     Method("inttune", "nystrom", train="middle", lr_mult=10.0),
-]}
+)
+METHODS: dict[str, Method] = {m.name: m for m in (Method("head-only", None), *ADAPTER_METHODS)}
 
 
 def package_dir(module: str) -> Path:
