@@ -187,16 +187,7 @@ def optimal_core(weight: Tensor, rows: Tensor, cols: Tensor, rcond: float | None
         c_pinv = regularised_pinv(c, rcond)  # (rank, out)
         r_pinv = regularised_pinv(r, rcond)  # (in, rank)
         return left_multiply(c_pinv, weight) @ r_pinv
-    (out_f, k), in_f = c.shape, r.shape[1]
-    ctw = left_multiply(c.mT, weight)  # (rank, in) = Cᵀ W, fp32, the only product as large as the weight
-    c64, r64 = c.double(), r.double()
-    grams = torch.stack((c64.mT @ c64, r64 @ r64.mT))  # CᵀC and RRᵀ, one batched factorisation for both
-    rtol = (default_rtol(out_f, k), default_rtol(k, in_f)) if rcond is None else float(rcond)
-    chol, scale, failed = _ridge_factor(grams, rtol)
-    y = (ctw.double() @ r64.mT) / scale[0] / scale[1]  # Cᵀ W Rᵀ, the traces folded in (their product may underflow)
-    left = _chol_solve(chol[0], y)  # (CᵀC + λ)⁻¹ Cᵀ W Rᵀ
-    core = _chol_solve(chol[1], left.mT).mT  # ... (RRᵀ + λ)⁻¹ (both Grams symmetric)
-    return _poison(core, failed).float()
+    return optimal_cores([weight], [c], [r], rcond)[0]  # one layer of the batched form: the ridge maths live there
 
 
 def optimal_cores(weights: Sequence[Tensor], cs: Sequence[Tensor], rs: Sequence[Tensor],
