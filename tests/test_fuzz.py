@@ -319,8 +319,10 @@ def test_pissa_is_the_best_rank_r_approximation(shape, data):
     delta = scaling * f.B.double() @ f.N.double() @ f.A.double()
     sv = torch.linalg.svdvals(w)
     eckart_young = sv[rank:].square().sum().sqrt().item()  # the least Frobenius error of any rank-r matrix
-    norm = torch.linalg.matrix_norm(w).item()  # fp32 SVD: accurate to ~u·||W|| in absolute terms
-    assert torch.linalg.matrix_norm(w - delta).item() == pytest.approx(eckart_young, rel=1e-4, abs=1e-6 * norm)
+    norm = torch.linalg.matrix_norm(w).item()
+    # fp32 SVD: backward stable, the reconstruction is off by a small multiple of n·u·||W|| (n = max(shape))
+    tol = 4 * max(shape) * torch.finfo(torch.float32).eps * norm
+    assert torch.linalg.matrix_norm(w - delta).item() == pytest.approx(eckart_young, rel=1e-4, abs=tol)
     assert torch.linalg.matrix_rank(delta, rtol=1e-6) <= rank
 
 
