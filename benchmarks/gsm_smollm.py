@@ -15,6 +15,7 @@ safetensors, reloads in a fraction of a second); the problems from ``benchmarks/
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import math
@@ -292,8 +293,6 @@ class Task:
         self.max_new_tokens = 24 if args.quick else 192
 
     def run(self, job: dict) -> dict:
-        import copy
-
         method = self.methods[job["method"]]
         steps = 0 if method.name == "zero-shot" else self.args.steps
         model, init_s = build(method, copy.deepcopy(self.model), rank=self.args.rank_r, seed=job["seed"])
