@@ -314,3 +314,38 @@ def test_conv1d_layers_give_the_same_model_as_layer_by_layer_init(name, monkeypa
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6 * float(b[k].float().abs().max()) + 1e-30)
+
+
+def test_register_many_gives_a_custom_init_a_batched_form_that_inject_calls_once():
+    """A user's init with ``@nlora.register_many``: inject makes one batched call for all layers and the adapters
+    get exactly its factors; without the batched form inject calls the per-layer function instead."""
+    from nlora.inits import init_nystrom
+
+    calls = []
+
+    @nlora.register_init("test-first-slices", data_driven=True, has_middle=True)
+    def first_slices(weight, rank, *, scaling, generator=None):
+        calls.append("fn")
+        return init_nystrom(weight, rank, scaling=scaling)
+
+    @nlora.register_many("test-first-slices")
+    def first_slices_many(weights, ranks, *, scalings, generators):
+        calls.append(("many", len(weights)))
+        return [init_nystrom(w, k, scaling=s) for w, k, s in zip(weights, ranks, scalings)]
+
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(12, 10), nn.Linear(10, 12), nn.Linear(12, 10)])
+        nlora.inject(model, "all-linear", rank=3, init="test-first-slices")
+        assert calls == [("many", 3)]
+        for layer in adapter_layers(model).values():
+            w = layer.base.weight
+            assert torch.equal(layer.lora_A, w[:3]) and torch.equal(layer.lora_N, w[:3, :3])
+            assert torch.equal(layer.lora_B, w[:, :3])
+        calls.clear()
+        nlora.INITIALIZERS["test-first-slices"] = dataclasses.replace(nlora.INITIALIZERS["test-first-slices"], many=None)
+        nlora.inject(nn.Sequential(nn.Linear(12, 10), nn.Linear(10, 12)), "all-linear", rank=3,
+                     init="test-first-slices")
+        assert calls == ["fn", "fn"]
+    finally:
+        nlora.INITIALIZERS.pop("test-first-slices", None)
