@@ -142,18 +142,36 @@ def _selection_key(s: dict) -> tuple[float, float, float]:
     return (s["seeds"], -1.0 if math.isnan(acc) else acc, -math.inf if math.isnan(nll) else -nll)
 
 
-def best_lrs(rows: list[dict]) -> dict[str, list[float]]:
-    """Each method's best learning rate in ``rows`` (same rule as ``aggregate``), as a one-LR grid."""
+def sweep_summary(rows: list[dict], order: list[str] | None = None) -> tuple[dict, list[dict]]:
+    """Runs grouped by (method, lr), and one summary per group (seeds, mean +/- std of every metric), sorted by
+    method (in ``order``, else by name) and learning rate."""
     by: dict[tuple[str, float], list[dict]] = {}
     for r in rows:
         by.setdefault((r["method"], r["lr"]), []).append(r)
-    best: dict[str, tuple] = {}
-    for (m, lr), rs in by.items():
-        summary = {"seeds": len(rs), "val_acc": mean_std([r["val_acc"] for r in rs]),
-                   **({"val_nll": mean_std([r["val_nll"] for r in rs])} if "val_nll" in rs[0] else {})}
-        if m not in best or _selection_key(summary) > best[m][0]:
-            best[m] = (_selection_key(summary), lr)
-    return {m: [lr] for m, (_, lr) in best.items()}
+    rank = (lambda m: order.index(m)) if order else (lambda m: m)
+    sweep = []
+    for (m, lr), rs in sorted(by.items(), key=lambda kv: (rank(kv[0][0]), kv[0][1])):
+        sweep.append({"method": m, "lr": lr, "seeds": len(rs),
+                      "val_acc": mean_std([r["val_acc"] for r in rs]), "test_acc": mean_std([r["test_acc"] for r in rs]),
+                      "final_loss": mean_std([final_loss(r["losses"]) for r in rs]),
+                      **{k: mean_std([r[k] for r in rs]) for k in EXTRA if k in rs[0]},
+                      "diverged": sum("diverged_at" in r for r in rs)})
+    return by, sweep
+
+
+def best_per_method(sweep: list[dict]) -> dict[str, dict]:
+    """Each method's best sweep entry by ``_selection_key`` (the first, i.e. the lowest LR, on a tie)."""
+    best: dict[str, dict] = {}
+    for s in sweep:
+        cur = best.get(s["method"])
+        if cur is None or _selection_key(s) > _selection_key(cur):
+            best[s["method"]] = s
+    return best
+
+
+def best_lrs(rows: list[dict]) -> dict[str, list[float]]:
+    """Each method's best learning rate in ``rows`` (same rule as ``aggregate``), as a one-LR grid."""
+    return {m: [s["lr"]] for m, s in best_per_method(sweep_summary(rows)[1]).items()}
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -170,21 +188,8 @@ def aggregate(rows: list[dict], meta: dict, out_dir: Path, tag: str, task=None) 
     task = task or get_task(meta.get("task", "rt"))
     order = list(task.methods)
     window = max(5, meta["steps"] // 20)
-    by = {}
-    for r in rows:
-        by.setdefault((r["method"], r["lr"]), []).append(r)
-    sweep = []
-    for (m, lr), rs in sorted(by.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
-        sweep.append({"method": m, "lr": lr, "seeds": len(rs),
-                      "val_acc": mean_std([r["val_acc"] for r in rs]), "test_acc": mean_std([r["test_acc"] for r in rs]),
-                      "final_loss": mean_std([final_loss(r["losses"]) for r in rs]),
-                      **{k: mean_std([r[k] for r in rs]) for k in EXTRA if k in rs[0]},
-                      "diverged": sum("diverged_at" in r for r in rs)})
-    best = {}
-    for s in sweep:
-        cur = best.get(s["method"])
-        if cur is None or _selection_key(s) > _selection_key(cur):
-            best[s["method"]] = s
+    by, sweep = sweep_summary(rows, order)
+    best = best_per_method(sweep)
     target = best["lora"]["final_loss"][0] if "lora" in best else None
     quarter = min(max(window, meta["steps"] // 4), meta["steps"])  # the early target: LoRA's smoothed loss a quarter of the way in
     early = (statistics.fmean(rt.smooth(r["losses"], window)[quarter - 1] for r in by[("lora", best["lora"]["lr"])])

@@ -148,8 +148,7 @@ def test_aggregate_handles_a_zero_shot_row_and_picks_lr_on_validation(tmp_path, 
 
 
 def test_best_lrs_prefers_the_better_validation_metric_then_nll():
-    rows = [{"method": "lora", "lr": 1e-4, "seed": 0, "val_acc": 0.2, "val_nll": 1.0},
-            {"method": "lora", "lr": 1e-3, "seed": 0, "val_acc": 0.3, "val_nll": 1.5},
-            {"method": "nlora", "lr": 1e-4, "seed": 0, "val_acc": 0.1, "val_nll": 0.9},
-            {"method": "nlora", "lr": 1e-3, "seed": 0, "val_acc": 0.1, "val_nll": 0.8}]
+    rows = [{"method": m, "lr": lr, "seed": 0, "val_acc": acc, "val_nll": nll, "test_acc": 0.0, "losses": [1.0]}
+            for m, lr, acc, nll in [("lora", 1e-4, 0.2, 1.0), ("lora", 1e-3, 0.3, 1.5),
+                                    ("nlora", 1e-4, 0.1, 0.9), ("nlora", 1e-3, 0.1, 0.8)]]
     assert study.best_lrs(rows) == {"lora": [1e-3], "nlora": [1e-3]}
