@@ -28,6 +28,13 @@ def _machine(d: dict) -> str:
     return f"{m.get('gpu') or m['cpu']} | torch {m['torch']}, peft {m['peft']}, transformers {m['transformers']}"
 
 
+def _save(fig, name: str) -> None:
+    """Lay out, write ``<name>.png`` next to the JSON, and free the figure."""
+    fig.tight_layout()
+    fig.savefig(results_dir() / f"{name}.png", dpi=110)
+    plt.close(fig)
+
+
 def plot_init(name: str) -> None:
     d = _load(name)
     if not d:
@@ -48,9 +55,7 @@ def plot_init(name: str) -> None:
         ax.set_xlabel("seconds (log)")
     fig.suptitle(f"Init time, {d['shape']}-shaped LLaMA ({d['results'][0]['layers_model']} layers); "
                  f"* = timed on a subset of layers and scaled\n{_machine(d)}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(results_dir() / f"{name}.png", dpi=110)
-    plt.close(fig)
+    _save(fig, name)
 
 
 def plot_train(name: str) -> None:
@@ -85,9 +90,7 @@ def plot_train(name: str) -> None:
     head = "LM head + cross-entropy" if d.get("head", "none") == "lm" else "decoder stack only"
     fig.suptitle(f"Training step (fwd+bwd+{d.get('optimizer', 'AdamW foreach')}), {d['layers']} LLaMA-7B layers, "
                  f"{head}, bf16 base, {d['batch']}x{d['seq']} tokens, r={d['rank']}\n{_machine(d)}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(results_dir() / f"{name}.png", dpi=110)
-    plt.close(fig)
+    _save(fig, name)
 
 
 def plot_infer(name: str) -> None:
@@ -109,9 +112,7 @@ def plot_infer(name: str) -> None:
         ax.set_xlim(0.9, max(vals) * 1.3)
         ax.set_title(f"{s} tokens: forward time / plain base", fontsize=10)
     fig.suptitle(f"Inference, {d['layers']} LLaMA-7B layers, bf16, r={d['rank']}\n{_machine(d)}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(results_dir() / f"{name}.png", dpi=110)
-    plt.close(fig)
+    _save(fig, name)
 
 
 def plot_loss(name: str) -> None:
@@ -130,9 +131,7 @@ def plot_loss(name: str) -> None:
     ax.legend(fontsize=8)
     ax.set_title(f"{d['model']}, {d['task']}\nr={d['args']['rank']}, lr={d['args']['lr']}, batch "
                  f"{d['args']['batch']} | {_machine(d)}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(results_dir() / f"{name}.png", dpi=110)
-    plt.close(fig)
+    _save(fig, name)
 
 
 def plot_approx(name: str) -> None:
@@ -158,9 +157,7 @@ def plot_approx(name: str) -> None:
     ax.legend(fontsize=7)
     ax.set_title(f"||W - s B N A||_F / ||W||_F on all-MiniLM-L6-v2 (and ||s B N A||/||W|| for faithful nystrom)\n"
                  f"{_machine(d)}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(results_dir() / f"{name}.png", dpi=110)
-    plt.close(fig)
+    _save(fig, name)
 
 
 def main() -> None:
