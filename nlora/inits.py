@@ -8,6 +8,7 @@ model output is unchanged (``preserve_output``) is the layer's business, not the
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass, replace
@@ -49,8 +50,14 @@ class InitSpec:
 
     @property
     def options(self) -> tuple[str, ...]:
-        params = inspect.signature(self.fn).parameters.values()
-        return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("scaling", "generator"))
+        return _keyword_options(self.fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _keyword_options(fn: Callable[..., Factors]) -> tuple[str, ...]:
+    """An initialiser's keyword-only options (read once per function: ``inspect.signature`` costs ~40 us a call)."""
+    params = inspect.signature(fn).parameters.values()
+    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("scaling", "generator"))
 
 
 INITIALIZERS: dict[str, InitSpec] = {}
@@ -85,9 +92,14 @@ def get_init(name: str) -> InitSpec:
         raise ValueError(f"unknown init {name!r}; choose one of {sorted(INITIALIZERS)}") from None
 
 
+_KAIMING_GAIN = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))  # torch.nn.init.calculate_gain("leaky_relu", √5)
+
+
 def _kaiming(shape: tuple[int, int], device: torch.device, generator: torch.Generator | None) -> Tensor:
-    t = torch.empty(shape, dtype=torch.float32, device=device)
-    return torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
+    """``kaiming_uniform_(a=√5)`` of a new fp32 tensor (nn.Linear's and PEFT's LoRA A), bound computed as torch
+    does, so the draws are bit-identical, without its per-call Python checks (inject calls it once per layer)."""
+    bound = math.sqrt(3.0) * (_KAIMING_GAIN / math.sqrt(shape[1]))
+    return torch.empty(shape, dtype=torch.float32, device=device).uniform_(-bound, bound, generator=generator)
 
 
 def _gaussian(shape: tuple[int, int], std: float, device: torch.device, generator: torch.Generator | None) -> Tensor:

@@ -52,36 +52,27 @@ class Adapter(nn.Module):
                  preserve_output: bool, options: dict, dtype: torch.dtype = torch.float32,
                  compute_dtype: torch.dtype | None = None, seed: int | None = None) -> None:
         super().__init__()
-        self.rank = factors.A.shape[0]
-        self.alpha = alpha
-        self.scaling = alpha / self.rank
-        self.init = init
-        self.train_mode = train
-        self.preserve_output = preserve_output
-        self.options = dict(options)
-        self.compute_dtype = compute_dtype
-        self.init_seed = seed  # the inject seed, so a deferred init draws what an immediate one would
-        self.pending_init = factors.A.is_meta
-        self.lora_A = nn.Parameter(_owned(factors.A, dtype))
-        self.lora_N = None if factors.N is None else nn.Parameter(_owned(factors.N, dtype))
-        self.lora_B = nn.Parameter(_owned(factors.B, dtype))
+        _set_plain(self, rank=factors.A.shape[0], alpha=alpha, scaling=alpha / factors.A.shape[0], init=init,
+                   train_mode=train, preserve_output=preserve_output, options=dict(options),
+                   compute_dtype=compute_dtype,
+                   init_seed=seed,  # the inject seed, so a deferred init draws what an immediate one would
+                   pending_init=factors.A.is_meta,
+                   _cast_cache={})  # never in the state_dict
+        trains = (False, True, False) if train == "middle" else (True, True, True)
+        for name, t, grad in zip(("lora_A", "lora_N", "lora_B"), (factors.A, factors.N, factors.B), trains):
+            self.register_parameter(name, None if t is None else nn.Parameter(_owned(t, dtype), requires_grad=grad))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self._cast_cache: dict[str, tuple[tuple, Tensor]] = {}  # plain attribute: never in the state_dict
-        trainable = {id(p) for p in self.trainable_parameters()}
-        for p in self.parameters():
-            p.requires_grad_(id(p) in trainable)
         self.keep_initial(factors)
 
     def keep_initial(self, factors: Factors) -> None:
         """Record what the init produced, as non-persistent buffers: the Nyström index sets, and for an adapter
         whose init moved the base weight the initial factors, which give back the original pretrained weight
         (``W0 = W_residual + s B0 N0 A0``) for disable_adapter, unload and export."""
-        device = sharded.local_view(self.lora_A).device
+        device, dtype = sharded.local_view(self.lora_A).device, self.lora_A.dtype
         for name in ("A", "N", "B"):
             t = getattr(factors, name)
             keep = self.preserve_output and t is not None
-            self.register_buffer(f"init_{name}", _owned(t.to(device), self.lora_A.dtype) if keep else None,
-                                 persistent=False)
+            self.register_buffer(f"init_{name}", _owned(t, dtype, device) if keep else None, persistent=False)
         for name in ("rows", "cols"):
             t = getattr(factors, name)
             self.register_buffer(name, None if t is None else t.to(device), persistent=False)
@@ -167,10 +158,16 @@ class Adapter(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha:g}, init={self.init!r}, train={self.train_mode!r}"
 
 
-def _owned(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """A contiguous copy in ``dtype``: Nyström slices of a Conv1D weight are transposed views, and a factor's memory
-    layout changes matmul rounding (a saved-and-loaded adapter's outputs would differ in the last bit)."""
-    return t.to(dtype, memory_format=torch.contiguous_format, copy=True)
+def _owned(t: Tensor, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
+    """A contiguous copy in ``dtype`` (on ``device``): Nyström slices of a Conv1D weight are transposed views, and a
+    factor's memory layout changes matmul rounding (a saved-and-loaded adapter's outputs would differ in the last bit)."""
+    return t.to(device, dtype, memory_format=torch.contiguous_format, copy=True)
+
+
+def _set_plain(module: nn.Module, **attrs) -> None:
+    """Set plain (non-tensor, non-module) attributes straight into ``__dict__``, where ``nn.Module.__setattr__`` would
+    put them after ~1 us of checks each: an adapter has a dozen, and inject builds one per layer."""
+    module.__dict__.update(attrs)
 
 
 def _compute_dtype(x: Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
@@ -328,8 +325,7 @@ class NLoRALinear(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active_adapters: tuple[str, ...] = ()
         self.merged_adapters: tuple[str, ...] = ()
-        self.disabled = False
-        self.module_name = name
+        _set_plain(self, disabled=False, module_name=name)
         for p in base.parameters():
             p.requires_grad_(False)
 
@@ -387,11 +383,13 @@ class NLoRALinear(nn.Module):
         module = Adapter(factors, alpha=float(rank if alpha is None else alpha), init=init, train=train,
                          dropout=dropout, preserve_output=preserve and not spec.zero_delta, options=options,
                          dtype=adapter_dtype, compute_dtype=compute_dtype, seed=seed)
-        module.to(weight_view(self.base).device)
+        device = weight_view(self.base).device
+        if any(t.device != device for t in module.parameters()):  # factors from an init that returned them elsewhere
+            module.to(device)
         if module.preserve_output and not module.pending_init:
             self._subtract_initial(module)
         self.adapters[adapter] = module
-        module.base_sample = sample
+        _set_plain(module, base_sample=sample)
         return module
 
     def set_active(self, names: Iterable[str]) -> None:

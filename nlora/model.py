@@ -236,15 +236,16 @@ def _refuse_nonfinite_factors(factors: dict[str, Factors], init: str, adapter_dt
                              f"adapter_dtype=torch.float32, init='nystrom-optimal', or a larger rcond")
 
 
-def _refresh_requires_grad(model: nn.Module) -> None:
-    """Freeze everything, then unfreeze the active adapters' trainable parameters and the extra trainable modules."""
+def _refresh_requires_grad(model: nn.Module, layers: dict[str, NLoRALinear] | None = None) -> None:
+    """Freeze everything, then unfreeze the active adapters' trainable parameters and the extra trainable modules
+    (``layers``: the model's ``adapter_layers``, if the caller has them already)."""
     for p in model.parameters():
         p.requires_grad_(False)
     for module in model.modules():
         if getattr(module, _EXTRA_TRAINABLE, False):
             for p in module.parameters():
                 p.requires_grad_(True)
-    for layer in adapter_layers(model).values():
+    for layer in (adapter_layers(model) if layers is None else layers).values():
         for name in layer.active_adapters:
             for p in layer.adapters[name].trainable_parameters():
                 p.requires_grad_(True)
@@ -257,28 +258,33 @@ def _require_adapters(model: nn.Module) -> dict[str, NLoRALinear]:
     return layers
 
 
-def adapter_names(model: nn.Module) -> list[str]:
-    """Every adapter name present anywhere in the model, in insertion order."""
+def _names_in(layers: dict[str, NLoRALinear]) -> list[str]:
     names: dict[str, None] = {}
-    for layer in adapter_layers(model).values():
+    for layer in layers.values():
         names.update(dict.fromkeys(layer.adapters))
     return list(names)
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Every adapter name present anywhere in the model, in insertion order."""
+    return _names_in(adapter_layers(model))
 
 
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make ``names`` the active adapter(s) everywhere (the others stay but do not run) and trainable."""
     layers = _require_adapters(model)
     names = [names] if isinstance(names, str) else list(names)
-    unknown = [n for n in names if n not in adapter_names(model)]
+    known = _names_in(layers)
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"no adapter named {unknown}; the model has {adapter_names(model)}")
+        raise ValueError(f"no adapter named {unknown}; the model has {known}")
     for layer in layers.values():
         if layer.merged_adapters and set(layer.merged_adapters) - set(names):
             raise ValueError(f"{layer.module_name}: adapters {list(layer.merged_adapters)} are merged; unmerge "
                              f"before switching adapters")
     for layer in layers.values():
         layer.set_active(names)
-    _refresh_requires_grad(model)
+    _refresh_requires_grad(model, layers)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -294,7 +300,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         layer.remove(name)
         if not layer.adapters:
             _set_module(model, module_name, layer.base)
-    _refresh_requires_grad(model)
+            del layers[module_name]
+    _refresh_requires_grad(model, layers)
 
 
 def merge(model: nn.Module, safe: bool = False) -> nn.Module:

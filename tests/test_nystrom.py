@@ -165,6 +165,15 @@ def test_pissa_lowrank_is_seeded():
     assert torch.equal(a.A, b.A) and torch.equal(a.N, b.N)
 
 
+@given(rank=st.integers(1, 16), fan_in=st.integers(1, 5000), seed=st.integers(0, 2**31))
+def test_lora_a_is_bit_identical_to_torch_kaiming_uniform(rank, fan_in, seed):
+    """nlora draws A with its own bound arithmetic (no per-call checks); the draws must equal nn.Linear's/PEFT's."""
+    got = get_init("lora").fn(torch.zeros(3, fan_in), rank, scaling=1.0, generator=torch.Generator().manual_seed(seed))
+    want = torch.nn.init.kaiming_uniform_(torch.empty(rank, fan_in), a=math.sqrt(5),
+                                          generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(got.A, want)
+
+
 def test_random_inits_follow_their_distributions():
     torch.manual_seed(0)
     w = torch.zeros(64, 256)
