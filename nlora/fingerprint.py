@@ -43,13 +43,13 @@ def weight_samples(weights: list[Tensor], k: int = SAMPLE_SIZE) -> list[Tensor |
             continue
         key = (tuple(w.shape), w.device)
         if key not in positions:
-            pos = torch.stack(sample_positions(key[0], k))
+            rows, cols = sample_positions(key[0], k)
+            flat = rows * key[0][1] + cols
             if w.device.type == "cuda":  # from pinned memory the copy is truly asynchronous (pageable may sync)
-                pos = pos.pin_memory()
-            positions[key] = pos.to(w.device, non_blocking=True)
-        pos = positions[key]
-        with torch.no_grad():  # indexing, not a flat view: a transposed (Conv1D) weight is not copied
-            groups.setdefault((w.device, w.dtype), []).append((i, w.detach()[pos[0], pos[1]]))
+                flat = flat.pin_memory()
+            positions[key] = flat.to(w.device, non_blocking=True)
+        with torch.no_grad():  # take() indexes the logical row-major layout: a transposed (Conv1D) view is not copied
+            groups.setdefault((w.device, w.dtype), []).append((i, torch.take(w, positions[key])))
     for parts in groups.values():
         host = torch.cat([t for _, t in parts]).to("cpu")
         for (i, _), piece in zip(parts, host.split(k)):

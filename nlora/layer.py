@@ -567,15 +567,16 @@ def nonfinite_weight_error(label: str, init: str) -> ValueError:
 
 
 def weights_finite(weights: list[Tensor]) -> list[bool]:
-    """Whether each plain (non-sharded, non-meta) weight is finite, with one host synchronisation for all of them:
-    an fp32 sum per weight (NaN/Inf make it non-finite; only a weight whose sum overflows is re-checked element-wise)."""
-    sums = [w.sum(dtype=torch.float32) for w in weights]
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(sums):
-        by_device.setdefault(t.device, []).append(i)
+    """Whether each plain (non-sharded, non-meta) weight is finite, with one host synchronisation per (device, dtype):
+    each weight's fp32 (fp64) ``sum |w|`` from one multi-tensor ``_foreach_norm`` (NaN/Inf make it non-finite; only a weight
+    whose sum overflows is re-checked element-wise)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, w in enumerate(weights):
+        groups.setdefault((w.device, w.dtype), []).append(i)
     ok = [True] * len(weights)
-    for idx in by_device.values():
-        flags = torch.isfinite(torch.stack([sums[i] for i in idx])).tolist()  # the one sync per device
+    for (_, dtype), idx in groups.items():
+        norms = torch._foreach_norm([weights[i] for i in idx], 1, dtype=torch.promote_types(dtype, torch.float32))
+        flags = torch.isfinite(torch.stack(norms)).tolist()  # the one sync per group
         for i, f in zip(idx, flags):
             ok[i] = f or bool(torch.isfinite(weights[i]).all())
     return ok

@@ -300,6 +300,21 @@ def test_a_finite_factor_whose_sum_overflows_is_accepted():
     assert adapter_layers(model)["1"].adapters["default"].lora_A[:3, :3].eq(big).all()
 
 
+def test_weights_finite_flags_each_weight_of_mixed_dtypes_and_views():
+    """One multi-tensor pass per (device, dtype): NaN and Inf are flagged per weight, a finite weight whose |w| sum
+    overflows fp32 is re-checked and passes, transposed views (HF Conv1D) and fp64/bf16 weights are read as they are."""
+    from nlora.layer import weights_finite
+
+    big = float(torch.finfo(torch.float32).max) / 2
+    ws = [torch.randn(5, 7), torch.randn(7, 5).T, torch.randn(4, 4, dtype=torch.bfloat16), torch.randn(3, 6).double(),
+          torch.full((3, 3), big), torch.randn(6, 6), torch.randn(6, 6, dtype=torch.bfloat16)]
+    ws[1][2, 3] = float("nan")
+    ws[3][0, 0] = float("-inf")
+    ws[6][1, 1] = float("inf")
+    assert weights_finite(ws) == [True, False, True, False, True, True, False]
+    assert weights_finite([]) == []
+
+
 @pytest.mark.parametrize("name", BATCHED)
 def test_conv1d_layers_give_the_same_model_as_layer_by_layer_init(name, monkeypatch):
     """HF Conv1D stores its weight (in, out): the batched path works on the same transposed view."""
