@@ -215,7 +215,8 @@ _NO_CASTS = (None, None, None)
 class _AdapterBranch(torch.autograd.Function):
     """``y += s B N A x`` in place (``N`` optional) as one autograd node: the fp32 masters are cast to ``y``'s dtype
     inside, and backward computes only the gradients that are needed (IntTune: dN and dx), the parameter gradients
-    coming back in the parameters' dtype. ``y`` is the fresh 2-D base output, ``x`` the 2-D input; ``casts`` holds
+    coming back in the parameters' dtype. ``y`` is the fresh base output, ``x`` the contiguous input (any number of
+    leading dims: they are flattened inside the node, so autograd sees no reshape or view nodes); ``casts`` holds
     cached compute-dtype copies of frozen factors (or ``None``). With ``y=None`` and the frozen base ``w``, ``bias``
     of an ``nn.Linear`` the node computes ``y = x W^T + bias`` itself and the base's input gradient with the
     branch's, ``dx = g W + s (g B N) A`` (one GEMM accumulating into the other): the base gets no autograd node and
@@ -233,14 +234,16 @@ class _AdapterBranch(torch.autograd.Function):
         ac = casts[0] if casts[0] is not None else a.to(dtype)
         nc = None if n is None else casts[1] if casts[1] is not None else n.to(dtype)
         bc = casts[2] if casts[2] is not None else b.to(dtype)
-        xc = x if x.dtype == dtype else x.to(dtype)
+        x2 = x.view(-1, x.shape[-1])
+        xc = x2 if x.dtype == dtype else x2.to(dtype)
         h1 = F.linear(xc, ac)
         h2 = h1 if nc is None else F.linear(h1, nc)
-        y.addmm_(h2, bc.t(), alpha=scaling)
-        ctx.scaling, ctx.x_dtype = scaling, x.dtype
+        y.view(-1, y.shape[-1]).addmm_(h2, bc.t(), alpha=scaling)
+        ctx.scaling, ctx.x_dtype, ctx.x_shape = scaling, x.dtype, x.shape
         down = need_x or need_a  # the gradient has to go back through N and A
         # x only where dA needs it (IntTune keeps no layer input alive, like plain autograd); a, n, b, w cost nothing
-        ctx.save_for_backward(x if need_a else None, a, n, b, w if need_x else None, xc if need_a else None,
+        ctx.save_for_backward(x if need_a else None, a, n, b, w if need_x else None,
+                              xc if need_a and xc is not x2 else None,
                               ac if need_x else None, nc if down else None, bc if down or need_n else None,
                               h1 if need_n else None, h2 if need_b else None)
         return y
@@ -251,12 +254,16 @@ class _AdapterBranch(torch.autograd.Function):
         need_y, need_x, need_a, need_n, need_b = ctx.needs_input_grad[:5]
         s = ctx.scaling
         gy = g if need_y else None
+        g = g.reshape(-1, g.shape[-1])
+        x = None if x is None else x.view(-1, x.shape[-1])  # saved unflattened: double backward must reach the input
+        xc = x if xc is None else xc
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain composite so higher orders work
             if x is None:
                 raise RuntimeError("double backward through an nlora adapter with a frozen A (e.g. IntTune) needs the "
                                    "layer input, which the one-node branch does not keep; set "
                                    "nlora.layer.FUSED_FUNCTION = False for such runs")
-            return (gy, *_composite_grads(g, x, a, n, b, w, s, ctx.needs_input_grad[1:5]), None, None, None, None)
+            gx, ga, gn, gb = _composite_grads(g, x, a, n, b, w, s, ctx.needs_input_grad[1:5])
+            return gy, None if gx is None else gx.view(ctx.x_shape), ga, gn, gb, None, None, None, None
         gx = ga = gn = gb = None
         if need_b:
             gb = _mm_to(g.t(), h2, b.dtype, s)
@@ -270,7 +277,7 @@ class _AdapterBranch(torch.autograd.Function):
                 ga = _mm_to(v.t(), xc, a.dtype)
             if need_x:
                 gx = torch.mm(v, ac) if w is None else torch.mm(g, w).addmm_(v, ac)
-                gx = gx.to(ctx.x_dtype)
+                gx = gx.to(ctx.x_dtype).view(ctx.x_shape)
         return gy, gx, ga, gn, gb, None, None, None, None
 
 
@@ -519,15 +526,18 @@ class NLoRALinear(nn.Module):
         """The same sum with each adapter's last matmul accumulating into the base output in place
         (``addmm_``: beta=1, alpha=scaling), instead of a separate output-sized add and scaling pass.
 
-        The base runs on the flattened ``(tokens, in)`` input so that its output is a fresh 2-D tensor: an
-        in-place update of a reshaped view would make autograd copy the gradient (CopySlices) in backward.
+        The one-node branch (``_AdapterBranch``) takes ``x`` with its leading dims and flattens inside the node. The
+        op-by-op path (``FUSED_FUNCTION = False``, sharded factors) runs the base on the flattened ``(tokens, in)``
+        input instead, so that its output is a fresh 2-D tensor: an in-place update of a reshaped view would make
+        autograd copy the gradient (CopySlices) in backward.
         """
-        x2 = x.reshape(-1, x.shape[-1])
+        flat = x.dim() != 2 and not (FUSED_FUNCTION and not any(sharded.is_dtensor(a.lora_A) for a in adapters))
+        x2 = x.reshape(-1, x.shape[-1]) if flat else x
         first = adapters[0]
         y = first(x2, base=self.base) if self._folds_base(x2, first) else first(x2, out=self.base(x2))
         for adapter in adapters[1:]:
             y = adapter(x2, out=y)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y.view(*x.shape[:-1], y.shape[-1]) if flat else y
 
     def _folds_base(self, x: Tensor, adapter: Adapter) -> bool:
         """Whether the first adapter's ``_AdapterBranch`` can also run the base and give its input gradient (one
