@@ -5,7 +5,10 @@ random bf16 input embeddings, next-token cross-entropy on random labels through 
 ``--head none``: the decoder stack only, loss = mean of the outputs times a fixed random target. The floor is the same frozen model with gradients flowing to the
 input only (no adapters, no optimizer). Every variant runs on the same model object in the same process;
 the list is run ``--rounds`` times to show the spread. ``--profile`` writes torch.profiler tables;
-``--compile`` repeats some variants under ``torch.compile``.
+``--compile`` repeats some variants under ``torch.compile``; ``--graph`` captures whole steps (forward, backward,
+capturable fused AdamW) in CUDA graphs, whose replays cost no host time: the GPU's own step time.
+Each eager row also reports the host time to enqueue one step, measured while the GPU is held busy
+(``torch.cuda._sleep``): where it exceeds the GPU's step time, the step is host-bound.
 
     python benchmarks/bench_train.py --layers 2 --rounds 2 --profile --compile
 """
@@ -134,8 +137,9 @@ def _loss(fwd, x: torch.Tensor) -> torch.Tensor:
     return loss_fn(fwd(inputs_embeds=x).last_hidden_state)
 
 
-def make_step(setup: Setup, x: torch.Tensor, fwd):
-    """One training step as a closure: forward, backward, AdamW (floor: forward, backward to the input)."""
+def make_step(setup: Setup, x: torch.Tensor, fwd, capturable: bool = False):
+    """One training step as a closure: forward, backward, AdamW (floor: forward, backward to the input).
+    ``capturable``: AdamW keeps its step count on the GPU, so that the step can be captured in a CUDA graph."""
     if setup.kind == "floor":
         xg = x.detach().clone().requires_grad_(True)
 
@@ -144,7 +148,8 @@ def make_step(setup: Setup, x: torch.Tensor, fwd):
             _loss(fwd, xg).backward()
 
         return step
-    opt = torch.optim.AdamW(setup.params, lr=1e-5, fused=_CONF["fused"] and x.device.type == "cuda")
+    opt = torch.optim.AdamW(setup.params, lr=1e-5, fused=_CONF["fused"] and x.device.type == "cuda",
+                            capturable=capturable)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -154,7 +159,22 @@ def make_step(setup: Setup, x: torch.Tensor, fwd):
     return step
 
 
-def measure(setup: Setup, x: torch.Tensor, warmup: int, iters: int, fwd=None) -> dict:
+def host_enqueue_ms(step, samples: int = 8, sleep_cycles: int = 200_000_000) -> list[float]:
+    """Host milliseconds to enqueue one ``step`` while the GPU is held busy by a sleep kernel (~100 ms), so that the
+    host never waits for the device: the step's host cost alone. A host synchronisation inside the step would show
+    up as the whole sleep."""
+    out = []
+    for _ in range(samples):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(sleep_cycles)
+        t0 = time.perf_counter()
+        step()
+        out.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+    return out
+
+
+def measure(setup: Setup, x: torch.Tensor, warmup: int, iters: int, fwd=None, host: bool = False) -> dict:
     step = make_step(setup, x, setup.run_model if fwd is None else fwd)
     for _ in range(warmup):
         step()
@@ -165,8 +185,32 @@ def measure(setup: Setup, x: torch.Tensor, warmup: int, iters: int, fwd=None) ->
     before = torch.cuda.memory_allocated()
     times = cuda_step_times(step, 0, iters)
     peak = torch.cuda.max_memory_allocated()
+    res = {"ms": summary(times), "peak_gib": peak / 2**30, "steady_gib": before / 2**30}
+    if host:
+        res["host_ms"] = summary(host_enqueue_ms(step))
     del step
-    return {"ms": summary(times), "peak_gib": peak / 2**30, "steady_gib": before / 2**30}
+    return res
+
+
+def measure_graphed(setup: Setup, x: torch.Tensor, warmup: int, iters: int) -> dict:
+    """The whole step captured once in a CUDA graph (after warm-up steps on a side stream, as the CUDA-graph docs
+    show), then replayed: per-replay CUDA-event times are the GPU's step time with no host overhead."""
+    step = make_step(setup, x, setup.run_model, capturable=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    times = cuda_step_times(graph.replay, warmup, iters)
+    peak = torch.cuda.max_memory_allocated()
+    del graph, step
+    return {"ms": summary(times), "peak_gib": peak / 2**30}
 
 
 def profile(setup: Setup, x: torch.Tensor, steps: int = 3) -> str:
@@ -228,6 +272,10 @@ def main() -> None:
     p.add_argument("--compile", nargs="*", default=None,
                    help="torch.compile these variants (no names: floor, peft bf16, nlora-nystrom, nlora-inttune)")
     p.add_argument("--compile-budget", type=float, default=150.0, help="seconds; later compile rows are skipped")
+    p.add_argument("--graph", nargs="*", default=None,
+                   help="CUDA-graph these variants' whole steps (no names: floor, peft bf16, nlora-nystrom, "
+                        "nlora-inttune)")
+    p.add_argument("--no-host", action="store_true", help="skip the host-enqueue timing of each eager row")
     p.add_argument("--head", default="lm", choices=["lm", "none"])
     p.add_argument("--foreach-adam", action="store_true", help="AdamW foreach instead of fused")
     p.add_argument("--name", default="train_7b_cuda")
@@ -258,10 +306,12 @@ def main() -> None:
             meta[name] = {"kind": kind, "options": {k: str(v) for k, v in opts.items()},
                           "trainable_params": sum(q.numel() for q in setup.params),
                           "trainable_dtypes": setup.adapter_dtypes}
-            res = measure(setup, x, args.warmup, args.iters)
+            res = measure(setup, x, args.warmup, args.iters, host=device == "cuda" and not args.no_host)
             setup.close()
             rounds[name].append(res)
-            print(f"round {r} {name:40s} {res['ms']['median']:8.3f} ms  peak {res['peak_gib']:.3f} GiB", flush=True)
+            host = f"  host {res['host_ms']['median']:.3f} ms" if "host_ms" in res else ""
+            print(f"round {r} {name:40s} {res['ms']['median']:8.3f} ms  peak {res['peak_gib']:.3f} GiB{host}",
+                  flush=True)
     records = []
     for name, rs in rounds.items():
         ms = statistics.mean(q["ms"]["median"] for q in rs)
@@ -271,11 +321,15 @@ def main() -> None:
                "peak_gib": max(q["peak_gib"] for q in rs), "rounds": rs,
                "x_floor": ms / floor_ms if floor_ms else None,
                "mem_x_floor": max(q["peak_gib"] for q in rs) / floor_peak if floor_peak else None}
+        if all("host_ms" in q for q in rs):
+            rec["host_ms_per_step"] = statistics.mean(q["host_ms"]["median"] for q in rs)
         records.append(rec)
     rows = [[r["variant"], f"{r['ms_per_step']:.2f}", "/".join(f"{v:.2f}" for v in r["round_medians_ms"]),
              f"{r['x_floor']:.3f}" if r["x_floor"] else "", f"{r['peak_gib']:.3f}",
-             f"{r['mem_x_floor']:.3f}" if r["mem_x_floor"] else "", r["trainable_params"]] for r in records]
-    print(table(rows, ["variant", "ms/step", "per round", "x floor", "peak GiB", "mem x floor", "trainable"]))
+             f"{r['mem_x_floor']:.3f}" if r["mem_x_floor"] else "", r["trainable_params"],
+             f"{r['host_ms_per_step']:.2f}" if "host_ms_per_step" in r else ""] for r in records]
+    print(table(rows, ["variant", "ms/step", "per round", "x floor", "peak GiB", "mem x floor", "trainable",
+                       "host ms/step"]))
 
     default4 = ["floor", "peft-lora (bf16 adapters)", "nlora-nystrom", "nlora-inttune"]
     prof_text = []
@@ -319,13 +373,37 @@ def main() -> None:
         print(table([[c["variant"], f"{c['ms']['median']:.2f}" if "ms" in c else c.get("skipped"),
                       f"{c.get('x_floor', 0):.3f}", f"{c.get('peak_gib', 0):.3f}"] for c in compiled],
                     ["compiled variant", "ms/step", "x floor", "peak GiB"]))
+    graphed = []
+    if args.graph is not None:
+        for name in args.graph or default4:
+            kind, opts = all_variants[name]
+            free_memory()
+            setup = Setup(model, kind, opts, args.rank)
+            try:
+                res = measure_graphed(setup, x, args.warmup, args.iters)
+            except Exception as e:  # report what could not be captured, keep measuring the rest
+                res = {"failed": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            setup.close()
+            graphed.append({"variant": name, **res})
+            print(f"graphed {name:40s} " + (f"{res['ms']['median']:8.3f} ms  peak {res['peak_gib']:.3f} GiB"
+                                           if "ms" in res else res["failed"]), flush=True)
+        fl = [c for c in graphed if c["variant"] == "floor" and "ms" in c]
+        for c in graphed:
+            if fl and "ms" in c:
+                c["x_floor"] = c["ms"]["median"] / fl[0]["ms"]["median"]
+                c["mem_x_floor"] = c["peak_gib"] / fl[0]["peak_gib"]
+        print(table([[c["variant"], f"{c['ms']['median']:.2f}" if "ms" in c else c.get("failed"),
+                      f"{c.get('x_floor', 0):.3f}", f"{c.get('peak_gib', 0):.3f}"] for c in graphed],
+                    ["CUDA-graphed variant", "ms/step", "x graphed floor", "peak GiB"]))
     payload = {"benchmark": "train_step", "shape": "7b", "layers": args.layers, "head": args.head,
                "optimizer": "AdamW foreach" if args.foreach_adam else "AdamW fused", "batch": args.batch, "seq": args.seq,
                "rank": args.rank, "base_dtype": "bfloat16", "machine": machine_info(device), "args": vars(args),
-               "results": records, "compiled": compiled, "fused_check": check, "total_seconds": time.perf_counter() - t0,
+               "results": records, "compiled": compiled, "graphed": graphed, "fused_check": check, "total_seconds": time.perf_counter() - t0,
                "notes": "ms/step = mean over rounds of the median of per-step CUDA-event times after warm-up; "
                         "peak = torch.cuda.max_memory_allocated over the timed steps (weights, optimizer state, "
-                        "activations); floor = frozen model, gradient to the input embeddings only."}
+                        "activations); floor = frozen model, gradient to the input embeddings only; host_ms_per_step = "
+                        "host time to enqueue one step while the GPU sleeps (mean over rounds of the median of 8); "
+                        "graphed = whole step replayed from a CUDA graph (no host work), x its own graphed floor."}
     write_json(args.name, payload)
 
 

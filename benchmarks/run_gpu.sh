@@ -15,12 +15,12 @@ for part in $parts; do
     train) timeout 250 $PY benchmarks/bench_train.py --layers 2 --rounds 2 --profile --compile --compile-budget 100 ;;
     train-decoder) timeout 240 $PY benchmarks/bench_train.py --head none --foreach-adam --layers 2 --rounds 2 \
                      --profile --compile --compile-budget 110 --name train_7b_cuda_decoder_foreach ;;
-    train-function) timeout 170 $PY benchmarks/bench_train.py --layers 2 --rounds 2 --only floor \
+    train-function) timeout 200 $PY benchmarks/bench_train.py --layers 2 --rounds 2 --only floor \
                      'peft-lora (fp32 adapters, default)' 'peft-lora (bf16 adapters)' nlora-lora nlora-slora \
-                     nlora-nystrom nlora-inttune 'nlora-lora (e638000 op-by-op)' 'nlora-slora (e638000 op-by-op)' \
-                     'nlora-nystrom (e638000 op-by-op)' 'nlora-inttune (e638000 op-by-op)' 'nlora-nystrom (bf16 params)' \
-                     --profile floor nlora-nystrom 'nlora-nystrom (e638000 op-by-op)' nlora-inttune \
-                     'nlora-inttune (e638000 op-by-op)' --name train_7b_cuda_function ;;
+                     nlora-nystrom nlora-inttune 'nlora-nystrom (bf16 params)' \
+                     --graph floor 'peft-lora (fp32 adapters, default)' 'peft-lora (bf16 adapters)' nlora-lora \
+                     nlora-slora nlora-nystrom nlora-inttune \
+                     --profile floor nlora-nystrom nlora-inttune --name train_7b_cuda_function ;;
     host)  timeout 60 $PY benchmarks/bench_host.py --device cuda ;;
     pinv)  timeout 60 $PY benchmarks/bench_init.py --device cuda --pinv-micro ;;
     infer) timeout 70 $PY benchmarks/bench_infer.py --layers 2 --rounds 2 ;;
