@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 run: every GPU benchmark in one call, results and logs under $NLORA_RESULTS (default $OUT).
 # Usage on the device machine, from the repository root:  bash benchmarks/run_gpu.sh [train infer loss init]
-# (other parts: train-decoder, train-function, host, pinv, init-batch, init-nofull, cuda-tests)
+# (other parts: train-decoder, train-function, train-compile, host, pinv, init-batch, init-nofull, cuda-tests)
 set -uo pipefail
 export NLORA_RESULTS=${NLORA_RESULTS:-${OUT:-benchmarks/results}} PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -21,6 +21,9 @@ for part in $parts; do
                      --graph floor 'peft-lora (fp32 adapters, default)' 'peft-lora (bf16 adapters)' nlora-lora \
                      nlora-slora nlora-nystrom nlora-inttune \
                      --profile floor nlora-nystrom nlora-inttune --name train_7b_cuda_function ;;
+    train-compile) timeout 240 $PY benchmarks/bench_train.py --rounds 1 --iters 30 --only floor --no-host \
+                     --compile floor 'peft-lora (bf16 adapters)' 'peft-lora (fp32 adapters, default)' nlora-lora \
+                     nlora-slora nlora-nystrom nlora-inttune --compile-budget 180 --name train_7b_cuda_compiled ;;
     host)  timeout 60 $PY benchmarks/bench_host.py --device cuda ;;
     pinv)  timeout 60 $PY benchmarks/bench_init.py --device cuda --pinv-micro ;;
     infer) timeout 70 $PY benchmarks/bench_infer.py --layers 2 --rounds 2 ;;
