@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from . import sharded
 from .inits import Factors, get_init
 from .fingerprint import weight_sample
+from .nystrom import mm_out_dtype_works
 
 TRAIN_MODES = ("all", "middle")
 
@@ -110,32 +111,37 @@ class Adapter(nn.Module):
             delta = _low_rank(x, a, n, b, self.scaling, self.compute_dtype)
             return out + delta.to(out.dtype)
         if base is not None or (FUSED_FUNCTION and not sharded.is_dtensor(a)):
+            if not torch.is_grad_enabled():  # inference: no autograd node, every factor's cast made once
+                _branch_into(out, x, a, n, b, self.scaling, self._cached_casts(dtype, trainable=True))
+                return out
             frozen = not (a.requires_grad and b.requires_grad and (n is None or n.requires_grad))
-            casts = self._frozen_casts(dtype) if frozen else _NO_CASTS
+            casts = self._cached_casts(dtype, trainable=False) if frozen else _NO_CASTS
             w, bias = (None, None) if base is None else (base.weight, base.bias)
             return _AdapterBranch.apply(out, x, a, n, b, w, bias, self.scaling, casts)
         h = _down(x, a, n, dtype)
         return out.addmm_(h, b.to(dtype).t(), alpha=self.scaling)
 
-    def _frozen_casts(self, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
-        """``dtype`` copies of the frozen factors (IntTune's A and B), made once and reused across steps; ``None``
-        where the branch casts itself (trainable or already ``dtype``). A copy is keyed on the factor's version
-        counter, storage, dtype, device and shape, so in-place edits (``load_state_dict``, ``merge``, an optimizer,
-        ``p.copy_``) are never served stale; writes through ``p.data`` bypass version counting and are not seen.
-        Not used under FSDP2, which refills parameter storage with the version counter preserved."""
-        if torch.is_inference_mode_enabled() or getattr(self, "_is_fsdp_managed_module", False):
+    def _cached_casts(self, dtype: torch.dtype, trainable: bool) -> tuple[Tensor | None, ...]:
+        """``dtype`` copies of the factors, made once and reused across calls: the frozen ones (IntTune's A and B)
+        in training, every one without autograd (inference, decoding); ``None`` where the branch casts itself or the
+        factor is already ``dtype``. A copy is keyed on the factor's version counter, storage, dtype, device and shape,
+        so in-place edits (``load_state_dict``, ``merge``, an optimizer, ``p.copy_``) are never served stale; writes
+        through ``p.data`` bypass version counting and are not seen. Copies are ordinary tensors even when made under
+        ``inference_mode`` (a later training step may use them). Not used under FSDP2, which refills parameter
+        storage with the version counter preserved."""
+        if getattr(self, "_is_fsdp_managed_module", False):
             return (None, None, None)
         cache = self.__dict__.setdefault("_cast_cache", {})  # adapters unpickled from older versions lack it
         casts = []
         for name in ("lora_A", "lora_N", "lora_B"):
             p = getattr(self, name)
-            if p is None or p.requires_grad or p.dtype == dtype:
+            if p is None or (p.requires_grad and not trainable) or p.dtype == dtype:
                 casts.append(None)
                 continue
             key = (p._version, p.data_ptr(), p.dtype, p.device, p.shape, dtype)
             hit = cache.get(name)
             if hit is None or hit[0] != key:
-                with torch.no_grad():
+                with torch.inference_mode(False), torch.no_grad():
                     hit = cache[name] = (key, p.to(dtype))
             casts.append(hit[1])
         return tuple(casts)
@@ -183,26 +189,11 @@ def _down(x: Tensor, a: Tensor, n: Tensor | None, dtype: torch.dtype) -> Tensor:
     return h if n is None else F.linear(h, n.to(dtype))
 
 
-_MM_OUT_DTYPE: dict[tuple[str, torch.dtype], bool] = {}
-
-
-def _mm_out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch.mm(..., out_dtype=torch.float32)`` (aten::mm.dtype: CUDA, torch >= 2.8) runs here for ``dtype``."""
-    key = (device.type, dtype)
-    if key not in _MM_OUT_DTYPE:
-        try:
-            z = torch.zeros(2, 2, dtype=dtype, device=device)
-            _MM_OUT_DTYPE[key] = torch.mm(z, z, out_dtype=torch.float32).dtype == torch.float32
-        except (TypeError, RuntimeError, NotImplementedError):
-            _MM_OUT_DTYPE[key] = False
-    return _MM_OUT_DTYPE[key]
-
-
 def _mm_to(a: Tensor, b: Tensor, dtype: torch.dtype, scaling: float = 1.0) -> Tensor:
     """``scaling * a @ b`` in ``dtype``: an fp32 gradient straight from the bf16/fp16 GEMM where the backend can (no
     cast kernel), else a GEMM in ``a``'s dtype, scaled, then cast (no cast when the dtypes agree)."""
     if (dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16)
-            and _mm_out_dtype_works(a.device, a.dtype)):
+            and mm_out_dtype_works(a.device, a.dtype)):
         c = torch.mm(a, b, out_dtype=dtype)
     else:
         c = torch.mm(a, b)
@@ -210,6 +201,24 @@ def _mm_to(a: Tensor, b: Tensor, dtype: torch.dtype, scaling: float = 1.0) -> Te
 
 
 _NO_CASTS = (None, None, None)
+
+
+def _branch_into(y: Tensor, x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, scaling: float,
+                 casts: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+    """``y += s B N A x`` in ``y``'s dtype, in place, ``x`` (contiguous, any leading dims) flattened to its tokens;
+    factors come from ``casts`` where given, else are cast here. Returns the compute-dtype factors and intermediates
+    ``(A, N, B, x2, x2 in y's dtype, A x2, N A x2)`` for backward. Not differentiable itself: the body of
+    ``_AdapterBranch.forward`` and the whole inference path."""
+    dtype = y.dtype
+    ac = casts[0] if casts[0] is not None else a.to(dtype)
+    nc = None if n is None else casts[1] if casts[1] is not None else n.to(dtype)
+    bc = casts[2] if casts[2] is not None else b.to(dtype)
+    x2 = x.view(-1, x.shape[-1])
+    xc = x2 if x.dtype == dtype else x2.to(dtype)
+    h1 = F.linear(xc, ac)
+    h2 = h1 if nc is None else F.linear(h1, nc)
+    y.view(-1, y.shape[-1]).addmm_(h2, bc.t(), alpha=scaling)
+    return ac, nc, bc, x2, xc, h1, h2
 
 
 class _AdapterBranch(torch.autograd.Function):
@@ -226,19 +235,13 @@ class _AdapterBranch(torch.autograd.Function):
     def forward(ctx, y: Tensor | None, x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, w: Tensor | None,
                 bias: Tensor | None, scaling: float, casts: tuple[Tensor | None, ...]) -> Tensor:
         need_x, need_a, need_n, need_b = ctx.needs_input_grad[1:5]
-        if y is None:
-            y = F.linear(x, w, bias)
+        if y is None:  # the base output, written into a fresh tensor: F.linear's N-D result is a view, and a view
+            y = x.new_empty(*x.shape[:-1], w.shape[0])  # returned from a custom Function cannot be updated in place
+            x2, y2 = x.view(-1, x.shape[-1]), y.view(-1, w.shape[0])
+            torch.mm(x2, w.t(), out=y2) if bias is None else torch.addmm(bias, x2, w.t(), out=y2)
         else:
             ctx.mark_dirty(y)
-        dtype = y.dtype
-        ac = casts[0] if casts[0] is not None else a.to(dtype)
-        nc = None if n is None else casts[1] if casts[1] is not None else n.to(dtype)
-        bc = casts[2] if casts[2] is not None else b.to(dtype)
-        x2 = x.view(-1, x.shape[-1])
-        xc = x2 if x.dtype == dtype else x2.to(dtype)
-        h1 = F.linear(xc, ac)
-        h2 = h1 if nc is None else F.linear(h1, nc)
-        y.view(-1, y.shape[-1]).addmm_(h2, bc.t(), alpha=scaling)
+        ac, nc, bc, x2, xc, h1, h2 = _branch_into(y, x, a, n, b, scaling, casts)
         ctx.scaling, ctx.x_dtype, ctx.x_shape = scaling, x.dtype, x.shape
         down = need_x or need_a  # the gradient has to go back through N and A
         # x only where dA needs it (IntTune keeps no layer input alive, like plain autograd); a, n, b, w cost nothing
@@ -526,18 +529,22 @@ class NLoRALinear(nn.Module):
         """The same sum with each adapter's last matmul accumulating into the base output in place
         (``addmm_``: beta=1, alpha=scaling), instead of a separate output-sized add and scaling pass.
 
-        The one-node branch (``_AdapterBranch``) takes ``x`` with its leading dims and flattens inside the node. The
-        op-by-op path (``FUSED_FUNCTION = False``, sharded factors) runs the base on the flattened ``(tokens, in)``
-        input instead, so that its output is a fresh 2-D tensor: an in-place update of a reshaped view would make
-        autograd copy the gradient (CopySlices) in backward.
+        Where the first adapter's node also runs the base (``_folds_base``), ``x`` goes in with its leading dims and
+        is flattened inside the node: no reshape or view nodes. Otherwise the base runs on the flattened
+        ``(tokens, in)`` input, so that its output is a fresh 2-D tensor (an N-D ``F.linear`` output is a view, and
+        an in-place update of a view would make autograd copy the gradient, CopySlices, in backward).
         """
-        flat = x.dim() != 2 and not (FUSED_FUNCTION and not any(sharded.is_dtensor(a.lora_A) for a in adapters))
-        x2 = x.reshape(-1, x.shape[-1]) if flat else x
         first = adapters[0]
-        y = first(x2, base=self.base) if self._folds_base(x2, first) else first(x2, out=self.base(x2))
+        if self._folds_base(x, first):
+            y = first(x, base=self.base)
+            for adapter in adapters[1:]:
+                y = adapter(x, out=y)
+            return y
+        x2 = x.reshape(-1, x.shape[-1])
+        y = first(x2, out=self.base(x2))
         for adapter in adapters[1:]:
             y = adapter(x2, out=y)
-        return y.view(*x.shape[:-1], y.shape[-1]) if flat else y
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def _folds_base(self, x: Tensor, adapter: Adapter) -> bool:
         """Whether the first adapter's ``_AdapterBranch`` can also run the base and give its input gradient (one

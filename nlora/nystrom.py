@@ -156,6 +156,21 @@ def ridge_pinv(mat: Tensor, rcond: float | None = None) -> Tensor:
     return _poison(sol, failed).to(out_dtype)
 
 
+_MM_OUT_DTYPE: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def mm_out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(..., out_dtype=torch.float32)`` (aten::mm.dtype: CUDA, torch >= 2.8) runs here for ``dtype``."""
+    key = (device.type, dtype)
+    if key not in _MM_OUT_DTYPE:
+        try:
+            z = torch.zeros(2, 2, dtype=dtype, device=device)
+            _MM_OUT_DTYPE[key] = torch.mm(z, z, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE[key] = False
+    return _MM_OUT_DTYPE[key]
+
+
 def left_multiply(m: Tensor, weight: Tensor, chunk: int = 4096) -> Tensor:
     """``m @ weight`` in ``m``'s dtype, upcasting ``weight`` a column block at a time.
 
@@ -177,7 +192,7 @@ def optimal_core(weight: Tensor, rows: Tensor, cols: Tensor, rcond: float | None
     ``solver="ridge"`` (default): ``(CᵀC + λ_C I)⁻¹ Cᵀ W Rᵀ (RRᵀ + λ_R I)⁻¹`` with both r x r Grams factorised by
     one batched fp64 Cholesky and ``λ = (rtol σ_max)²`` as in ``ridge_pinv`` (``rcond=None``: torch's pinv cutoff
     ``eps * max(rows, cols)`` of each slice), so a rank-deficient ``C`` or ``R`` still gives a finite core. The
-    one big product ``Cᵀ W`` runs through ``left_multiply`` (low-precision and sharded weights never upcast whole).
+    one big product ``Cᵀ W`` never upcasts a low-precision or sharded weight whole (``_ct_w``).
     ``solver="svd"``: the pseudo-inverses of ``C`` and ``R`` by SVD truncation at ``rcond`` (``regularised_pinv``).
     """
     check_pinv_options(rcond, solver)
@@ -188,6 +203,16 @@ def optimal_core(weight: Tensor, rows: Tensor, cols: Tensor, rcond: float | None
         r_pinv = regularised_pinv(r, rcond)  # (in, rank)
         return left_multiply(c_pinv, weight) @ r_pinv
     return optimal_cores([weight], [c], [r], rcond)[0]  # one layer of the batched form: the ridge maths live there
+
+
+def _ct_w(c: Tensor, weight: Tensor) -> Tensor:
+    """``Cᵀ W`` in fp32 for ``C`` = (fp32 copies of) columns of ``W``. Those are exact in ``W``'s own dtype, so a
+    bf16/fp16 ``W`` multiplies in that dtype with fp32 accumulation and output where the backend can (CUDA,
+    ``aten::mm.dtype``): the same products, on tensor cores, with no fp32 copy of ``W``; else ``left_multiply``."""
+    if (weight.dtype in (torch.bfloat16, torch.float16) and not sharded.is_dtensor(weight)
+            and mm_out_dtype_works(weight.device, weight.dtype)):
+        return torch.mm(c.mT.to(weight.dtype), weight, out_dtype=torch.float32)
+    return left_multiply(c.mT, weight)
 
 
 def optimal_cores(weights: Sequence[Tensor], cs: Sequence[Tensor], rs: Sequence[Tensor],
@@ -213,7 +238,7 @@ def optimal_cores(weights: Sequence[Tensor], cs: Sequence[Tensor], rs: Sequence[
     for chunk in chunks:
         c64 = torch.stack([cs[i] for i in chunk]).double()
         r64 = torch.stack([rs[i] for i in chunk]).double()
-        ctw = torch.stack([left_multiply(cs[i].mT, weights[i]) for i in chunk])  # Cᵀ W in fp32, as optimal_core
+        ctw = torch.stack([_ct_w(cs[i], weights[i]) for i in chunk])
         c_grams.append(c64.mT @ c64)
         r_grams.append(r64 @ r64.mT)
         ys.append(ctw.double() @ r64.mT)  # Cᵀ W Rᵀ

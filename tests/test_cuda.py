@@ -117,3 +117,17 @@ def test_a_training_step_captured_in_a_cuda_graph_replays_like_eager_steps(train
         torch.testing.assert_close(p, q, rtol=1e-2, atol=1e-4)
     moved = [float((p - p0).abs().max()) for p, p0 in zip(params, build()[1])]
     assert min(moved) > 0  # the replays trained every trainable factor
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ct_w_of_a_low_precision_weight_multiplies_in_its_dtype_with_fp32_accuracy(dtype):
+    """The optimal core's ``Cᵀ W``: C holds W's own columns (exact in W's dtype), so the bf16/fp16 GEMM with fp32
+    accumulation gives the fp32 product to fp32 rounding, without an fp32 copy of W."""
+    from nlora.nystrom import _ct_w
+
+    w = torch.randn(300, 200, device="cuda").to(dtype)
+    c = w[:, torch.randperm(200, device="cuda")[:16]].float()
+    want = c.double().mT @ w.double()
+    got = _ct_w(c, w)
+    assert got.dtype == torch.float32
+    assert float((got.double() - want).norm() / want.norm()) < 1e-6

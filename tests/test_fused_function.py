@@ -253,6 +253,23 @@ def test_base_is_folded_into_the_branch_only_where_it_may_be():
             assert "0.base.bias" in g1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_output_of_a_3d_input_is_a_fresh_tensor_user_code_may_update_in_place(dtype):
+    """The folded node returns its own tensor, not a view (N-D ``F.linear`` returns one, and a view made inside a
+    custom Function cannot be modified in place): three adapters chain in place on it, and so can user code."""
+    model = _setup(dtype, ADAPTER_SETS["three"], 2)
+    x = torch.randn(2, 3, 12, dtype=dtype, requires_grad=True)
+    y = model[0](x)
+    assert not y._is_view() and type(y.grad_fn).__name__ == "_AdapterBranchBackward"  # no fallback add
+    y.mul_(2)  # e.g. a residual update in place
+    y.float().sum().backward()
+    ref = x.detach().clone().requires_grad_(True)
+    with function_path(False):
+        (model[0](ref) * 2).float().sum().backward()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(x.grad, ref.grad, **tol)
+
+
 @pytest.mark.parametrize("kind", ["nlora", "inttune", "three"])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_layer_bf16_fp32_masters_and_autocast(kind, autocast):
@@ -288,10 +305,10 @@ def test_frozen_factors_are_cast_once_and_reused():
     adapter = layer.adapters["default"]
     x = torch.randn(3, 12, dtype=torch.bfloat16)
     layer(x)
-    first = adapter._frozen_casts(torch.bfloat16)
+    first = adapter._cached_casts(torch.bfloat16, trainable=False)
     assert first[0].dtype == torch.bfloat16 and first[1] is None and first[2] is not None  # A, B cached; N trains
     layer(x).float().sum().backward()
-    again = adapter._frozen_casts(torch.bfloat16)
+    again = adapter._cached_casts(torch.bfloat16, trainable=False)
     assert again[0] is first[0] and again[2] is first[2]  # reused, no new cast
     assert adapter.lora_A.grad is None and adapter.lora_B.grad is None and adapter.lora_N.grad is not None
     assert not any("cast" in k for k in layer.state_dict())
@@ -324,8 +341,44 @@ def test_cache_is_never_served_stale(edit):
         elif edit == "copy_other":
             adapter.lora_A.copy_(torch.randn_like(adapter.lora_A))
     torch.testing.assert_close(layer(x), _op_by_op(layer, x), rtol=0, atol=0)
-    a_cast = adapter._frozen_casts(torch.bfloat16)[0]
+    a_cast = adapter._cached_casts(torch.bfloat16, trainable=False)[0]
     assert torch.equal(a_cast, adapter.lora_A.bfloat16())
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_inference_runs_no_autograd_node_and_casts_each_factor_once(mode, monkeypatch):
+    """Without autograd the branch runs as plain ops (no ``_AdapterBranch`` node) with every factor's bf16 copy
+    cached, so decoding casts nothing after the first call; the output equals the op-by-op path bit for bit, an
+    optimizer step is seen at once, and copies made under inference_mode are ordinary tensors that a later
+    training step can use."""
+    torch.manual_seed(0)
+    layer = NLoRALinear(nn.Linear(12, 20).bfloat16(), rank=4, init="nystrom")  # train all: A, N, B trainable
+    adapter = layer.adapters["default"]
+    x = torch.randn(6, 12, dtype=torch.bfloat16)
+    ctx = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    calls = []
+    monkeypatch.setattr(_AdapterBranch, "apply", lambda *a: calls.append(1) or pytest.fail("autograd node"))
+    with ctx():
+        y = layer(x)
+        first = adapter._cached_casts(torch.bfloat16, trainable=True)
+        again = layer(x)
+    assert not calls and y.grad_fn is None and torch.equal(y, again)
+    assert all(c is not None and c.dtype == torch.bfloat16 and not c.is_inference() for c in first)
+    with ctx():
+        assert all(c is d for c, d in zip(first, adapter._cached_casts(torch.bfloat16, trainable=True)))
+        torch.testing.assert_close(y, _op_by_op(layer, x), rtol=0, atol=0)
+    monkeypatch.undo()
+    opt = torch.optim.SGD(adapter.trainable_parameters(), lr=1.0)
+    layer(x).float().sum().backward()
+    opt.step()
+    with ctx():
+        after = layer(x)
+        torch.testing.assert_close(after, _op_by_op(layer, x), rtol=0, atol=0)
+    assert not torch.equal(after, y)  # the step is seen, not a stale cast
+    x3 = x.view(2, 3, 12)
+    with ctx():
+        y3 = layer(x3)
+    assert y3.shape == (2, 3, 20) and torch.equal(y3, layer(x3))  # 3-D: equal to the autograd path's output
 
 
 def test_merge_unmerge_round_trip_with_cache():
@@ -343,7 +396,8 @@ def test_inference_mode_does_not_fill_the_cache_with_inference_tensors():
     x = torch.randn(3, 12, dtype=torch.bfloat16)
     with torch.inference_mode():
         y_inf = layer(x)
-    assert not layer.adapters["default"]._cast_cache
+    cache = layer.adapters["default"]._cast_cache
+    assert cache and not any(t.is_inference() for _, t in cache.values())
     y = layer(x.requires_grad_(True))
     y.float().sum().backward()  # would fail on a cached inference tensor saved for backward
     torch.testing.assert_close(y.detach(), y_inf, rtol=0, atol=0)
@@ -354,7 +408,7 @@ def test_inference_mode_does_not_fill_the_cache_with_inference_tensors():
 def test_cuda_out_dtype_gradients(train):
     """On CUDA the fp32 parameter gradients come straight from the bf16 GEMM (aten::mm.dtype, torch >= 2.8)."""
     major, minor = (int(v) for v in torch.__version__.split(".")[:2])
-    assert layer_mod._mm_out_dtype_works(torch.device("cuda"), torch.bfloat16) == ((major, minor) >= (2, 8))
+    assert nlora.nystrom.mm_out_dtype_works(torch.device("cuda"), torch.bfloat16) == ((major, minor) >= (2, 8))
     torch.manual_seed(0)
     layer = NLoRALinear(nn.Linear(64, 96).to("cuda", torch.bfloat16), rank=8, init="nystrom", train=train)
     with torch.no_grad():

@@ -225,3 +225,14 @@ def test_batched_weight_samples_equal_one_by_one(device):
     assert got[-1] is None
     for w, s in zip(ws[:-1], got[:-1]):
         assert s.device.type == "cpu" and torch.equal(s, weight_sample(w.cpu()))
+
+
+def test_ct_w_falls_back_to_left_multiply_where_mm_has_no_out_dtype():
+    """On a backend without ``aten::mm.dtype`` (the CPU) a bf16 weight goes through the blockwise upcast."""
+    from nlora.nystrom import _ct_w, left_multiply, mm_out_dtype_works
+
+    w = torch.randn(40, 30).to(torch.bfloat16)
+    c = w[:, :5].float()
+    if not mm_out_dtype_works(w.device, w.dtype):
+        assert torch.equal(_ct_w(c, w), left_multiply(c.mT, w))
+    assert torch.allclose(_ct_w(c, w).double(), c.double().mT @ w.double(), rtol=1e-5, atol=1e-5)
