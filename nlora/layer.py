@@ -430,18 +430,22 @@ class NLoRALinear(nn.Module):
         return sharded.local_part(delta, w).add_(sharded.local_view(w))
 
     def _subtract_initial(self, adapter: Adapter) -> None:
-        """``W -= s B0 N0 A0`` for an init that preserves the output. A plain weight in the delta's own precision
-        (fp32, fp64) is updated by one in-place GEMM (``addmm_``, rounded once, no (out, in) temporary: two
-        passes over the weight instead of five); low-precision and sharded weights take the general path."""
+        """``W -= s B0 N0 A0`` for an init that preserves the output, by one GEMM accumulating into the weight in the
+        delta's precision (``addmm_``, rounded once, no (out, in) delta temporary): in place for an fp32/fp64
+        weight (two passes over it instead of five), through one fp32 copy for a bf16/fp16 one (rounded once on the
+        way back); sharded weights take the general path."""
         w = weight_view(self.base)
         dt = torch.promote_types(torch.promote_types(adapter.init_A.dtype, torch.float32), w.dtype)
-        if sharded.is_dtensor(w) or w.dtype != dt or sharded.is_dtensor(adapter.init_A):
+        if sharded.is_dtensor(w) or sharded.is_dtensor(adapter.init_A):
             self._add_to_weight(-self._delta(adapter, initial=True))
             return
         a, b = adapter.init_A.to(dt), adapter.init_B.to(dt)
         a = a if adapter.init_N is None else adapter.init_N.to(dt) @ a
         with torch.no_grad():
-            w.addmm_(b, a, alpha=-adapter.scaling)
+            if w.dtype == dt:
+                w.addmm_(b, a, alpha=-adapter.scaling)
+            else:
+                w.copy_(w.to(dt).addmm_(b, a, alpha=-adapter.scaling))
 
     def _finite(self, t: Tensor) -> bool:
         """Whether ``t`` (this rank's block of a new weight) is finite on every rank."""

@@ -153,6 +153,21 @@ def test_merge_rounds_an_fp32_delta_once_into_bf16():
     assert ((layer.base.weight.float() - w0.float()).abs() <= scale * 2 ** -7).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("init", ["nystrom-pinv", "nystrom-optimal", "pissa"])
+def test_a_low_precision_residual_is_the_difference_rounded_once(dtype, init):
+    """preserve_output on a bf16/fp16 weight: W_res = W0 - s B0 N0 A0, formed at fp32 precision and rounded once into
+    the weight's dtype: within half an ulp of the exact difference (plus fp32-level error)."""
+    base = make_linear(out_f=24, in_f=16, dtype=dtype)
+    w_orig = base.weight.detach().double().clone()
+    layer = NLoRALinear(base, rank=5, init=init)
+    a = layer.adapters["default"]
+    delta = a.scaling * a.init_B.double() @ a.init_N.double() @ a.init_A.double()
+    exact = w_orig - delta
+    err = (layer.base.weight.double() - exact).abs()
+    assert (err <= torch.finfo(dtype).eps / 2 * exact.abs() + 1e-6 * (w_orig.abs() + delta.abs()) + 1e-30).all()
+
+
 def test_double_merge_and_spurious_unmerge_warn_and_do_nothing():
     layer = NLoRALinear(make_linear(), rank=4, init="nystrom")
     with pytest.warns(UserWarning, match="no adapter is merged"):
