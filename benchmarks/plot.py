@@ -76,6 +76,12 @@ def plot_train(name: str) -> None:
                   COLORS["peft"] if c["variant"].startswith("peft") else COLORS["nlora"] for c in cs]
         panels.append(("torch.compile step time / compiled floor", [c["variant"] for c in cs],
                        [c["x_floor"] for c in cs], [f"{c['ms']['median']:.2f} ms" for c in cs], colors, (1.06, 1.12)))
+    gs = [c for c in d.get("graphed", []) if "ms" in c]
+    if gs:
+        colors = [COLORS["floor"] if c["variant"] == "floor" else
+                  COLORS["peft"] if c["variant"].startswith("peft") else COLORS["nlora"] for c in gs]
+        panels.append(("CUDA-graphed step time / graphed floor", [c["variant"] for c in gs],
+                       [c["x_floor"] for c in gs], [f"{c['ms']['median']:.2f} ms" for c in gs], colors, (1.06, 1.12)))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.8 * len(panels), 5.0), squeeze=False)
     for ax, (title, labels, vals, notes, colors, targets) in zip(axes[0], panels):
         ax.barh(labels, vals, color=colors)

@@ -43,19 +43,22 @@ def train_table(name: str, title: str) -> list[str]:
     out = [f"**{title}** ({m.get('gpu')}, torch {m['torch']}, peft {m['peft']}; head: {d.get('head', 'none')}, "
            f"{d.get('optimizer', 'AdamW foreach')}; `{m['command']}`)", ""]
     if len(d["results"]) > 1:
-        out += [_row(["variant", "ms/step", "per round", "x floor", "peak GiB", "mem x floor", "trainable params"]),
-                _row(["---"] * 7)]
+        host = all("host_ms_per_step" in r for r in d["results"])
+        out += [_row(["variant", "ms/step", "per round", "x floor", "peak GiB", "mem x floor", "trainable params"]
+                     + (["host ms/step"] if host else [])), _row(["---"] * (7 + host))]
         for r in d["results"]:
             out.append(_row([r["variant"], f"{r['ms_per_step']:.2f}", " / ".join(f"{v:.2f}" for v in r["round_medians_ms"]),
                              f"{r['x_floor']:.3f}", f"{r['peak_gib']:.3f}", f"{r['mem_x_floor']:.3f}",
-                             f"{r['trainable_params']:,}"]))
+                             f"{r['trainable_params']:,}"] + ([f"{r['host_ms_per_step']:.2f}"] if host else [])))
         out.append("")
-    cs = [c for c in d.get("compiled", []) if "ms" in c]
-    if cs:
-        out += [_row(["torch.compile variant", "ms/step", "x compiled floor", "peak GiB"]), _row(["---"] * 4)]
-        for c in cs:
-            out.append(_row([c["variant"], f"{c['ms']['median']:.2f}", f"{c['x_floor']:.3f}", f"{c['peak_gib']:.3f}"]))
-        out.append("")
+    for key, label in (("compiled", "torch.compile"), ("graphed", "CUDA-graphed")):
+        cs = [c for c in d.get(key, []) if "ms" in c]
+        if cs:
+            out += [_row([f"{label} variant", "ms/step", f"x {label} floor", "peak GiB"]), _row(["---"] * 4)]
+            for c in cs:
+                out.append(_row([c["variant"], f"{c['ms']['median']:.2f}", f"{c['x_floor']:.3f}",
+                                 f"{c['peak_gib']:.3f}"]))
+            out.append("")
     return out
 
 
@@ -124,7 +127,8 @@ def approx_table(name: str) -> list[str]:
 def main() -> None:
     lines = []
     lines += init_table("init_7b_cuda", "Init, LLaMA-2-7B shape (32 layers), r=128, all linear, H200")
-    lines += train_table("train_7b_cuda", "Training step, 2 LLaMA-7B layers, bf16 base, 4x512 tokens, r=128")
+    lines += train_table("train_7b_cuda_function", "Training step, 2 LLaMA-7B layers, bf16 base, 4x512 tokens, r=128")
+    lines += train_table("train_7b_cuda", "Training step, same setup, an earlier run (before the one-node branch)")
     lines += train_table("train_7b_cuda_compiled", "torch.compile training step (same setup)")
     lines += train_table("train_7b_cuda_decoder_foreach", "Training step, decoder stack only (no LM head), AdamW foreach")
     lines += infer_table("infer_7b_cuda")
