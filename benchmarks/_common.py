@@ -96,6 +96,10 @@ def _cpu_model() -> str:
 
 
 def _git_commit() -> str | None:
+    """``$NLORA_COMMIT`` if set (a copied checkout, e.g. on the lent GPU machine, can report a stale HEAD), else
+    the repository's HEAD."""
+    if os.environ.get("NLORA_COMMIT"):
+        return os.environ["NLORA_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
                               timeout=5).stdout.strip() or None

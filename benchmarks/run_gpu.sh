@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The H200 run: every GPU benchmark in one call, results and logs under $NLORA_RESULTS (default $OUT).
 # Usage on the device machine, from the repository root:  bash benchmarks/run_gpu.sh [train infer loss init]
+# Pass NLORA_COMMIT=<hash> for the JSON's machine.nlora_commit: the device's copy of .git may report a stale HEAD.
 # (other parts: train-decoder, train-function, train-compile, host, pinv, init-batch, init-nofull, cuda-tests)
 set -uo pipefail
 export NLORA_RESULTS=${NLORA_RESULTS:-${OUT:-benchmarks/results}} PYTHONUNBUFFERED=1

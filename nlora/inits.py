@@ -44,6 +44,7 @@ class InitSpec:
     preserve_default: bool  # default for preserve_output
     preserve_fixed: bool = False  # preserve_output cannot be switched off (pissa)
     zero_delta: bool = False  # the initial delta is exactly zero (B = 0)
+    fresh: bool = False  # returns new tensors nothing else holds: the layer may keep them without copying
     # optional batched form ``many(weights, ranks, *, scalings, generators, **options) -> list[Factors]``, equal to
     # ``fn`` layer by layer (to fp64 rounding) but with the r x r work of all layers in one pass (see register_many)
     many: Callable[..., list[Factors]] | None = None
@@ -64,11 +65,13 @@ INITIALIZERS: dict[str, InitSpec] = {}
 
 
 def register_init(name: str, *, data_driven: bool, has_middle: bool, preserve_default: bool = False,
-                  preserve_fixed: bool = False, zero_delta: bool = False) -> Callable:
-    """Decorator: add an initialiser to the registry under ``name``."""
+                  preserve_fixed: bool = False, zero_delta: bool = False, fresh: bool = False) -> Callable:
+    """Decorator: add an initialiser to the registry under ``name`` (``fresh=True`` promises that every call returns
+    new tensors that nothing else holds, so the layer keeps them without a copy; leave it off if unsure)."""
 
     def wrap(fn: Callable[..., Factors]) -> Callable[..., Factors]:
-        INITIALIZERS[name] = InitSpec(name, fn, data_driven, has_middle, preserve_default, preserve_fixed, zero_delta)
+        INITIALIZERS[name] = InitSpec(name, fn, data_driven, has_middle, preserve_default, preserve_fixed, zero_delta,
+                                      fresh=fresh)
         return fn
 
     return wrap
@@ -106,7 +109,7 @@ def _gaussian(shape: tuple[int, int], std: float, device: torch.device, generato
     return torch.randn(shape, dtype=torch.float32, device=device, generator=generator) * std
 
 
-@register_init("lora", data_driven=False, has_middle=False, zero_delta=True)
+@register_init("lora", data_driven=False, has_middle=False, zero_delta=True, fresh=True)
 def init_lora(weight: Tensor, rank: int, *, scaling: float, generator: torch.Generator | None = None) -> Factors:
     """Plain LoRA (Hu et al.): ``A`` Kaiming-uniform (a=√5, as nn.Linear), ``B = 0``, no middle matrix."""
     out_features, in_features = weight.shape
@@ -114,7 +117,7 @@ def init_lora(weight: Tensor, rank: int, *, scaling: float, generator: torch.Gen
     return Factors(a, None, torch.zeros(out_features, rank, device=weight.device))
 
 
-@register_init("gaussian", data_driven=False, has_middle=False, zero_delta=True)
+@register_init("gaussian", data_driven=False, has_middle=False, zero_delta=True, fresh=True)
 def init_gaussian(weight: Tensor, rank: int, *, scaling: float, generator: torch.Generator | None = None) -> Factors:
     """LoRA with ``A ~ N(0, std=1/r)`` (PEFT's ``"gaussian"``), ``B = 0``, no middle matrix."""
     out_features, in_features = weight.shape
@@ -122,7 +125,7 @@ def init_gaussian(weight: Tensor, rank: int, *, scaling: float, generator: torch
     return Factors(a, None, torch.zeros(out_features, rank, device=weight.device))
 
 
-@register_init("slora", data_driven=False, has_middle=True, zero_delta=True)
+@register_init("slora", data_driven=False, has_middle=True, zero_delta=True, fresh=True)
 def init_slora(weight: Tensor, rank: int, *, scaling: float, generator: torch.Generator | None = None,
                middle: str = "kaiming") -> Factors:
     """SLoRA: ``A`` and ``N`` Kaiming-uniform (a=√5), ``B = 0``; ``middle="gaussian"`` draws ``N ~ N(0, std=1/r)``
@@ -158,7 +161,7 @@ def _slices(weight: Tensor, rank: int, index: str, generator: torch.Generator | 
     return rows, cols, c, r
 
 
-@register_init("nystrom", data_driven=True, has_middle=True)
+@register_init("nystrom", data_driven=True, has_middle=True, fresh=True)
 def init_nystrom(weight: Tensor, rank: int, *, scaling: float, generator: torch.Generator | None = None,
                  index: str = "first") -> Factors:
     """NLoRA as the paper's code does it: ``A = W[I, :]``, ``N = W[I, J]`` (the core itself, not its
@@ -171,7 +174,7 @@ def init_nystrom(weight: Tensor, rank: int, *, scaling: float, generator: torch.
     return Factors(r, r[:, cols].clone(), c, rows, cols)
 
 
-@register_init("nystrom-pinv", data_driven=True, has_middle=True, preserve_default=True)
+@register_init("nystrom-pinv", data_driven=True, has_middle=True, preserve_default=True, fresh=True)
 def init_nystrom_pinv(weight: Tensor, rank: int, *, scaling: float, generator: torch.Generator | None = None,
                       index: str = "first", rcond: float | None = 0.1, solver: str = "ridge") -> Factors:
     """Exact Nyström of Eq. 6 with a regularised core: ``s B N A = C U⁺ R``, ``N = U⁺ / s``, ``U = W[I, J]``.
@@ -190,7 +193,7 @@ def init_nystrom_pinv(weight: Tensor, rank: int, *, scaling: float, generator: t
     return Factors(r, core / scaling, c, rows, cols)
 
 
-@register_init("nystrom-optimal", data_driven=True, has_middle=True, preserve_default=True)
+@register_init("nystrom-optimal", data_driven=True, has_middle=True, preserve_default=True, fresh=True)
 def init_nystrom_optimal(weight: Tensor, rank: int, *, scaling: float, generator: torch.Generator | None = None,
                          index: str = "first", rcond: float | None = None, solver: str = "ridge") -> Factors:
     """Nyström with the optimal core for the sampled rows and columns: ``s B N A = C (C⁺ W R⁺) R``.
@@ -262,7 +265,7 @@ def init_nystrom_optimal_many(weights: Sequence[Tensor], ranks: Sequence[int], *
     return _batched(init_nystrom_optimal, weights, ranks, scalings, generators, index, rcond, solver, cores)
 
 
-@register_init("pissa", data_driven=True, has_middle=True, preserve_default=True, preserve_fixed=True)
+@register_init("pissa", data_driven=True, has_middle=True, preserve_default=True, preserve_fixed=True, fresh=True)
 def init_pissa(weight: Tensor, rank: int, *, scaling: float, generator: torch.Generator | None = None,
                svd: str = "full", niter: int = 4) -> Factors:
     """PiSSA in three-matrix form: ``B = U_r``, ``N = diag(S_r) / s``, ``A = Vh_r`` from an fp32 SVD of ``W``.

@@ -51,7 +51,7 @@ class Adapter(nn.Module):
 
     def __init__(self, factors: Factors, *, alpha: float, init: str, train: str, dropout: float,
                  preserve_output: bool, options: dict, dtype: torch.dtype = torch.float32,
-                 compute_dtype: torch.dtype | None = None, seed: int | None = None) -> None:
+                 compute_dtype: torch.dtype | None = None, seed: int | None = None, fresh: bool = False) -> None:
         super().__init__()
         _set_plain(self, rank=factors.A.shape[0], alpha=alpha, scaling=alpha / factors.A.shape[0], init=init,
                    train_mode=train, preserve_output=preserve_output, options=dict(options),
@@ -60,8 +60,11 @@ class Adapter(nn.Module):
                    pending_init=factors.A.is_meta,
                    _cast_cache={})  # never in the state_dict
         trains = (False, True, False) if train == "middle" else (True, True, True)
+        kept: set[int] = set()
         for name, t, grad in zip(("lora_A", "lora_N", "lora_B"), (factors.A, factors.N, factors.B), trains):
-            self.register_parameter(name, None if t is None else nn.Parameter(_owned(t, dtype), requires_grad=grad))
+            if t is not None:  # a fresh init's own tensor where it already is what the parameter needs, else a copy
+                t = t if fresh and _keepable(t, dtype, kept) else _owned(t, dtype)
+            self.register_parameter(name, None if t is None else nn.Parameter(t, requires_grad=grad))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.keep_initial(factors)
 
@@ -168,6 +171,18 @@ def _owned(t: Tensor, dtype: torch.dtype, device: torch.device | None = None) ->
     """A contiguous copy in ``dtype`` (on ``device``): Nyström slices of a Conv1D weight are transposed views, and a
     factor's memory layout changes matmul rounding (a saved-and-loaded adapter's outputs would differ in the last bit)."""
     return t.to(device, dtype, memory_format=torch.contiguous_format, copy=True)
+
+
+def _keepable(t: Tensor, dtype: torch.dtype, kept: set[int]) -> bool:
+    """Whether an initialiser's factor can become a parameter as it is: a plain contiguous ``dtype`` tensor that is
+    not a view (a view would pin its base's memory) and shares no storage with a factor kept before (``kept``)."""
+    if not (type(t) is Tensor and t._base is None and t.dtype == dtype and t.is_contiguous()) or t.is_meta:
+        return False
+    ptr = t.untyped_storage().data_ptr()
+    if ptr in kept:
+        return False
+    kept.add(ptr)
+    return True
 
 
 def _set_plain(module: nn.Module, **attrs) -> None:
@@ -392,7 +407,7 @@ class NLoRALinear(nn.Module):
             sample = weight_sample(weight_view(self.base))
         module = Adapter(factors, alpha=float(rank if alpha is None else alpha), init=init, train=train,
                          dropout=dropout, preserve_output=preserve and not spec.zero_delta, options=options,
-                         dtype=adapter_dtype, compute_dtype=compute_dtype, seed=seed)
+                         dtype=adapter_dtype, compute_dtype=compute_dtype, seed=seed, fresh=spec.fresh)
         device = weight_view(self.base).device
         if any(t.device != device for t in module.parameters()):  # factors from an init that returned them elsewhere
             module.to(device)

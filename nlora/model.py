@@ -188,7 +188,8 @@ def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | Non
         for i, factors in zip(batch, spec.many(list(ws), list(ranks), scalings=list(scalings),
                                                generators=list(gens), **init_options)):
             plans[i][5] = factors
-    _refuse_nonfinite_factors({p[0]: p[5] for p in plans if not p[5].A.is_meta}, init, adapter_dtype)
+    if spec.data_driven:  # a random init's draws are bounded: only data-driven factors can be NaN/Inf or overflow
+        _refuse_nonfinite_factors({p[0]: p[5] for p in plans if not p[5].A.is_meta}, init, adapter_dtype)
     samples = dict(zip(plain, weight_samples(list(plain.values()))))  # one device-to-host copy for all layers
     kwargs = dict(init=init, train=train, dropout=dropout, preserve_output=preserve_output,
                   adapter_dtype=adapter_dtype, compute_dtype=compute_dtype, seed=seed)

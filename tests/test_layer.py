@@ -244,3 +244,42 @@ def test_unmerge_warning_does_not_fire_on_normal_use():
         warnings.simplefilter("error")
         layer.merge()
         layer.unmerge()
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_a_fresh_initialisers_factors_become_the_parameters_without_a_copy(fresh, monkeypatch):
+    """``register_init(..., fresh=True)`` lets the layer keep the returned tensors as parameters (no copy); views,
+    tensors of another dtype and a second factor sharing the first's storage are still copied, and an init that does
+    not promise freshness always gets copies (so it may keep or reuse what it returns)."""
+    from nlora.inits import INITIALIZERS, Factors, register_init
+
+    returned: dict[str, torch.Tensor] = {}
+
+    def init_probe(weight, rank, *, scaling, generator=None):
+        out_f, in_f = weight.shape
+        big = torch.randn(2 * rank, in_f)
+        returned.update(A=torch.randn(rank, in_f), N=big[:rank, :rank], B=torch.randn(out_f, rank).double())
+        return Factors(returned["A"], returned["N"], returned["B"])
+
+    monkeypatch.setitem(INITIALIZERS, "probe", None)
+    register_init("probe", data_driven=False, has_middle=True, fresh=fresh)(init_probe)
+    layer = NLoRALinear(make_linear(out_f=12, in_f=9), rank=3, init="probe")
+    ad = layer.adapters["default"]
+    assert (ad.lora_A.data_ptr() == returned["A"].data_ptr()) == fresh  # kept as it is only when promised fresh
+    assert ad.lora_N.data_ptr() != returned["N"].data_ptr() and ad.lora_N._base is None  # a view: copied
+    assert ad.lora_B.dtype == torch.float32 and torch.equal(ad.lora_B, returned["B"].float())  # fp64: converted
+    assert all(p.is_contiguous() for p in (ad.lora_A, ad.lora_N, ad.lora_B))
+    torch.testing.assert_close(ad.lora_N, returned["N"])
+
+
+def test_fresh_factors_that_share_storage_are_copied_apart():
+    from nlora.inits import Factors
+    from nlora.layer import Adapter
+
+    t = torch.randn(4, 4)
+    ad = Adapter(Factors(t, t, torch.zeros(6, 4)), alpha=4.0, init="slora", train="all", dropout=0.0,
+                 preserve_output=False, options={}, fresh=True)
+    assert ad.lora_A.data_ptr() == t.data_ptr() and ad.lora_N.data_ptr() != t.data_ptr()
+    with torch.no_grad():
+        ad.lora_A.add_(1)
+    assert not torch.equal(ad.lora_A, ad.lora_N)  # two parameters, two storages
