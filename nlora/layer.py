@@ -401,16 +401,16 @@ class NLoRALinear(nn.Module):
                sample: Tensor | None = ...) -> Adapter:
         """Add an adapter from precomputed factors; applies the residual update if the output is preserved.
         ``sample``: the base weight's ``weight_sample`` if the caller already took it (inject batches them)."""
-        spec = get_init(init)
-        preserve = resolve_preserve(spec, preserve_output)
+        module = make_adapter(self.base, factors, rank=rank, alpha=alpha, init=init, train=train, dropout=dropout,
+                              preserve_output=preserve_output, adapter_dtype=adapter_dtype,
+                              compute_dtype=compute_dtype, options=options, seed=seed)
+        return self.add_adapter(adapter, module, sample)
+
+    def add_adapter(self, adapter: str, module: Adapter, sample: Tensor | None = ...) -> Adapter:
+        """Register an adapter built by ``make_adapter`` on this layer's base, applying its residual update if it
+        preserves the output (the step of ``attach`` that changes the model)."""
         if sample is ...:  # a few entries of the weight it sits on (load_adapter checks)
             sample = weight_sample(weight_view(self.base))
-        module = Adapter(factors, alpha=float(rank if alpha is None else alpha), init=init, train=train,
-                         dropout=dropout, preserve_output=preserve and not spec.zero_delta, options=options,
-                         dtype=adapter_dtype, compute_dtype=compute_dtype, seed=seed, fresh=spec.fresh)
-        device = weight_view(self.base).device
-        if any(t.device != device for t in module.parameters()):  # factors from an init that returned them elsewhere
-            module.to(device)
         if module.preserve_output and not module.pending_init:
             self._subtract_initial(module)
         self.adapters[adapter] = module
@@ -584,6 +584,22 @@ class NLoRALinear(nn.Module):
         kind = "Conv1D" if is_conv1d(self.base) else "Linear"
         return (f"{kind} in={self.in_features}, out={self.out_features}, active={list(self.active_adapters)}, "
                 f"merged={list(self.merged_adapters)}")
+
+
+def make_adapter(base: nn.Module, factors: Factors, *, rank: int, alpha: float | None, init: str, train: str,
+                 dropout: float, preserve_output: bool | None, adapter_dtype: torch.dtype,
+                 compute_dtype: torch.dtype | None, options: dict, seed: int | None = None) -> Adapter:
+    """The ``Adapter`` module for ``factors`` on ``base``'s device, without touching ``base`` (``add_adapter`` does
+    that): inject builds every layer's adapter while the device is still computing the factors it then checks."""
+    spec = get_init(init)
+    preserve = resolve_preserve(spec, preserve_output)
+    module = Adapter(factors, alpha=float(rank if alpha is None else alpha), init=init, train=train,
+                     dropout=dropout, preserve_output=preserve and not spec.zero_delta, options=options,
+                     dtype=adapter_dtype, compute_dtype=compute_dtype, seed=seed, fresh=spec.fresh)
+    device = weight_view(base).device
+    if any(t.device != device for t in module.parameters()):  # factors from an init that returned them elsewhere
+        module.to(device)
+    return module
 
 
 def resolve_preserve(spec, preserve_output: bool | None) -> bool:

@@ -14,8 +14,8 @@ from torch import nn
 from . import sharded
 from .fingerprint import weight_samples
 from .inits import Factors, get_init
-from .layer import (NLoRALinear, build_factors, check_request, is_adaptable, nonfinite_weight_error, resolve_preserve,
-                    weight_view, weights_finite)
+from .layer import (NLoRALinear, build_factors, check_request, is_adaptable, make_adapter, nonfinite_weight_error,
+                    resolve_preserve, weight_view, weights_finite)
 
 Targets = str | Sequence[str]
 HEAD_NAMES = ("lm_head",)
@@ -188,18 +188,22 @@ def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | Non
         for i, factors in zip(batch, spec.many(list(ws), list(ranks), scalings=list(scalings),
                                                generators=list(gens), **init_options)):
             plans[i][5] = factors
+    # The adapter modules are built (nothing in the model changes) while the device is still computing the factors;
+    # the finiteness check of those factors then waits for it, once.
+    kwargs = dict(init=init, train=train, dropout=dropout, preserve_output=preserve_output,
+                  adapter_dtype=adapter_dtype, compute_dtype=compute_dtype, seed=seed)
+    built = [make_adapter(base, factors, rank=r, alpha=a, options=options, **kwargs)
+             for name, module, base, r, a, factors, options in plans]
     if spec.data_driven:  # a random init's draws are bounded: only data-driven factors can be NaN/Inf or overflow
         _refuse_nonfinite_factors({p[0]: p[5] for p in plans if not p[5].A.is_meta}, init, adapter_dtype)
     samples = dict(zip(plain, weight_samples(list(plain.values()))))  # one device-to-host copy for all layers
-    kwargs = dict(init=init, train=train, dropout=dropout, preserve_output=preserve_output,
-                  adapter_dtype=adapter_dtype, compute_dtype=compute_dtype, seed=seed)
-    for name, module, base, r, a, factors, options in plans:  # phase 2: apply
+    for (name, module, base, *_), new in zip(plans, built):  # phase 2: apply
         if isinstance(module, NLoRALinear):
             layer = module
         else:
             layer = NLoRALinear.wrapping(base, name)
             _set_module(model, name, layer)
-        layer.attach(adapter, factors, rank=r, alpha=a, options=options, sample=samples.get(name, ...), **kwargs)
+        layer.add_adapter(adapter, new, samples.get(name, ...))
     for module in extra.values():
         setattr(module, _EXTRA_TRAINABLE, True)
     set_adapter(model, adapter)
