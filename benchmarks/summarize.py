@@ -134,7 +134,8 @@ def main() -> None:
     lines += infer_table("infer_7b_cuda")
     lines += loss_table("loss_minilm_cuda")
     lines += approx_table("approx_minilm_cpu")
-    for name, run in (("init_1b_cpu_run1", "run 1"), ("init_1b_cpu", "run 2")):
+    for name, run in (("init_1b_cpu_run1", "run 1"), ("init_1b_cpu", "run 2"), ("init_1b_cpu_run3", "run 3"),
+                      ("init_1b_cpu_run4", "run 4 (the final code but the adapter-building overlap)")):
         lines += init_table(name, f"Init, 1B shape (TinyLlama: hidden 2048, MLP 5632, 22 layers), r=128, shared 2-core "
                                   f"CPU, {run}")
     d = _load("pinv_micro_cuda")
