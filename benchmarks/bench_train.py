@@ -257,6 +257,19 @@ def check_fused(model: nn.Module, x: torch.Tensor, rank: int) -> dict:
     return {"max_rel_diff_output_and_grads": {k: max(v) for k, v in rel.items()}, "rel": rel}
 
 
+def against_floor(rows: list[dict], label: str, ratio: str) -> None:
+    """Add ``x_floor`` / ``mem_x_floor`` to the measured rows of a compiled or graphed pass (against that pass's own
+    floor row) and print its table; rows that were skipped or failed show why."""
+    floor = [c for c in rows if c["variant"] == "floor" and "ms" in c]
+    for c in rows:
+        if floor and "ms" in c:
+            c["x_floor"] = c["ms"]["median"] / floor[0]["ms"]["median"]
+            c["mem_x_floor"] = c["peak_gib"] / floor[0]["peak_gib"]
+    print(table([[c["variant"], f"{c['ms']['median']:.2f}" if "ms" in c else c.get("skipped") or c.get("failed"),
+                  f"{c.get('x_floor', 0):.3f}", f"{c.get('peak_gib', 0):.3f}"] for c in rows],
+                [label, "ms/step", ratio, "peak GiB"]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=2)
@@ -365,14 +378,7 @@ def main() -> None:
             compiled.append({"variant": name, **res})
             print(f"compiled {name:40s} {res['ms']['median']:8.3f} ms  peak {res['peak_gib']:.3f} GiB "
                   f"({res['compile_and_measure_s']:.0f} s)", flush=True)
-        fl = [c for c in compiled if c["variant"] == "floor" and "ms" in c]
-        for c in compiled:
-            if fl and "ms" in c:
-                c["x_floor"] = c["ms"]["median"] / fl[0]["ms"]["median"]
-                c["mem_x_floor"] = c["peak_gib"] / fl[0]["peak_gib"]
-        print(table([[c["variant"], f"{c['ms']['median']:.2f}" if "ms" in c else c.get("skipped"),
-                      f"{c.get('x_floor', 0):.3f}", f"{c.get('peak_gib', 0):.3f}"] for c in compiled],
-                    ["compiled variant", "ms/step", "x floor", "peak GiB"]))
+        against_floor(compiled, "compiled variant", "x floor")
     graphed = []
     if args.graph is not None:
         for name in args.graph or default4:
@@ -387,14 +393,7 @@ def main() -> None:
             graphed.append({"variant": name, **res})
             print(f"graphed {name:40s} " + (f"{res['ms']['median']:8.3f} ms  peak {res['peak_gib']:.3f} GiB"
                                            if "ms" in res else res["failed"]), flush=True)
-        fl = [c for c in graphed if c["variant"] == "floor" and "ms" in c]
-        for c in graphed:
-            if fl and "ms" in c:
-                c["x_floor"] = c["ms"]["median"] / fl[0]["ms"]["median"]
-                c["mem_x_floor"] = c["peak_gib"] / fl[0]["peak_gib"]
-        print(table([[c["variant"], f"{c['ms']['median']:.2f}" if "ms" in c else c.get("failed"),
-                      f"{c.get('x_floor', 0):.3f}", f"{c.get('peak_gib', 0):.3f}"] for c in graphed],
-                    ["CUDA-graphed variant", "ms/step", "x graphed floor", "peak GiB"]))
+        against_floor(graphed, "CUDA-graphed variant", "x graphed floor")
     payload = {"benchmark": "train_step", "shape": "7b", "layers": args.layers, "head": args.head,
                "optimizer": "AdamW foreach" if args.foreach_adam else "AdamW fused", "batch": args.batch, "seq": args.seq,
                "rank": args.rank, "base_dtype": "bfloat16", "machine": machine_info(device), "args": vars(args),

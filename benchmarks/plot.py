@@ -70,18 +70,14 @@ def plot_train(name: str) -> None:
                        [f"{r['ms_per_step']:.2f} ms" for r in rs], colors, (1.06, 1.12)))
         panels.append(("eager peak memory / floor", [r["variant"] for r in rs], [r["mem_x_floor"] for r in rs],
                        [f"{r['peak_gib']:.2f} GiB" for r in rs], colors, (1.05,)))
-    cs = [c for c in d.get("compiled", []) if "ms" in c]
-    if cs:
-        colors = [COLORS["floor"] if c["variant"] == "floor" else
-                  COLORS["peft"] if c["variant"].startswith("peft") else COLORS["nlora"] for c in cs]
-        panels.append(("torch.compile step time / compiled floor", [c["variant"] for c in cs],
-                       [c["x_floor"] for c in cs], [f"{c['ms']['median']:.2f} ms" for c in cs], colors, (1.06, 1.12)))
-    gs = [c for c in d.get("graphed", []) if "ms" in c]
-    if gs:
-        colors = [COLORS["floor"] if c["variant"] == "floor" else
-                  COLORS["peft"] if c["variant"].startswith("peft") else COLORS["nlora"] for c in gs]
-        panels.append(("CUDA-graphed step time / graphed floor", [c["variant"] for c in gs],
-                       [c["x_floor"] for c in gs], [f"{c['ms']['median']:.2f} ms" for c in gs], colors, (1.06, 1.12)))
+    for key, title in (("compiled", "torch.compile step time / compiled floor"),
+                       ("graphed", "CUDA-graphed step time / graphed floor")):
+        cs = [c for c in d.get(key, []) if "ms" in c]
+        if cs:
+            colors = [COLORS["floor"] if c["variant"] == "floor" else
+                      COLORS["peft"] if c["variant"].startswith("peft") else COLORS["nlora"] for c in cs]
+            panels.append((title, [c["variant"] for c in cs], [c["x_floor"] for c in cs],
+                           [f"{c['ms']['median']:.2f} ms" for c in cs], colors, (1.06, 1.12)))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.8 * len(panels), 5.0), squeeze=False)
     for ax, (title, labels, vals, notes, colors, targets) in zip(axes[0], panels):
         ax.barh(labels, vals, color=colors)
