@@ -169,7 +169,8 @@ class Adapter(nn.Module):
 
 def _owned(t: Tensor, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
     """A contiguous copy in ``dtype`` (on ``device``): Nyström slices of a Conv1D weight are transposed views, and a
-    factor's memory layout changes matmul rounding (a saved-and-loaded adapter's outputs would differ in the last bit)."""
+    factor's memory layout changes matmul rounding (a saved-and-loaded adapter's outputs would differ in the last
+    bit)."""
     return t.to(device, dtype, memory_format=torch.contiguous_format, copy=True)
 
 
@@ -620,8 +621,8 @@ def nonfinite_weight_error(label: str, init: str) -> ValueError:
 
 def weights_finite(weights: list[Tensor]) -> list[bool]:
     """Whether each plain (non-sharded, non-meta) weight is finite, with one host synchronisation per (device, dtype):
-    each weight's fp32 (fp64) ``sum |w|`` from one multi-tensor ``_foreach_norm`` (NaN/Inf make it non-finite; only a weight
-    whose sum overflows is re-checked element-wise)."""
+    each weight's fp32 (fp64) ``sum |w|`` from one multi-tensor ``_foreach_norm`` (NaN/Inf make it non-finite; only
+    a weight whose sum overflows is re-checked element-wise)."""
     groups: dict[tuple, list[int]] = {}
     for i, w in enumerate(weights):
         groups.setdefault((w.device, w.dtype), []).append(i)

@@ -160,7 +160,8 @@ _MM_OUT_DTYPE: dict[tuple[str, torch.dtype], bool] = {}
 
 
 def mm_out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch.mm(..., out_dtype=torch.float32)`` (aten::mm.dtype: CUDA, torch >= 2.8) runs here for ``dtype``."""
+    """Whether ``torch.mm(..., out_dtype=torch.float32)`` (aten::mm.dtype: CUDA, torch >= 2.8) runs here for
+    ``dtype``."""
     key = (device.type, dtype)
     if key not in _MM_OUT_DTYPE:
         try:
