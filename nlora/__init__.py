@@ -1,32 +1,21 @@
 """nlora: SLoRA, NLoRA (Nyström-initialised three-matrix LoRA) and IntTune for any PyTorch model."""
 
+from .checkpoint import load_adapter, read_adapter_config, save_adapter
+from .config import AdapterConfig
 from .deferred import initialize_adapters, pending_adapters, remap_base_keys
 from .inits import INITIALIZERS, Factors, get_init, register_init, register_many
-from .io import export_peft, load_adapter, save_adapter
 from .layer import Adapter, NLoRALinear
-from .model import (
-    adapter_names,
-    count_parameters,
-    delete_adapter,
-    disable_adapter,
-    inject,
-    merge,
-    merge_and_unload,
-    select_targets,
-    set_adapter,
-    trainable_summary,
-    unload,
-    unmerge,
-)
-from .nystrom import nystrom_reconstruct, optimal_core, regularised_pinv, ridge_pinv, select_indices
+from .model import (adapter_layers, adapter_names, count_parameters, delete_adapter, disable_adapter, inject, merge,
+                    merge_and_unload, select_targets, set_adapter, trainable_summary, unload, unmerge)
+from .nystrom import nystrom_reconstruct, optimal_core, regularised_pinv, select_indices, truncated_pinv
+from .peft import export_peft
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "Adapter", "Factors", "INITIALIZERS", "NLoRALinear", "adapter_names", "count_parameters", "delete_adapter",
-    "disable_adapter", "get_init", "initialize_adapters", "inject", "merge", "merge_and_unload",
-    "nystrom_reconstruct", "optimal_core", "pending_adapters", "register_init", "register_many", "regularised_pinv",
-    "remap_base_keys", "ridge_pinv", "select_indices", "select_targets", "set_adapter", "trainable_summary",
-    "unload", "unmerge",
-    "export_peft", "load_adapter", "save_adapter",
+    "Adapter", "AdapterConfig", "Factors", "INITIALIZERS", "NLoRALinear", "adapter_layers", "adapter_names",
+    "count_parameters", "delete_adapter", "disable_adapter", "export_peft", "get_init", "initialize_adapters",
+    "inject", "load_adapter", "merge", "merge_and_unload", "nystrom_reconstruct", "optimal_core", "pending_adapters",
+    "read_adapter_config", "register_init", "register_many", "regularised_pinv", "remap_base_keys", "save_adapter",
+    "select_indices", "select_targets", "set_adapter", "trainable_summary", "truncated_pinv", "unload", "unmerge",
 ]

@@ -1,36 +1,35 @@
 """Initialisers: pure functions from a weight ``(out, in)`` to adapter factors, and their registry.
 
-Every initialiser has the signature ``fn(weight, rank, *, scaling, generator, **options) -> Factors``.
-``weight`` is read, never written; factors come back in fp32 on ``weight``'s device, so that
-``scaling * B @ N @ A`` is the initial delta. Whether the base weight is then corrected so that the
-model output is unchanged (``preserve_output``) is the layer's business, not the initialiser's.
+Every initialiser has the signature ``fn(weight, rank, *, scaling, generator, **options) -> Factors``. ``weight`` is
+read, never written; the factors come back on ``weight``'s device such that ``scaling * B @ N @ A`` is the initial
+delta. Whether the base weight is then corrected so that the output is unchanged (``preserve_output``) is the
+layer's business, not the initialiser's.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import sharded
-from .nystrom import (INDEX_METHODS, check_pinv_options, optimal_core, optimal_cores, regularised_pinv, ridge_pinv,
-                      select_indices)
+from .nystrom import INDEX_METHODS, check_rcond, optimal_cores, select_indices, truncated_pinv
 
 
 @dataclass(frozen=True)
 class Factors:
-    """Initial adapter factors in torch layout: ``A (r, in)``, ``N (r, r)`` or ``None``, ``B (out, r)``."""
+    """Initial factors in torch layout: ``A (r, in)``, ``N (r, r)`` or ``None``, ``B (out, r)``, and for Nyström
+    inits the sampled row and column indices."""
 
     A: Tensor
     N: Tensor | None
     B: Tensor
-    rows: Tensor | None = None  # the sampled row indices, for Nyström inits
-    cols: Tensor | None = None  # the sampled column indices, for Nyström inits
+    rows: Tensor | None = None
+    cols: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -39,46 +38,36 @@ class InitSpec:
 
     name: str
     fn: Callable[..., Factors]
-    data_driven: bool  # reads the weight values (needs finite weights)
+    data_driven: bool  # reads the weight's values (so they must be finite)
     has_middle: bool  # produces an r x r middle matrix N
-    preserve_default: bool  # default for preserve_output
+    preserve_default: bool = False  # default of preserve_output
     preserve_fixed: bool = False  # preserve_output cannot be switched off (pissa)
-    zero_delta: bool = False  # the initial delta is exactly zero (B = 0)
-    fresh: bool = False  # returns new tensors nothing else holds: the layer may keep them without copying
-    # optional batched form ``many(weights, ranks, *, scalings, generators, **options) -> list[Factors]``, equal to
-    # ``fn`` layer by layer (to fp64 rounding) but with the r x r work of all layers in one pass (see register_many)
+    zero_delta: bool = False  # B = 0: the initial delta is exactly zero
+    options: tuple[str, ...] = ()  # the keyword-only options of fn
+    # optional batched form ``many(weights, ranks, *, scalings, generators, **options) -> list[Factors]``
     many: Callable[..., list[Factors]] | None = None
-
-    @property
-    def options(self) -> tuple[str, ...]:
-        return _keyword_options(self.fn)
-
-
-@functools.lru_cache(maxsize=None)
-def _keyword_options(fn: Callable[..., Factors]) -> tuple[str, ...]:
-    """An initialiser's keyword-only options (read once per function: ``inspect.signature`` costs ~40 us a call)."""
-    params = inspect.signature(fn).parameters.values()
-    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("scaling", "generator"))
 
 
 INITIALIZERS: dict[str, InitSpec] = {}
 
 
 def register_init(name: str, *, data_driven: bool, has_middle: bool, preserve_default: bool = False,
-                  preserve_fixed: bool = False, zero_delta: bool = False, fresh: bool = False) -> Callable:
-    """Decorator: add an initialiser to the registry under ``name`` (``fresh=True`` promises that every call returns
-    new tensors that nothing else holds, so the layer keeps them without a copy; leave it off if unsure)."""
+                  preserve_fixed: bool = False, zero_delta: bool = False) -> Callable:
+    """Decorator: add an initialiser ``fn(weight, rank, *, scaling, generator, **options) -> Factors`` under ``name``."""
 
     def wrap(fn: Callable[..., Factors]) -> Callable[..., Factors]:
+        params = inspect.signature(fn).parameters.values()
+        options = tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("scaling", "generator"))
         INITIALIZERS[name] = InitSpec(name, fn, data_driven, has_middle, preserve_default, preserve_fixed, zero_delta,
-                                      fresh=fresh)
+                                      options)
         return fn
 
     return wrap
 
 
 def register_many(name: str) -> Callable:
-    """Decorator: attach a batched form (``InitSpec.many``) to the registered initialiser ``name``."""
+    """Decorator: attach a batched form to the registered initialiser ``name`` (``inject`` calls it once for all the
+    layers it adapts; it must equal ``fn`` layer by layer, to rounding)."""
 
     def wrap(many: Callable[..., list[Factors]]) -> Callable[..., list[Factors]]:
         INITIALIZERS[name] = replace(INITIALIZERS[name], many=many)
@@ -91,199 +80,159 @@ def get_init(name: str) -> InitSpec:
     """Look up an initialiser, with an error that lists the known names."""
     try:
         return INITIALIZERS[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(f"unknown init {name!r}; choose one of {sorted(INITIALIZERS)}") from None
 
 
-_KAIMING_GAIN = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))  # torch.nn.init.calculate_gain("leaky_relu", √5)
+def _kaiming(rows: int, cols: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
+    """``kaiming_uniform_(a=√5)``, the init of nn.Linear and of PEFT's LoRA A."""
+    return nn.init.kaiming_uniform_(torch.empty(rows, cols, device=device), a=math.sqrt(5), generator=generator)
 
 
-def _kaiming(shape: tuple[int, int], device: torch.device, generator: torch.Generator | None) -> Tensor:
-    """``kaiming_uniform_(a=√5)`` of a new fp32 tensor (nn.Linear's and PEFT's LoRA A), bound computed as torch
-    does, so the draws are bit-identical, without its per-call Python checks (inject calls it once per layer)."""
-    bound = math.sqrt(3.0) * (_KAIMING_GAIN / math.sqrt(shape[1]))
-    return torch.empty(shape, dtype=torch.float32, device=device).uniform_(-bound, bound, generator=generator)
+def _gaussian(rows: int, cols: int, std: float, device: torch.device, generator: torch.Generator | None) -> Tensor:
+    return torch.randn(rows, cols, device=device, generator=generator) * std
 
 
-def _gaussian(shape: tuple[int, int], std: float, device: torch.device, generator: torch.Generator | None) -> Tensor:
-    return torch.randn(shape, dtype=torch.float32, device=device, generator=generator) * std
-
-
-@register_init("lora", data_driven=False, has_middle=False, zero_delta=True, fresh=True)
+@register_init("lora", data_driven=False, has_middle=False, zero_delta=True)
 def init_lora(weight: Tensor, rank: int, *, scaling: float, generator: torch.Generator | None = None) -> Factors:
     """Plain LoRA (Hu et al.): ``A`` Kaiming-uniform (a=√5, as nn.Linear), ``B = 0``, no middle matrix."""
     out_features, in_features = weight.shape
-    a = _kaiming((rank, in_features), weight.device, generator)
-    return Factors(a, None, torch.zeros(out_features, rank, device=weight.device))
+    return Factors(_kaiming(rank, in_features, weight.device, generator), None,
+                   torch.zeros(out_features, rank, device=weight.device))
 
 
-@register_init("gaussian", data_driven=False, has_middle=False, zero_delta=True, fresh=True)
+@register_init("gaussian", data_driven=False, has_middle=False, zero_delta=True)
 def init_gaussian(weight: Tensor, rank: int, *, scaling: float, generator: torch.Generator | None = None) -> Factors:
     """LoRA with ``A ~ N(0, std=1/r)`` (PEFT's ``"gaussian"``), ``B = 0``, no middle matrix."""
     out_features, in_features = weight.shape
-    a = _gaussian((rank, in_features), 1.0 / rank, weight.device, generator)
-    return Factors(a, None, torch.zeros(out_features, rank, device=weight.device))
+    return Factors(_gaussian(rank, in_features, 1.0 / rank, weight.device, generator), None,
+                   torch.zeros(out_features, rank, device=weight.device))
 
 
-@register_init("slora", data_driven=False, has_middle=True, zero_delta=True, fresh=True)
+@register_init("slora", data_driven=False, has_middle=True, zero_delta=True)
 def init_slora(weight: Tensor, rank: int, *, scaling: float, generator: torch.Generator | None = None,
                middle: str = "kaiming") -> Factors:
     """SLoRA: ``A`` and ``N`` Kaiming-uniform (a=√5), ``B = 0``; ``middle="gaussian"`` draws ``N ~ N(0, std=1/r)``
-    instead (paper appendix B; Kaiming won there)."""
-    out_features, in_features = weight.shape
-    a = _kaiming((rank, in_features), weight.device, generator)
-    if middle == "kaiming":
-        n = _kaiming((rank, rank), weight.device, generator)
-    elif middle == "gaussian":
-        n = _gaussian((rank, rank), 1.0 / rank, weight.device, generator)
-    else:
+    instead (paper, appendix B; Kaiming won there)."""
+    if middle not in ("kaiming", "gaussian"):
         raise ValueError(f"slora option middle={middle!r}: choose 'kaiming' or 'gaussian'")
+    out_features, in_features = weight.shape
+    a = _kaiming(rank, in_features, weight.device, generator)
+    n = (_kaiming(rank, rank, weight.device, generator) if middle == "kaiming"
+         else _gaussian(rank, rank, 1.0 / rank, weight.device, generator))
     return Factors(a, n, torch.zeros(out_features, rank, device=weight.device))
 
 
 def nystrom_slices(weight: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
-    """``(R, C) = (W[rows, :], W[:, cols])`` as fresh fp32 tensors, never aliases of the weight (a sharded weight
-    sends only these r rows and r columns between ranks, never the whole matrix)."""
+    """``(R, C) = (W[rows, :], W[:, cols])`` as new fp32 (fp64 for fp64) tensors; a sharded weight sends only these
+    rows and columns between ranks."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)
     device = sharded.local_view(weight).device
     r = sharded.take(weight, rows.to(device), 0)
     c = sharded.take(weight, cols.to(device), 1)
-    return r.to(torch.float32, copy=True), c.to(torch.float32, copy=True)
+    return r.to(dtype, copy=True), c.to(dtype, copy=True)
 
 
-def _slices(weight: Tensor, rank: int, index: str, generator: torch.Generator | None) -> tuple[Tensor, ...]:
-    """``rows, cols, C = W[:, cols], R = W[rows, :]``, the slices as fresh fp32 tensors."""
+def _nystrom(weight: Tensor, rank: int, index: str, generator: torch.Generator | None) -> Factors:
+    """``Factors(R, U, C)``: the sampled rows ``R = W[I, :]``, their core ``U = W[I, J]`` and columns ``C = W[:, J]``."""
     if index not in INDEX_METHODS:
         raise ValueError(f"index={index!r}: choose one of {INDEX_METHODS}")
     rows, cols = select_indices(weight, rank, index, generator)
-    if index == "first" and not sharded.is_dtensor(weight):  # plain slices, as the paper's reference code
-        return rows, cols, weight[:, :rank].to(torch.float32, copy=True), weight[:rank, :].to(torch.float32, copy=True)
     r, c = nystrom_slices(weight, rows, cols)
-    return rows, cols, c, r
+    return Factors(r, r[:, cols], c, rows, cols)
 
 
-@register_init("nystrom", data_driven=True, has_middle=True, fresh=True)
+@register_init("nystrom", data_driven=True, has_middle=True)
 def init_nystrom(weight: Tensor, rank: int, *, scaling: float, generator: torch.Generator | None = None,
                  index: str = "first") -> Factors:
     """NLoRA as the paper's code does it: ``A = W[I, :]``, ``N = W[I, J]`` (the core itself, not its
-    pseudo-inverse), ``B = W[:, J]``, with ``I = J = 0..r-1`` by default.
+    pseudo-inverse), ``B = W[:, J]``, with ``I = J = 0..r-1`` by default (``index="random"`` / ``"norm"`` sample).
 
-    The base weight is left as it is, so the model output changes at init by ``scaling * B N A``
-    (pass ``preserve_output=True`` to subtract it from the base weight instead).
+    The base weight is left as it is, so the output changes at init by ``scaling * B N A``
+    (``preserve_output=True`` subtracts that from the base weight instead).
     """
-    rows, cols, c, r = _slices(weight, rank, index, generator)
-    return Factors(r, r[:, cols].clone(), c, rows, cols)
+    return _nystrom(weight, rank, index, generator)
 
 
-@register_init("nystrom-pinv", data_driven=True, has_middle=True, preserve_default=True, fresh=True)
+@register_init("nystrom-pinv", data_driven=True, has_middle=True, preserve_default=True)
 def init_nystrom_pinv(weight: Tensor, rank: int, *, scaling: float, generator: torch.Generator | None = None,
-                      index: str = "first", rcond: float | None = 0.1, solver: str = "ridge") -> Factors:
-    """Exact Nyström of Eq. 6 with a regularised core: ``s B N A = C U⁺ R``, ``N = U⁺ / s``, ``U = W[I, J]``.
+                      index: str = "first", rcond: float | None = 0.1) -> Factors:
+    """Exact Nyström of Eq. 6: ``s B N A = C U⁺ R`` with ``N = U⁺ / s``, ``U = W[I, J]``.
 
-    The plain pseudo-inverse of a core sampled from a full-rank weight has condition numbers up to 1e4 and gives
-    reconstruction errors of 10-60x ||W||, so ``U⁺`` is regularised at ``rcond * σ_max(U)`` (default 0.1;
-    ``None``: torch's pinv cutoff). ``solver="ridge"`` (default): the Tikhonov inverse ``(UᵀU + λI)⁻¹Uᵀ``,
-    ``λ = (rcond σ_max)²``, singular values ``σ/(σ² + λ)``, from an fp64 Gram + Cholesky (``ridge_pinv``: no SVD,
-    no host sync). ``solver="svd"``: the exact truncation, dropping singular values below ``rcond * σ_max``
-    (one SVD per layer, milliseconds each on a GPU).
+    ``U⁺`` drops the singular values below ``rcond * σ_max(U)`` (``None``: torch.linalg.pinv's cutoff) and inverts the
+    rest exactly, so a weight of rank r with a well-conditioned core is reproduced to rounding. The cutoff matters on
+    full-rank weights, whose sampled cores have condition numbers up to 1e4.
     """
-    check_pinv_options(rcond, solver)
-    rows, cols, c, r = _slices(weight, rank, index, generator)
-    u = r[:, cols]
-    core = ridge_pinv(u, rcond) if solver == "ridge" else regularised_pinv(u, rcond)
-    return Factors(r, core / scaling, c, rows, cols)
+    return init_nystrom_pinv_many([weight], [rank], scalings=[scaling], generators=[generator], index=index,
+                                  rcond=rcond)[0]
 
 
-@register_init("nystrom-optimal", data_driven=True, has_middle=True, preserve_default=True, fresh=True)
+@register_init("nystrom-optimal", data_driven=True, has_middle=True, preserve_default=True)
 def init_nystrom_optimal(weight: Tensor, rank: int, *, scaling: float, generator: torch.Generator | None = None,
-                         index: str = "first", rcond: float | None = None, solver: str = "ridge") -> Factors:
-    """Nyström with the optimal core for the sampled rows and columns: ``s B N A = C (C⁺ W R⁺) R``.
+                         index: str = "first", rcond: float | None = None) -> Factors:
+    """Nyström with the best core for the sampled rows and columns: ``s B N A = C (C⁺ W R⁺) R``.
 
-    The best Frobenius approximation that uses exactly these ``C`` and ``R``; costs one ``(r, out) @ (out, in)``
-    product per layer, still far cheaper than an SVD. ``solver="ridge"`` (default) forms ``C⁺`` and ``R⁺`` from
-    their fp64 Grams by one batched Cholesky with a ridge ``(rcond σ_max)²`` (``None``: torch's pinv cutoff
-    ``eps * max`` of each slice's shape), so rank-deficient slices still give a finite core; ``solver="svd"``
-    truncates their SVDs at ``rcond`` instead (see ``optimal_core``).
+    The Frobenius-optimal approximation that uses exactly these ``C`` and ``R``, for one ``(r, out) @ (out, in)``
+    product per layer; ``C⁺`` and ``R⁺`` drop singular values below ``rcond * σ_max`` (``None``: torch's cutoff).
     """
-    check_pinv_options(rcond, solver)
-    rows, cols, c, r = _slices(weight, rank, index, generator)
-    core = optimal_core(weight, rows, cols, rcond, solver)
-    return Factors(r, core / scaling, c, rows, cols)
+    return init_nystrom_optimal_many([weight], [rank], scalings=[scaling], generators=[generator], index=index,
+                                     rcond=rcond)[0]
 
 
-def _batched(fn: Callable[..., Factors], weights: Sequence[Tensor], ranks: Sequence[int], scalings: Sequence[float],
-             generators: Sequence[torch.Generator | None], index: str, rcond: float | None, solver: str,
-             cores: Callable[[list[int], list[tuple[Tensor, ...]], float], list[Tensor]]) -> list[Factors]:
-    """The shared loop of the batched Nyström inits: each layer's indices and slices in layer order (the same draws
-    as ``fn``), then ``cores`` once per group of layers with equal (rank, device, scaling); ``solver="svd"`` and
-    sharded or meta weights go through ``fn`` one by one."""
-    check_pinv_options(rcond, solver)
-    if not len(weights) == len(ranks) == len(scalings) == len(generators):
-        raise ValueError("weights, ranks, scalings and generators must have one entry per layer")
-    out: list[Factors | None] = [None] * len(weights)
+def _batched(weights: Sequence[Tensor], ranks: Sequence[int], scalings: Sequence[float],
+             generators: Sequence[torch.Generator | None], index: str, rcond: float | None,
+             cores: Callable[[list[int], list[Factors]], list[Tensor]]) -> list[Factors]:
+    """The batched Nyström inits: each layer's slices in layer order (the same draws as one by one), then ``cores``
+    once per group of layers of equal rank and device, each core divided by its layer's scaling."""
+    check_rcond(rcond)
+    slices = [_nystrom(w, k, index, g) for w, k, g in zip(weights, ranks, generators)]
     groups: dict[tuple, list[int]] = {}
-    slices: dict[int, tuple[Tensor, ...]] = {}
-    for i, (w, k, s, g) in enumerate(zip(weights, ranks, scalings, generators)):
-        if solver != "ridge" or sharded.is_dtensor(w) or sharded.is_meta(w):
-            out[i] = fn(w, k, scaling=s, generator=g, index=index, rcond=rcond, solver=solver)
-        else:
-            slices[i] = _slices(w, k, index, g)
-            groups.setdefault((k, w.device, float(s)), []).append(i)
-    for (_, _, s), members in groups.items():
-        for i, core in zip(members, cores(members, [slices[i] for i in members], s)):
-            rows, cols, c, r = slices[i]
-            out[i] = Factors(r, core, c, rows, cols)
-    return out  # type: ignore[return-value]
+    for i, (w, k) in enumerate(zip(weights, ranks)):
+        groups.setdefault((k, sharded.local_view(w).device), []).append(i)
+    out: list[Factors] = list(slices)
+    for members in groups.values():
+        for i, core in zip(members, cores(members, [slices[i] for i in members])):
+            out[i] = replace(slices[i], N=core / scalings[i])
+    return out
 
 
 @register_many("nystrom-pinv")
 def init_nystrom_pinv_many(weights: Sequence[Tensor], ranks: Sequence[int], *, scalings: Sequence[float],
                            generators: Sequence[torch.Generator | None], index: str = "first",
-                           rcond: float | None = 0.1, solver: str = "ridge") -> list[Factors]:
-    """``init_nystrom_pinv`` of many layers: the cores ``U`` of each group of equal rank stacked into one batched
-    ``ridge_pinv``, so the op count of the r x r work does not grow with the number of layers."""
-
-    def cores(members, sl, scaling):
-        # U = R[:, cols]; for "first" that is a plain slice (a view, no gather kernel per layer)
-        u = torch.stack([r[:, :k] if index == "first" else r[:, cols] for k, (rows, cols, c, r) in
-                         zip((ranks[i] for i in members), sl)])
-        return (ridge_pinv(u, rcond) / scaling).unbind(0)
-
-    return _batched(init_nystrom_pinv, weights, ranks, scalings, generators, index, rcond, solver, cores)
+                           rcond: float | None = 0.1) -> list[Factors]:
+    """``init_nystrom_pinv`` of many layers: the r x r cores of each group of equal rank in one batched pinv."""
+    return _batched(weights, ranks, scalings, generators, index, rcond,
+                    lambda members, sl: truncated_pinv(torch.stack([f.N for f in sl]), rcond).unbind(0))
 
 
 @register_many("nystrom-optimal")
 def init_nystrom_optimal_many(weights: Sequence[Tensor], ranks: Sequence[int], *, scalings: Sequence[float],
                               generators: Sequence[torch.Generator | None], index: str = "first",
-                              rcond: float | None = None, solver: str = "ridge") -> list[Factors]:
-    """``init_nystrom_optimal`` of many layers: per layer the product ``Cᵀ W Rᵀ`` and the Grams, then one batched
-    ridge factorisation and solve per group of equal rank (``optimal_cores``)."""
-
-    def cores(members, sl, scaling):
-        return optimal_cores([weights[i] for i in members], [c for _, _, c, _ in sl], [r for _, _, _, r in sl],
-                             rcond, scaling)
-
-    return _batched(init_nystrom_optimal, weights, ranks, scalings, generators, index, rcond, solver, cores)
+                              rcond: float | None = None) -> list[Factors]:
+    """``init_nystrom_optimal`` of many layers: per layer the product ``Cᵀ W``, then the r x r work as one batch."""
+    return _batched(weights, ranks, scalings, generators, index, rcond,
+                    lambda members, sl: optimal_cores([weights[i] for i in members], [f.B for f in sl],
+                                                      [f.A for f in sl], rcond))
 
 
-@register_init("pissa", data_driven=True, has_middle=True, preserve_default=True, preserve_fixed=True, fresh=True)
+@register_init("pissa", data_driven=True, has_middle=True, preserve_default=True, preserve_fixed=True)
 def init_pissa(weight: Tensor, rank: int, *, scaling: float, generator: torch.Generator | None = None,
                svd: str = "full", niter: int = 4) -> Factors:
     """PiSSA in three-matrix form: ``B = U_r``, ``N = diag(S_r) / s``, ``A = Vh_r`` from an fp32 SVD of ``W``.
 
-    ``svd="full"`` is exact; ``svd="lowrank"`` uses ``torch.svd_lowrank`` with ``niter`` power iterations,
-    seeded by ``generator`` when one is given. The base weight always becomes the residual.
-    A sharded (DTensor) weight is gathered whole: the SVD needs all of it.
+    ``svd="full"`` is exact; ``svd="lowrank"`` runs ``torch.svd_lowrank`` with ``niter`` power iterations, seeded from
+    ``generator`` when one is given. The base weight always becomes the residual. A sharded weight is gathered whole.
     """
+    if svd not in ("full", "lowrank"):
+        raise ValueError(f"pissa option svd={svd!r}: choose 'full' or 'lowrank'")
     w = sharded.full(weight).float()
     if svd == "full":
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         u, s, vh = u[:, :rank], s[:rank], vh[:rank]
-    elif svd == "lowrank":
+    else:
         with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
             if generator is not None:
                 torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)))
             u, s, v = torch.svd_lowrank(w, q=rank, niter=niter)
         vh = v.T
-    else:
-        raise ValueError(f"pissa option svd={svd!r}: choose 'full' or 'lowrank'")
     return Factors(vh.contiguous(), torch.diag(s) / scaling, u.contiguous())

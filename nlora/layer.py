@@ -1,30 +1,25 @@
-"""``NLoRALinear``: a frozen linear layer plus one or more named three-matrix adapters ``ΔW = s B N A``."""
+"""``NLoRALinear``: a frozen ``nn.Linear`` (or HF ``Conv1D``) plus named three-matrix adapters, one forward, merge."""
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from . import sharded
+from .config import AdapterConfig
 from .inits import Factors, get_init
-from .fingerprint import weight_sample
-from .nystrom import mm_out_dtype_works
 
-TRAIN_MODES = ("all", "middle")
-
-FUSED_FUNCTION = True
-"""Run the eager adapter branch as one autograd node (``_AdapterBranch``); ``False`` restores the op-by-op path of
-commit e638000 (for the same-process before/after benchmarks, and for double backward through adapters with a
-frozen A, which the one-node branch refuses because it does not keep the layer input)."""
+Term = tuple  # (x or None, A, N or None, B, scale): one low-rank product added to a layer's output
+SAMPLE_SIZE = 16  # entries of the base weight recorded with each adapter (load_adapter checks them)
 
 
 def is_conv1d(module: nn.Module) -> bool:
-    """HF ``Conv1D`` (GPT-2 family) by duck typing: a 2-D weight stored ``(in, out)`` and an ``nf`` attribute."""
+    """HF ``Conv1D`` (GPT-2 family), by duck typing: a 2-D weight stored ``(in, out)`` and an ``nf`` attribute."""
     weight = getattr(module, "weight", None)
     return (type(module).__name__ == "Conv1D" and isinstance(weight, Tensor) and weight.dim() == 2
             and getattr(module, "nf", None) == weight.shape[1])
@@ -36,550 +31,369 @@ def is_adaptable(module: nn.Module) -> bool:
 
 
 def weight_view(base: nn.Module) -> Tensor:
-    """The base weight as an ``(out, in)`` view (a transpose for ``Conv1D``); writes go to the real weight."""
-    return base.weight.data.T if is_conv1d(base) else base.weight.data
+    """The base weight as an ``(out, in)`` tensor (a transposed view for ``Conv1D``); writes reach the real weight."""
+    return base.weight.T if is_conv1d(base) else base.weight
+
+
+def weight_sample(weight: Tensor) -> Tensor | None:
+    """``SAMPLE_SIZE`` entries of an ``(out, in)`` weight at positions fixed by its shape (spread over the matrix),
+    on its own device and dtype; ``None`` for a weight without local data (meta, sharded)."""
+    if weight.is_meta or type(weight).__name__ == "DTensor":
+        return None
+    positions = torch.arange(SAMPLE_SIZE, device=weight.device) * 2654435761 % weight.numel()
+    with torch.no_grad():
+        return torch.take(weight, positions).detach().clone()
+
+
+def meta_factors(shape: torch.Size, config: AdapterConfig) -> Factors:
+    """Factors of the right shapes on the meta device: an adapter that waits for ``nlora.initialize_adapters``."""
+    (out_features, in_features), r = shape, config.rank
+    meta = dict(device="meta")
+    return Factors(torch.empty(r, in_features, **meta), torch.empty(r, r, **meta) if get_init(config.init).has_middle
+                   else None, torch.empty(out_features, r, **meta))
 
 
 class Adapter(nn.Module):
-    """One named adapter: ``scaling * B(N(A(dropout(x))))`` with fp32 master factors by default.
+    """One named adapter ``s · B N A dropout(x)`` with ``s = alpha / rank``; its options are ``self.config``.
 
-    Compute runs in the input's dtype unless ``compute_dtype`` says otherwise: a bf16 model gets bf16
-    adapter matmuls (as cheap as the base allows) while the parameters and their gradients stay fp32.
-    Factors on the meta device make a *pending* adapter (shapes only): it refuses to run until
-    ``nlora.initialize_adapters`` gives it values (to restore trained adapters, initialise, then load them).
+    Parameters ``lora_A (r, in)``, ``lora_N (r, r)`` (``None`` for plain LoRA), ``lora_B (out, r)``, in
+    ``config.adapter_dtype``. An adapter with ``config.reads_base`` (IntTune on a Nyström init that left the base
+    weight alone) stores only ``lora_N``: its A and B are the base weight's sampled rows and columns, read at each
+    forward, until the base weight is written (merge, another adapter's residual); then it keeps a copy.
+    Non-persistent buffers: ``rows``/``cols`` (Nyström index sets) and, when the init rewrote the base weight
+    (``preserve_output``), the initial factors ``init_A``/``init_N``/``init_B``: ``W0 = W + s B0 N0 A0``.
     """
 
-    def __init__(self, factors: Factors, *, alpha: float, init: str, train: str, dropout: float,
-                 preserve_output: bool, options: dict, dtype: torch.dtype = torch.float32,
-                 compute_dtype: torch.dtype | None = None, seed: int | None = None, fresh: bool = False) -> None:
+    def __init__(self, config: AdapterConfig, factors: Factors) -> None:
         super().__init__()
-        _set_plain(self, rank=factors.A.shape[0], alpha=alpha, scaling=alpha / factors.A.shape[0], init=init,
-                   train_mode=train, preserve_output=preserve_output, options=dict(options),
-                   compute_dtype=compute_dtype,
-                   init_seed=seed,  # the inject seed, so a deferred init draws what an immediate one would
-                   pending_init=factors.A.is_meta,
-                   _cast_cache={})  # never in the state_dict
-        trains = (False, True, False) if train == "middle" else (True, True, True)
-        kept: set[int] = set()
-        for name, t, grad in zip(("lora_A", "lora_N", "lora_B"), (factors.A, factors.N, factors.B), trains):
-            if t is not None:  # a fresh init's own tensor where it already is what the parameter needs, else a copy
-                t = t if fresh and _keepable(t, dtype, kept) else _owned(t, dtype)
-            self.register_parameter(name, None if t is None else nn.Parameter(t, requires_grad=grad))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.keep_initial(factors)
+        self.config = config
+        self.scaling = config.scaling
+        self.pending = factors.A.is_meta  # injected on the meta device: no values until initialize_adapters
+        self.reads_base = config.reads_base
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
+        self.set_factors(factors)
 
-    def keep_initial(self, factors: Factors) -> None:
-        """Record what the init produced, as non-persistent buffers: the Nyström index sets, and for an adapter
-        whose init moved the base weight the initial factors, which give back the original pretrained weight
-        (``W0 = W_residual + s B0 N0 A0``) for disable_adapter, unload and export."""
-        device, dtype = sharded.local_view(self.lora_A).device, self.lora_A.dtype
-        for name in ("A", "N", "B"):
-            t = getattr(factors, name)
-            keep = self.preserve_output and t is not None
-            self.register_buffer(f"init_{name}", _owned(t, dtype, device) if keep else None, persistent=False)
-        for name in ("rows", "cols"):
-            t = getattr(factors, name)
+    def set_factors(self, factors: Factors) -> None:
+        """Build the parameters and buffers from ``factors`` (copies: an init's tensors never alias the base)."""
+        config = self.config
+        for name, t in (("lora_A", factors.A), ("lora_N", factors.N), ("lora_B", factors.B)):
+            keep = t is not None and not (self.reads_base and name != "lora_N")
+            trains = config.train == "all" or name == "lora_N"
+            self.register_parameter(name, nn.Parameter(_copy(t, config.adapter_dtype), trains) if keep else None)
+        self._set_buffers(factors, share=True)
+
+    def fill(self, factors: Factors) -> None:
+        """Give a pending (meta-injected) adapter its values, in place: FSDP2 may have sharded its parameters."""
+        with torch.no_grad():
+            for name, t in (("lora_A", factors.A), ("lora_N", factors.N), ("lora_B", factors.B)):
+                p = getattr(self, name)
+                if p is not None:
+                    sharded.local_view(p).copy_(sharded.local_part(t.to(p.dtype), p))
+        self._set_buffers(factors, share=False)
+        self.pending = False
+
+    def _set_buffers(self, factors: Factors, share: bool) -> None:
+        """The index sets, and the initial factors of an init that rewrote the base weight (non-persistent)."""
+        device = sharded.local_view(self.lora_N if self.lora_A is None else self.lora_A).device
+        for name, t in (("init_A", factors.A), ("init_N", factors.N), ("init_B", factors.B)):
+            own = getattr(self, "lora" + name[4:])
+            keep = self.config.preserve_output and t is not None
+            if not keep:
+                value = None
+            elif share and own is not None and not own.requires_grad:  # a frozen factor is its own initial value
+                value = own.detach()
+            else:
+                value = _copy(sharded.full(t), self.config.adapter_dtype).to(device)
+            self.register_buffer(name, value, persistent=False)
+        for name, t in (("rows", factors.rows), ("cols", factors.cols)):
             self.register_buffer(name, None if t is None else t.to(device), persistent=False)
+
+    def check_ready(self) -> None:
+        if self.pending:
+            raise RuntimeError(f"adapter (init={self.config.init!r}) was injected on the meta device and has no values "
+                               f"yet; materialise the model (to_empty), load the base weights, then call "
+                               f"nlora.initialize_adapters(model)")
+
+    def factors(self, weight: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """The current ``(A, N, B)``; an adapter that reads the base takes A and B from ``weight`` (out, in)."""
+        if not self.reads_base:
+            return self.lora_A, self.lora_N, self.lora_B
+        if self.config.options.get("index", "first") == "first":  # views: no copy
+            r = self.config.rank
+            return weight[:r], self.lora_N, weight[:, :r]
+        return weight.index_select(0, self.rows), self.lora_N, weight.index_select(1, self.cols)
+
+    def own_factors(self, weight: Tensor) -> None:
+        """Stop reading A and B from ``weight`` (about to be written): keep a frozen copy of them instead."""
+        if self.reads_base and not self.pending:
+            a, _, b = self.factors(sharded.full(weight).detach())
+            self.register_parameter("lora_A", nn.Parameter(_copy(a, a.dtype), False))
+            self.register_parameter("lora_B", nn.Parameter(_copy(b, b.dtype), False))
+            self.reads_base = False
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters this adapter trains: A, N, B for ``train="all"``, only N for ``"middle"`` (IntTune)."""
-        if self.train_mode == "middle":
-            return [self.lora_N]
-        return [p for p in (self.lora_A, self.lora_N, self.lora_B) if p is not None]
+        names = ("lora_N",) if self.config.train == "middle" else ("lora_A", "lora_N", "lora_B")
+        return [p for p in (getattr(self, n) for n in names) if p is not None]
 
-    def _check_ready(self) -> None:
-        if self.pending_init:
-            raise RuntimeError(f"adapter (init={self.init!r}) was injected on the meta device and has no values yet; "
-                               f"materialise the model (to_empty), load the base weights, then call "
-                               f"nlora.initialize_adapters(model)")
-
-    def forward(self, x: Tensor, dropout: bool = True, out: Tensor | None = None,
-                base: nn.Linear | None = None) -> Tensor:
-        """``s B N A dropout(x)``; ``dropout=False`` gives the exact delta of a merged adapter (no dropout mask).
-
-        With ``out`` (a fresh 2-D base output for 2-D ``x``) it returns ``out + s B N A dropout(x)``, accumulating in
-        place when ``out`` has the compute dtype (one GEMM with beta=1, alpha=s, no output-sized add), as one autograd
-        node (``_AdapterBranch``). With ``base`` instead (a frozen ``nn.Linear``, see ``NLoRALinear._folds_base``) that
-        node also computes the base output and its input gradient. Going through ``__call__`` either way keeps
-        module hooks (FSDP2's unshard) working.
-        """
-        self._check_ready()
-        x = self.dropout(x) if dropout else x
-        a, n, b = self.lora_A, self.lora_N, self.lora_B
-        if out is None and base is None:
-            return _low_rank(x, a, n, b, self.scaling, self.compute_dtype)
-        dtype = _compute_dtype(x, self.compute_dtype)
-        # An in-place update of a view (e.g. HF Conv1D's output) would cost autograd a gradient copy.
-        if base is None and (out.dtype != dtype or out._is_view()):
-            delta = _low_rank(x, a, n, b, self.scaling, self.compute_dtype)
-            return out + delta.to(out.dtype)
-        if base is not None or (FUSED_FUNCTION and not sharded.is_dtensor(a)):
-            if not torch.is_grad_enabled():  # inference: no autograd node, every factor's cast made once
-                _branch_into(out, x, a, n, b, self.scaling, self._cached_casts(dtype, trainable=True))
-                return out
-            frozen = not (a.requires_grad and b.requires_grad and (n is None or n.requires_grad))
-            casts = self._cached_casts(dtype, trainable=False) if frozen else _NO_CASTS
-            w, bias = (None, None) if base is None else (base.weight, base.bias)
-            return _AdapterBranch.apply(out, x, a, n, b, w, bias, self.scaling, casts)
-        h = _down(x, a, n, dtype)
-        return out.addmm_(h, b.to(dtype).t(), alpha=self.scaling)
-
-    def _cached_casts(self, dtype: torch.dtype, trainable: bool) -> tuple[Tensor | None, ...]:
-        """``dtype`` copies of the factors, made once and reused across calls: the frozen ones (IntTune's A and B)
-        in training, every one without autograd (inference, decoding); ``None`` where the branch casts itself or the
-        factor is already ``dtype``. A copy is keyed on the factor's version counter, storage, dtype, device and shape,
-        so in-place edits (``load_state_dict``, ``merge``, an optimizer, ``p.copy_``) are never served stale; writes
-        through ``p.data`` bypass version counting and are not seen. Copies are ordinary tensors even when made under
-        ``inference_mode`` (a later training step may use them). Not used under FSDP2, which refills parameter
-        storage with the version counter preserved."""
-        if getattr(self, "_is_fsdp_managed_module", False):
-            return (None, None, None)
-        cache = self.__dict__.setdefault("_cast_cache", {})  # adapters unpickled from older versions lack it
-        casts = []
-        for name in ("lora_A", "lora_N", "lora_B"):
-            p = getattr(self, name)
-            if p is None or (p.requires_grad and not trainable) or p.dtype == dtype:
-                casts.append(None)
-                continue
-            key = (p._version, p.data_ptr(), p.dtype, p.device, p.shape, dtype)
-            hit = cache.get(name)
-            if hit is None or hit[0] != key:
-                with torch.inference_mode(False), torch.no_grad():
-                    hit = cache[name] = (key, p.to(dtype))
-            casts.append(hit[1])
-        return tuple(casts)
-
-    def initial_output(self, x: Tensor) -> Tensor:
-        """``s B0 N0 A0 x``: what this adapter's init subtracted from the base weight (no dropout)."""
-        return _low_rank(x, self.init_A, self.init_N, self.init_B, self.scaling, self.compute_dtype)
-
-    def delta_weight(self, initial: bool = False, dtype: torch.dtype | None = None) -> Tensor:
-        """``s B N A`` as an ``(out, in)`` tensor in fp32, or fp64 when the adapter or ``dtype`` (the base weight's)
-        is fp64 (``initial=True``: the init's ``s B0 N0 A0``)."""
-        self._check_ready()
-        a, n, b = (self.init_A, self.init_N, self.init_B) if initial else (self.lora_A, self.lora_N, self.lora_B)
-        a, n, b = sharded.full(a), None if n is None else sharded.full(n), sharded.full(b)  # FSDP2: factors only
-        dt = torch.promote_types(torch.promote_types(a.dtype, torch.float32), dtype or torch.float32)
-        a = a.to(dt) if n is None else n.to(dt) @ a.to(dt)
-        return (b.to(dt) * self.scaling) @ a
+    def term(self, x: Tensor | None, weight: Tensor, sign: float = 1.0, initial: bool = False) -> Term:
+        """This adapter's ``(x, A, N, B, scale)`` for the layer's forward (``initial``: the init's factors)."""
+        self.check_ready()
+        a, n, b = (self.init_A, self.init_N, self.init_B) if initial else self.factors(weight)
+        return x, a, n, b, sign * self.scaling
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha:g}, init={self.init!r}, train={self.train_mode!r}"
+        c = self.config
+        return f"rank={c.rank}, alpha={c.alpha}, init={c.init!r}, train={c.train!r}"
 
 
-def _owned(t: Tensor, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
-    """A contiguous copy in ``dtype`` (on ``device``): Nyström slices of a Conv1D weight are transposed views, and a
-    factor's memory layout changes matmul rounding (a saved-and-loaded adapter's outputs would differ in the last
-    bit)."""
-    return t.to(device, dtype, memory_format=torch.contiguous_format, copy=True)
+def _copy(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """A contiguous copy in ``dtype``: Nyström slices of a Conv1D weight are transposed views, and a factor's memory
+    layout changes matmul rounding."""
+    return t.detach().to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
 
 
-def _keepable(t: Tensor, dtype: torch.dtype, kept: set[int]) -> bool:
-    """Whether an initialiser's factor can become a parameter as it is: a plain contiguous ``dtype`` tensor that is
-    not a view (a view would pin its base's memory) and shares no storage with a factor kept before (``kept``)."""
-    if not (type(t) is Tensor and t._base is None and t.dtype == dtype and t.is_contiguous()) or t.is_meta:
-        return False
-    ptr = t.untyped_storage().data_ptr()
-    if ptr in kept:
-        return False
-    kept.add(ptr)
-    return True
+class _LowRankSum(torch.autograd.Function):
+    """``y += Σ_k s_k B_k N_k A_k x_k`` in place on the frozen base output ``y = x Wᵀ + b`` (2-D), as one node.
 
-
-def _set_plain(module: nn.Module, **attrs) -> None:
-    """Set plain (non-tensor, non-module) attributes straight into ``__dict__``, where ``nn.Module.__setattr__`` would
-    put them after ~1 us of checks each: an adapter has a dozen, and inject builds one per layer."""
-    module.__dict__.update(attrs)
-
-
-def _compute_dtype(x: Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
-    """The adapter's matmul dtype: ``compute_dtype`` if set, else the autocast dtype, else the input's."""
-    if compute_dtype is not None:
-        return compute_dtype
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-
-
-def _down(x: Tensor, a: Tensor, n: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """``N(A x)`` in ``dtype`` (the fp32 master factors are cast on the fly; a no-op when already ``dtype``)."""
-    h = F.linear(x.to(dtype), a.to(dtype))
-    return h if n is None else F.linear(h, n.to(dtype))
-
-
-def _mm_to(a: Tensor, b: Tensor, dtype: torch.dtype, scaling: float = 1.0) -> Tensor:
-    """``scaling * a @ b`` in ``dtype``: an fp32 gradient straight from the bf16/fp16 GEMM where the backend can (no
-    cast kernel), else a GEMM in ``a``'s dtype, scaled, then cast (no cast when the dtypes agree)."""
-    if (dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16)
-            and mm_out_dtype_works(a.device, a.dtype)):
-        c = torch.mm(a, b, out_dtype=dtype)
-    else:
-        c = torch.mm(a, b)
-    return (c if scaling == 1 else c.mul_(scaling)).to(dtype)
-
-
-_NO_CASTS = (None, None, None)
-
-
-def _branch_into(y: Tensor, x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, scaling: float,
-                 casts: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
-    """``y += s B N A x`` in ``y``'s dtype, in place, ``x`` (contiguous, any leading dims) flattened to its tokens;
-    factors come from ``casts`` where given, else are cast here. Returns the compute-dtype factors and intermediates
-    ``(A, N, B, x2, x2 in y's dtype, A x2, N A x2)`` for backward. Not differentiable itself: the body of
-    ``_AdapterBranch.forward`` and the whole inference path."""
-    dtype = y.dtype
-    ac = casts[0] if casts[0] is not None else a.to(dtype)
-    nc = None if n is None else casts[1] if casts[1] is not None else n.to(dtype)
-    bc = casts[2] if casts[2] is not None else b.to(dtype)
-    x2 = x.view(-1, x.shape[-1])
-    xc = x2 if x.dtype == dtype else x2.to(dtype)
-    h1 = F.linear(xc, ac)
-    h2 = h1 if nc is None else F.linear(h1, nc)
-    y.view(-1, y.shape[-1]).addmm_(h2, bc.t(), alpha=scaling)
-    return ac, nc, bc, x2, xc, h1, h2
-
-
-class _AdapterBranch(torch.autograd.Function):
-    """``y += s B N A x`` in place (``N`` optional) as one autograd node: the fp32 masters are cast to ``y``'s dtype
-    inside, and backward computes only the gradients that are needed (IntTune: dN and dx), the parameter gradients
-    coming back in the parameters' dtype. ``y`` is the fresh base output, ``x`` the contiguous input (any number of
-    leading dims: they are flattened inside the node, so autograd sees no reshape or view nodes); ``casts`` holds
-    cached compute-dtype copies of frozen factors (or ``None``). With ``y=None`` and the frozen base ``w``, ``bias``
-    of an ``nn.Linear`` the node computes ``y = x W^T + bias`` itself and the base's input gradient with the
-    branch's, ``dx = g W + s (g B N) A`` (one GEMM accumulating into the other): the base gets no autograd node and
-    ``x`` no gradient sum."""
+    Its backward gives ``x`` the base's input gradient ``g W`` plus every term's (where ``x_k`` is ``None`` it is
+    ``x`` itself; otherwise ``x_k``, a dropout of ``x``, gets its own gradient) and each factor its gradient. Matmuls
+    run in ``y``'s dtype; each term saves only what its backward needs. Double backward is refused.
+    """
 
     @staticmethod
-    def forward(ctx, y: Tensor | None, x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, w: Tensor | None,
-                bias: Tensor | None, scaling: float, casts: tuple[Tensor | None, ...]) -> Tensor:
-        need_x, need_a, need_n, need_b = ctx.needs_input_grad[1:5]
-        if y is None:  # the base output, written into a fresh tensor: F.linear's N-D result is a view, and a view
-            y = x.new_empty(*x.shape[:-1], w.shape[0])  # returned from a custom Function cannot be updated in place
-            x2, y2 = x.view(-1, x.shape[-1]), y.view(-1, w.shape[0])
-            torch.mm(x2, w.t(), out=y2) if bias is None else torch.addmm(bias, x2, w.t(), out=y2)
-        else:
-            ctx.mark_dirty(y)
-        ac, nc, bc, x2, xc, h1, h2 = _branch_into(y, x, a, n, b, scaling, casts)
-        ctx.scaling, ctx.x_dtype, ctx.x_shape = scaling, x.dtype, x.shape
-        down = need_x or need_a  # the gradient has to go back through N and A
-        # x only where dA needs it (IntTune keeps no layer input alive, like plain autograd); a, n, b, w cost nothing
-        ctx.save_for_backward(x if need_a else None, a, n, b, w if need_x else None,
-                              xc if need_a and xc is not x2 else None,
-                              ac if need_x else None, nc if down else None, bc if down or need_n else None,
-                              h1 if need_n else None, h2 if need_b else None)
+    def forward(ctx, y: Tensor, x: Tensor, w: Tensor, scales: tuple[float, ...], *flat: Tensor | None) -> Tensor:
+        needs, dt, saved = ctx.needs_input_grad, y.dtype, []
+        for k, s in enumerate(scales):
+            xk, a, n, b = flat[4 * k: 4 * k + 4]
+            need_x, need_a, need_n, need_b = needs[4 + 4 * k: 8 + 4 * k]
+            need_x = need_x or (xk is None and needs[1])
+            xk, a, b = (x if xk is None else xk).to(dt), a.to(dt), b.to(dt)
+            n = None if n is None else n.to(dt)
+            h1 = F.linear(xk, a)
+            h2 = h1 if n is None else F.linear(h1, n)
+            y.addmm_(h2, b.t(), alpha=s)
+            back = need_x or need_a or need_n
+            saved += [xk if need_a else None, a if need_x else None, n if back else None, b if back else None,
+                      h1 if need_n else None, h2 if need_b else None]
+        ctx.mark_dirty(y)
+        ctx.scales, ctx.tied = scales, [flat[4 * k] is None for k in range(len(scales))]
+        ctx.save_for_backward(w if needs[1] else None, *saved)
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g: Tensor):
-        x, a, n, b, w, xc, ac, nc, bc, h1, h2 = ctx.saved_tensors
-        need_y, need_x, need_a, need_n, need_b = ctx.needs_input_grad[:5]
-        s = ctx.scaling
-        gy = g if need_y else None
-        g = g.reshape(-1, g.shape[-1])
-        x = None if x is None else x.view(-1, x.shape[-1])  # saved unflattened: double backward must reach the input
-        xc = x if xc is None else xc
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain composite so higher orders work
-            if x is None:
-                raise RuntimeError("double backward through an nlora adapter with a frozen A (e.g. IntTune) needs the "
-                                   "layer input, which the one-node branch does not keep; set "
-                                   "nlora.layer.FUSED_FUNCTION = False for such runs")
-            gx, ga, gn, gb = _composite_grads(g, x, a, n, b, w, s, ctx.needs_input_grad[1:5])
-            return gy, None if gx is None else gx.view(ctx.x_shape), ga, gn, gb, None, None, None, None
-        gx = ga = gn = gb = None
-        if need_b:
-            gb = _mm_to(g.t(), h2, b.dtype, s)
-        if need_x or need_a or need_n:
-            u = torch.mm(g, bc)  # dL/dh2 = s g B
-            u = u if s == 1 else u.mul_(s)
-            if need_n:
-                gn = _mm_to(u.t(), h1, n.dtype)
-            v = u if nc is None else torch.mm(u, nc)  # dL/dh1
-            if need_a:
-                ga = _mm_to(v.t(), xc, a.dtype)
-            if need_x:
-                gx = torch.mm(v, ac) if w is None else torch.mm(g, w).addmm_(v, ac)
-                gx = gx.to(ctx.x_dtype).view(ctx.x_shape)
-        return gy, gx, ga, gn, gb, None, None, None, None
-
-
-def _composite_grads(g: Tensor, x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, w: Tensor | None, s: float,
-                     needs: tuple[bool, ...]) -> list[Tensor | None]:
-    """Gradients of ``s B N A x`` (plus ``W x`` with ``w``) w.r.t. the needed ones of ``x, A, N, B`` through ordinary
-    differentiable ops."""
-    with torch.enable_grad():
-        out = _low_rank(x, a, n, b, s, g.dtype)
-        out = out if w is None else out + F.linear(x.to(g.dtype), w.to(g.dtype))
-        wrt = [t for t, need in zip((x, a, n, b), needs) if need]
-        got = iter(torch.autograd.grad(out, wrt, g, create_graph=True, allow_unused=True))
-    return [next(got) if need else None for need in needs]
-
-
-def _low_rank(x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, scaling: float,
-              compute_dtype: torch.dtype | None) -> Tensor:
-    dtype = _compute_dtype(x, compute_dtype)
-    h = _down(x, a, n, dtype)
-    b = b.to(dtype)
-    return F.linear(h, b if scaling == 1 else b * scaling)
+        w, *saved = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        gx = torch.mm(g, w.to(g.dtype)) if needs[1] else None
+        grads = []
+        for k, s in enumerate(ctx.scales):
+            xk, a, n, b, h1, h2 = saved[6 * k: 6 * k + 6]
+            need_xk, need_a, need_n, need_b = needs[4 + 4 * k: 8 + 4 * k]
+            need_x = needs[1] if ctx.tied[k] else need_xk
+            gxk = ga = gn = gb = None
+            if need_b:
+                gb = torch.mm(g.t(), h2).mul_(s)
+            if need_x or need_a or need_n:
+                u = torch.mm(g, b).mul_(s)  # dL/dh2
+                gn = torch.mm(u.t(), h1) if need_n else None
+                v = u if n is None else torch.mm(u, n)  # dL/dh1
+                ga = torch.mm(v.t(), xk) if need_a else None
+                if need_x and ctx.tied[k]:
+                    gx.addmm_(v, a)
+                elif need_x:
+                    gxk = torch.mm(v, a)
+            grads += [gxk, ga, gn, gb]
+        return None, gx, None, None, *grads
 
 
 class NLoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` (or HF ``Conv1D``) with named adapters: ``y = base(x) + Σ s B(N(A(dropout(x))))``.
+    """A frozen ``nn.Linear`` (or HF ``Conv1D``) with named adapters:
+    ``y = base(x) + Σ_active s · B(N(A(dropout(x))))``, ``s = alpha / rank``.
 
-    ``lora_A (r, in)``, ``lora_N (r, r)`` (``None`` for plain LoRA) and ``lora_B (out, r)`` are the active
-    adapter's parameters; ``adapters[name]`` holds each one. The delta is never materialised in forward.
-    With ``init="nystrom"`` (the paper's NLoRA) the base weight is not touched, so the output changes at
-    init; ``preserve_output=True`` subtracts the initial delta from the base weight instead.
+    ``lora_A (r, in)``, ``lora_N (r, r)`` (``None`` for plain LoRA) and ``lora_B (out, r)`` are the active adapter's
+    factors; ``adapters[name]`` holds each ``Adapter``. The ``(out, in)`` delta is formed only by ``merge``.
+    The keyword arguments are ``AdapterConfig``'s fields and the init's options. With ``init="nystrom"`` (the
+    paper's NLoRA) the base weight is not touched, so the output changes at init; ``preserve_output=True`` subtracts
+    the initial delta from the base weight instead.
     """
 
     def __init__(self, base: nn.Module, rank: int = 8, alpha: float | None = None, init: str = "nystrom", *,
-                 train: str = "all", dropout: float = 0.0, preserve_output: bool | None = None,
-                 adapter: str = "default", adapter_dtype: torch.dtype = torch.float32,
-                 compute_dtype: torch.dtype | None = None, generator: torch.Generator | None = None,
-                 name: str = "", **init_options) -> None:
+                 adapter: str = "default", name: str = "", generator: torch.Generator | None = None,
+                 **kwargs) -> None:
+        from .model import build_adapter  # the layer is the unit, model.py the tree: one builder for both
+
         if not is_adaptable(base):
             raise TypeError(f"{name or type(base).__name__}: NLoRALinear wraps nn.Linear or HF Conv1D, "
                             f"got {type(base).__name__}; target its Linear sub-modules instead")
+        config = AdapterConfig.build(rank=rank, alpha=alpha, init=init, **kwargs)
+        module = build_adapter(base, config, name or type(base).__name__, generator)
         super().__init__()
-        self._setup(base, name)
-        factors, options = build_factors(base, rank, alpha, init, train=train, adapter=adapter, name=name,
-                                         generator=generator, existing=(), **init_options)
-        self.attach(adapter, factors, rank=rank, alpha=alpha, init=init, train=train, dropout=dropout,
-                    preserve_output=preserve_output, adapter_dtype=adapter_dtype, compute_dtype=compute_dtype,
-                    options=options)
-        self.set_active([adapter])
+        self.wrap(base, name)
+        self.add(adapter, module)
+        self.active_adapters = (adapter,)
 
-    def _setup(self, base: nn.Module, name: str) -> None:
+    def wrap(self, base: nn.Module, name: str) -> "NLoRALinear":
         self.base = base
         self.adapters = nn.ModuleDict()
         self.active_adapters: tuple[str, ...] = ()
         self.merged_adapters: tuple[str, ...] = ()
-        _set_plain(self, disabled=False, module_name=name)
-        for p in base.parameters():
-            p.requires_grad_(False)
+        self.disabled = False
+        self.module_name = name
+        base.requires_grad_(False)
+        return self
 
     @classmethod
     def wrapping(cls, base: nn.Module, name: str = "") -> "NLoRALinear":
-        """An ``NLoRALinear`` around ``base`` that holds no adapter yet (``inject`` attaches them)."""
+        """An ``NLoRALinear`` around ``base`` that holds no adapter yet."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._setup(base, name)
-        return layer
+        return layer.wrap(base, name)
 
-    # -- shapes -------------------------------------------------------------------------------------
+    @property
+    def weight(self) -> Tensor:
+        """The base weight as ``(out, in)``."""
+        return weight_view(self.base)
+
     @property
     def in_features(self) -> int:
-        return weight_view(self.base).shape[1]
+        return self.weight.shape[1]
 
     @property
     def out_features(self) -> int:
-        return weight_view(self.base).shape[0]
+        return self.weight.shape[0]
 
-    # -- the active adapter's parameters (the single-adapter API) -------------------------------------
-    def _only_active(self) -> Adapter:
+    def active(self) -> Adapter:
         if len(self.active_adapters) != 1:
             raise RuntimeError(f"{self.module_name}: {len(self.active_adapters)} adapters are active "
                                f"({self.active_adapters}); use .adapters[name] to pick one")
         return self.adapters[self.active_adapters[0]]
 
     @property
-    def lora_A(self) -> nn.Parameter:
-        return self._only_active().lora_A
+    def lora_A(self) -> Tensor:
+        return self.active().factors(self.weight)[0]
 
     @property
-    def lora_N(self) -> nn.Parameter | None:
-        return self._only_active().lora_N
+    def lora_N(self) -> Tensor | None:
+        return self.active().lora_N
 
     @property
-    def lora_B(self) -> nn.Parameter:
-        return self._only_active().lora_B
+    def lora_B(self) -> Tensor:
+        return self.active().factors(self.weight)[2]
 
     @property
     def scaling(self) -> float:
-        return self._only_active().scaling
+        return self.active().scaling
 
-    # -- adapter management ---------------------------------------------------------------------------
-    def attach(self, adapter: str, factors: Factors, *, rank: int, alpha: float | None, init: str, train: str,
-               dropout: float, preserve_output: bool | None, adapter_dtype: torch.dtype,
-               compute_dtype: torch.dtype | None, options: dict, seed: int | None = None,
-               sample: Tensor | None = ...) -> Adapter:
-        """Add an adapter from precomputed factors; applies the residual update if the output is preserved.
-        ``sample``: the base weight's ``weight_sample`` if the caller already took it (inject batches them)."""
-        module = make_adapter(self.base, factors, rank=rank, alpha=alpha, init=init, train=train, dropout=dropout,
-                              preserve_output=preserve_output, adapter_dtype=adapter_dtype,
-                              compute_dtype=compute_dtype, options=options, seed=seed)
-        return self.add_adapter(adapter, module, sample)
-
-    def add_adapter(self, adapter: str, module: Adapter, sample: Tensor | None = ...) -> Adapter:
-        """Register an adapter built by ``make_adapter`` on this layer's base, applying its residual update if it
-        preserves the output (the step of ``attach`` that changes the model)."""
-        if sample is ...:  # a few entries of the weight it sits on (load_adapter checks)
-            sample = weight_sample(weight_view(self.base))
-        if module.preserve_output and not module.pending_init:
-            self._subtract_initial(module)
-        self.adapters[adapter] = module
-        _set_plain(module, base_sample=sample)
-        return module
+    # -- adapters ------------------------------------------------------------------------------------------------
+    def add(self, adapter_name: str, adapter: Adapter) -> None:
+        """Register ``adapter``; an init that preserves the output subtracts its initial delta from the weight."""
+        adapter.base_sample = weight_sample(self.weight)  # the weight it sits on, before any residual update
+        if adapter.config.preserve_output and not adapter.pending:
+            self.add_to_weight([adapter.term(None, self.weight, -1.0, initial=True)])
+        self.adapters[adapter_name] = adapter
 
     def set_active(self, names: Iterable[str]) -> None:
         """Choose which of this layer's adapters run in forward (names it does not hold are ignored)."""
         self.active_adapters = tuple(n for n in names if n in self.adapters)
 
-    def remove(self, adapter: str) -> None:
+    def remove(self, adapter_name: str) -> None:
         """Delete an adapter; an init that moved the base weight gives its initial delta back first."""
-        if adapter in self.merged_adapters:
-            raise ValueError(f"{self.module_name}: adapter {adapter!r} is merged; unmerge it before deleting it")
-        module = self.adapters[adapter]
-        if module.preserve_output and not module.pending_init:
-            self._add_to_weight(self._delta(module, initial=True))
-        del self.adapters[adapter]
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"{self.module_name}: adapter {adapter_name!r} is merged; unmerge it before deleting it")
+        adapter = self.adapters[adapter_name]
+        if adapter.config.preserve_output and not adapter.pending:
+            self.add_to_weight([adapter.term(None, self.weight, initial=True)])
+        del self.adapters[adapter_name]
         self.set_active(self.active_adapters)
 
-    # -- merging --------------------------------------------------------------------------------------
-    def _delta(self, adapter: Adapter, initial: bool = False) -> Tensor:
-        """An adapter's delta in the precision its merge into this base weight needs (fp32, fp64 for fp64)."""
-        return adapter.delta_weight(initial, dtype=weight_view(self.base).dtype)
+    # -- merging ---------------------------------------------------------------------------------------------------
+    def weight_plus(self, terms: list[Term]) -> Tensor:
+        """This rank's block of ``W + Σ s B N A`` in fp32 (fp64 for an fp64 weight), not yet written anywhere."""
+        w = self.weight
+        dt = torch.promote_types(w.dtype, torch.float32)
+        acc = sharded.local_view(w).to(dt, copy=True)
+        if sharded.is_dtensor(w):
+            return acc.add_(sharded.local_part(delta_weight(terms, dt), w))
+        for _, a, n, b, s in terms:
+            acc.addmm_(b.to(dt), a.to(dt) if n is None else n.to(dt) @ a.to(dt), alpha=s)
+        return acc
 
-    def _weight_plus(self, delta: Tensor) -> Tensor:
-        """``W + delta`` formed in ``delta``'s precision (fp32, fp64 for fp64 weights), this rank's block only.
-
-        ``delta`` (a fresh tensor from ``_delta``) is consumed as the buffer for the sum: no other (out, in) temporary.
-        """
-        w = weight_view(self.base)
-        return sharded.local_part(delta, w).add_(sharded.local_view(w))
-
-    def _subtract_initial(self, adapter: Adapter) -> None:
-        """``W -= s B0 N0 A0`` for an init that preserves the output, by one GEMM accumulating into the weight in the
-        delta's precision (``addmm_``, rounded once, no (out, in) delta temporary): in place for an fp32/fp64
-        weight (two passes over it instead of five), through one fp32 copy for a bf16/fp16 one (rounded once on the
-        way back); sharded weights take the general path."""
-        w = weight_view(self.base)
-        dt = torch.promote_types(torch.promote_types(adapter.init_A.dtype, torch.float32), w.dtype)
-        if sharded.is_dtensor(w) or sharded.is_dtensor(adapter.init_A):
-            self._add_to_weight(-self._delta(adapter, initial=True))
-            return
-        a, b = adapter.init_A.to(dt), adapter.init_B.to(dt)
-        a = a if adapter.init_N is None else adapter.init_N.to(dt) @ a
-        with torch.no_grad():
-            if w.dtype == dt:
-                w.addmm_(b, a, alpha=-adapter.scaling)
-            else:
-                w.copy_(w.to(dt).addmm_(b, a, alpha=-adapter.scaling))
-
-    def _finite(self, t: Tensor) -> bool:
-        """Whether ``t`` (this rank's block of a new weight) is finite on every rank."""
-        return sharded.all_ranks_true(bool(torch.isfinite(t).all()), weight_view(self.base))
-
-    def _add_to_weight(self, delta: Tensor, safe: bool = False) -> None:
-        """``W += delta``, the sum rounded once into the weight's dtype (a DTensor weight updates its own shard)."""
-        new = self._weight_plus(delta)
-        if safe and not self._finite(new):
+    def add_to_weight(self, terms: list[Term], safe: bool = False) -> None:
+        """``W += Σ s B N A``, rounded once into the weight's dtype; ``safe`` refuses a non-finite result."""
+        new = self.weight_plus(terms)
+        if safe and not sharded.all_ranks_true(bool(new.isfinite().all()), self.weight):
             raise ValueError(f"{self.module_name}: merging would put NaN/Inf into the weight; nothing was changed")
+        for adapter in self.adapters.values():  # they read A, B from the weight: copy them before it changes
+            adapter.own_factors(self.weight)
         with torch.no_grad():
-            sharded.local_view(weight_view(self.base)).copy_(new)
+            sharded.local_view(self.weight).copy_(new)
 
     def unmerged_active(self) -> list[str]:
-        """The active adapters not yet folded into the base weight (what ``merge`` would fold)."""
         return [n for n in self.active_adapters if n not in self.merged_adapters]
 
-    def inactive_preserving(self) -> list[Adapter]:
-        """Inactive adapters whose init moved the base weight: they give that residual back, in forward and on
-        unload, so that each adapter computes ``W0 + its own delta`` whichever is active."""
-        return [a for n, a in self.adapters.items() if a.preserve_output and n not in self.active_adapters]
-
-    def merge_stays_finite(self) -> bool:
-        """Whether merging the unmerged active adapters would leave the weight finite (checked, nothing changed)."""
-        todo = self.unmerged_active()
-        return not todo or self._finite(self._weight_plus(sum(self._delta(self.adapters[n]) for n in todo)))
+    def merge_terms(self) -> list[Term]:
+        return [self.adapters[n].term(None, self.weight) for n in self.unmerged_active()]
 
     def merge(self, safe: bool = False) -> None:
-        """Fold every active, unmerged adapter into the base weight."""
+        """Fold every active, unmerged adapter into the base weight (warns if there is none)."""
         todo = self.unmerged_active()
         if not todo:
-            warnings.warn(f"{self.module_name}: all active adapters are already merged; nothing to do", stacklevel=3)
+            warnings.warn(f"{self.module_name}: all active adapters are already merged; nothing to do", stacklevel=2)
             return
-        delta = sum(self._delta(self.adapters[n]) for n in todo)
-        self._add_to_weight(delta, safe=safe)
-        self.merged_adapters = self.merged_adapters + tuple(todo)
+        self.add_to_weight(self.merge_terms(), safe=safe)
+        self.merged_adapters += tuple(todo)
 
     def unmerge(self) -> None:
-        """Take every merged adapter back out of the base weight."""
+        """Take every merged adapter back out of the base weight (warns if none is merged)."""
         if not self.merged_adapters:
-            warnings.warn(f"{self.module_name}: no adapter is merged; nothing to unmerge", stacklevel=3)
+            warnings.warn(f"{self.module_name}: no adapter is merged; nothing to unmerge", stacklevel=2)
             return
-        self._add_to_weight(-sum(self._delta(self.adapters[n]) for n in self.merged_adapters))
+        self.add_to_weight([self.adapters[n].term(None, self.weight, -1.0) for n in self.merged_adapters])
         self.merged_adapters = ()
 
+    def original_terms(self) -> list[Term]:
+        """What turns the stored weight back into the original pretrained one: merges undone, residuals given back."""
+        w = self.weight
+        return ([self.adapters[n].term(None, w, -1.0) for n in self.merged_adapters]
+                + [a.term(None, w, initial=True) for a in self.adapters.values() if a.config.preserve_output])
+
     def restore_base(self) -> nn.Module:
-        """Return the base module holding the original pretrained weight (merges and residuals undone)."""
-        delta = [-self._delta(self.adapters[n]) for n in self.merged_adapters]
-        delta += [self._delta(a, initial=True) for a in self.adapters.values()
-                  if a.preserve_output and not a.pending_init]
-        if delta:
-            self._add_to_weight(sum(delta))
+        """The base module holding the original pretrained weight again (merges and residuals undone)."""
+        terms = [t for t in self.original_terms()]
+        if terms:
+            self.add_to_weight(terms)
         self.merged_adapters = ()
         return self.base
 
-    # -- forward --------------------------------------------------------------------------------------
-    def forward(self, x: Tensor) -> Tensor:
+    # -- forward ---------------------------------------------------------------------------------------------------
+    def terms(self, x: Tensor) -> list[Term]:
+        """The low-rank products this forward adds to the base output."""
+        w = self.weight
         if self.disabled:
-            return self._original_forward(x)
-        todo = [self.adapters[n] for n in self.unmerged_active()]
-        restore = self.inactive_preserving()
-        # Eager only: under torch.compile the in-place update is functionalised and measured slower (H200:
-        # 10.9 vs 9.1 ms/step, benchmarks/results/train_7b_cuda_compiled.json); inductor fuses the add itself.
-        if todo and not restore and x.dim() >= 2 and x.is_contiguous() and not torch.compiler.is_compiling():
-            return self._fused_forward(x, todo)
-        y = self.base(x)
-        for adapter in todo:
-            y = y + adapter(x).to(y.dtype)
-        for adapter in restore:
-            y = y + adapter.initial_output(x).to(y.dtype)
-        return y
+            return self.original_terms()
+        active = [self.adapters[n] for n in self.unmerged_active()]
+        inactive = [a for n, a in self.adapters.items() if a.config.preserve_output and n not in self.active_adapters]
+        return ([a.term(None if a.dropout is None else a.dropout(x), w) for a in active]
+                + [a.term(None, w, initial=True) for a in inactive])  # each adapter computes relative to W0
 
-    def _original_forward(self, x: Tensor) -> Tensor:
-        """The original pretrained layer (inside ``disable_adapter``): merges and init residuals undone on the fly."""
-        y = self.base(x)
-        for name in self.merged_adapters:
-            y = y - self.adapters[name](x, dropout=False).to(y.dtype)
-        for adapter in self.adapters.values():
-            if adapter.preserve_output:
-                adapter._check_ready()
-                y = y + adapter.initial_output(x).to(y.dtype)
-        return y
-
-    def _fused_forward(self, x: Tensor, adapters: list[Adapter]) -> Tensor:
-        """The same sum with each adapter's last matmul accumulating into the base output in place
-        (``addmm_``: beta=1, alpha=scaling), instead of a separate output-sized add and scaling pass.
-
-        Where the first adapter's node also runs the base (``_folds_base``), ``x`` goes in with its leading dims and
-        is flattened inside the node: no reshape or view nodes. Otherwise the base runs on the flattened
-        ``(tokens, in)`` input, so that its output is a fresh 2-D tensor (an N-D ``F.linear`` output is a view, and
-        an in-place update of a view would make autograd copy the gradient, CopySlices, in backward).
-        """
-        first = adapters[0]
-        if self._folds_base(x, first):
-            y = first(x, base=self.base)
-            for adapter in adapters[1:]:
-                y = adapter(x, out=y)
-            return y
+    def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        y = first(x2, out=self.base(x2))
-        for adapter in adapters[1:]:
-            y = adapter(x2, out=y)
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    def _folds_base(self, x: Tensor, adapter: Adapter) -> bool:
-        """Whether the first adapter's ``_AdapterBranch`` can also run the base and give its input gradient (one
-        autograd node and no gradient sum for ``x`` instead of two nodes and an add). Not where the base must keep its
-        own node: a custom Linear subclass or hooks (the output may differ from ``F.linear``), a trainable or sharded
-        weight or bias, autocast or any dtype change, dropout, or no gradient wanted."""
-        base = self.base
-        if not (FUSED_FUNCTION and type(base) is nn.Linear and x.requires_grad and torch.is_grad_enabled()
-                and not base._forward_hooks and not base._forward_pre_hooks):
-            return False
-        w, bias = base.weight, base.bias
-        return (not w.requires_grad and (bias is None or not bias.requires_grad) and w.dtype == x.dtype
-                and adapter.compute_dtype in (None, x.dtype) and isinstance(adapter.dropout, nn.Identity)
-                and not torch.is_autocast_enabled(x.device.type)
-                and not sharded.is_dtensor(w) and not sharded.is_dtensor(adapter.lora_A))
+        terms = self.terms(x2)
+        if not terms:
+            return self.base(x)
+        if self.base.weight.requires_grad or getattr(self.base.bias, "requires_grad", False):
+            raise RuntimeError(f"{self.module_name}: nlora keeps the wrapped layer frozen, but its weight or bias "
+                               f"requires grad; freeze it, or train the whole module with inject(trainable=[...])")
+        with torch.no_grad():
+            y = self.base(x2)
+        dt = self.adapters[next(iter(self.adapters))].config.compute_dtype
+        if dt is not None and dt != y.dtype:  # compute_dtype: the adapter matmuls run in it, added back once
+            y = y.to(dt)
+        flat = [t for x_k, a, n, b, _ in terms for t in (x_k, a, n, b)]
+        y = _LowRankSum.apply(y, x2, self.weight, tuple(t[4] for t in terms), *flat)
+        return y.to(x.dtype if dt is not None else y.dtype).view(*x.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:
         kind = "Conv1D" if is_conv1d(self.base) else "Linear"
@@ -587,109 +401,11 @@ class NLoRALinear(nn.Module):
                 f"merged={list(self.merged_adapters)}")
 
 
-def make_adapter(base: nn.Module, factors: Factors, *, rank: int, alpha: float | None, init: str, train: str,
-                 dropout: float, preserve_output: bool | None, adapter_dtype: torch.dtype,
-                 compute_dtype: torch.dtype | None, options: dict, seed: int | None = None) -> Adapter:
-    """The ``Adapter`` module for ``factors`` on ``base``'s device, without touching ``base`` (``add_adapter`` does
-    that): inject builds every layer's adapter while the device is still computing the factors it then checks."""
-    spec = get_init(init)
-    preserve = resolve_preserve(spec, preserve_output)
-    module = Adapter(factors, alpha=float(rank if alpha is None else alpha), init=init, train=train,
-                     dropout=dropout, preserve_output=preserve and not spec.zero_delta, options=options,
-                     dtype=adapter_dtype, compute_dtype=compute_dtype, seed=seed, fresh=spec.fresh)
-    device = weight_view(base).device
-    if any(t.device != device for t in module.parameters()):  # factors from an init that returned them elsewhere
-        module.to(device)
-    return module
-
-
-def resolve_preserve(spec, preserve_output: bool | None) -> bool:
-    """The effective ``preserve_output`` for an init: its default when ``None``; PiSSA cannot turn it off."""
-    if preserve_output is None:
-        return spec.preserve_default
-    if spec.preserve_fixed and not preserve_output:
-        raise ValueError(f"init {spec.name!r} always rewrites the base weight to the residual; "
-                         f"drop preserve_output=False")
-    return bool(preserve_output)
-
-
-def nonfinite_weight_error(label: str, init: str) -> ValueError:
-    """The error for a data-driven init on a weight with NaN/Inf (one wording for build_factors and inject)."""
-    return ValueError(f"{label}: weight has NaN/Inf, so the data-driven init {init!r} cannot use it; "
-                      f"fix the checkpoint or pick a random init (lora/slora)")
-
-
-def weights_finite(weights: list[Tensor]) -> list[bool]:
-    """Whether each plain (non-sharded, non-meta) weight is finite, with one host synchronisation per (device, dtype):
-    each weight's fp32 (fp64) ``sum |w|`` from one multi-tensor ``_foreach_norm`` (NaN/Inf make it non-finite; only
-    a weight whose sum overflows is re-checked element-wise)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, w in enumerate(weights):
-        groups.setdefault((w.device, w.dtype), []).append(i)
-    ok = [True] * len(weights)
-    for (_, dtype), idx in groups.items():
-        norms = torch._foreach_norm([weights[i] for i in idx], 1, dtype=torch.promote_types(dtype, torch.float32))
-        flags = torch.isfinite(torch.stack(norms)).tolist()  # the one sync per group
-        for i, f in zip(idx, flags):
-            ok[i] = f or bool(torch.isfinite(weights[i]).all())
-    return ok
-
-
-def build_factors(base: nn.Module, rank: int, alpha: float | None, init: str, *, train: str, adapter: str,
-                  name: str, generator: torch.Generator | None, existing: Iterable[str],
-                  weight_checked: bool = False, **init_options) -> tuple[Factors, dict]:
-    """Validate one layer's request and run the initialiser; raises before anything is modified.
-    ``weight_checked``: the caller has already found the weight finite (inject checks all layers with one sync)."""
-    spec = get_init(init)
-    w, scaling = check_request(base, rank, alpha, init, train=train, adapter=adapter, name=name, existing=existing,
-                               weight_checked=weight_checked, **init_options)
-    if sharded.is_meta(w):  # shapes only: the adapter stays pending until nlora.initialize_adapters
-        return spec.fn(w, rank, scaling=scaling, generator=None, **init_options), dict(init_options)
-    factors = spec.fn(w, rank, scaling=scaling, generator=generator, **init_options)
-    if sharded.is_dtensor(w) and generator is None:  # unseeded random draws may differ by rank: take rank 0's
-        factors = Factors(*(None if t is None else sharded.broadcast(t, w) for t in
-                            (factors.A, factors.N, factors.B, factors.rows, factors.cols)))
-    return factors, dict(init_options)
-
-
-def check_request(base: nn.Module, rank: int, alpha: float | None, init: str, *, train: str, adapter: str,
-                  name: str, existing: Iterable[str], weight_checked: bool = False,
-                  **init_options) -> tuple[Tensor, float]:
-    """``build_factors``' checks of one layer's request without running the initialiser: raises as it would, else
-    returns the ``(out, in)`` weight view and the scaling (inject runs batched inits on many checked layers)."""
-    label = name or type(base).__name__
-    spec = get_init(init)
-    unknown = set(init_options) - set(spec.options)
-    if unknown:
-        raise ValueError(f"init {init!r} has no option(s) {sorted(unknown)}; it accepts {list(spec.options)}")
-    if train not in TRAIN_MODES:
-        raise ValueError(f"train={train!r}: choose 'all' (A, N, B) or 'middle' (IntTune: only N)")
-    if train == "middle" and not spec.has_middle:
-        raise ValueError(f"train='middle' trains only N, but init {init!r} has no middle matrix; "
-                         f"use a nystrom* init or pissa")
-    if train == "middle" and spec.zero_delta:
-        raise ValueError(f"train='middle' freezes B, and init {init!r} sets B = 0, so N would never get a gradient; "
-                         f"use a data-driven init (nystrom*, pissa) for IntTune, or train='all'")
-    if adapter in existing:
-        raise ValueError(f"{label}: already has an adapter named {adapter!r}; pass adapter='<new name>' to add "
-                         f"another, or delete_adapter first")
-    w = weight_view(base)
-    out_features, in_features = w.shape
-    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 < rank <= min(out_features, in_features):
-        raise ValueError(f"{label}: rank={rank!r} must be an int in 1..min(out, in) = 1..{min(out_features, in_features)}"
-                         f" for this ({out_features}, {in_features}) layer; lower it or use rank_pattern")
-    if alpha is not None and not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
-        raise ValueError(f"{label}: alpha={alpha!r} must be a finite number (or None for alpha = rank)")
-    if not w.is_floating_point() or w.dtype.itemsize < 2:
-        raise TypeError(f"{label}: weight dtype {w.dtype} is not a 16/32/64-bit float (quantised, fp8 or integer "
-                        f"weights are not supported); dequantise the model first")
-    scaling = float(rank if alpha is None else alpha) / rank
-    if spec.data_driven and not sharded.is_meta(w):
-        # One fp32 reduction instead of a full boolean mask: any NaN/Inf makes the sum non-finite; a finite
-        # weight whose sum overflows is re-checked element-wise.
-        local = sharded.local_view(w)
-        finite = weight_checked or bool(torch.isfinite(local.sum(dtype=torch.float32))) or \
-            bool(torch.isfinite(local).all())
-        if not sharded.all_ranks_true(finite, w):
-            raise nonfinite_weight_error(label, init)
-    return w, scaling
+def delta_weight(terms: list[Term], dtype: torch.dtype) -> Tensor:
+    """``Σ s B N A`` as a full ``(out, in)`` tensor in ``dtype`` (sharded factors gathered)."""
+    out = None
+    for _, a, n, b, s in terms:
+        a, b = sharded.full(a).to(dtype), sharded.full(b).to(dtype)
+        a = a if n is None else sharded.full(n).to(dtype) @ a
+        out = torch.mm(b, a).mul_(s) if out is None else out.addmm_(b, a, alpha=s)
+    return out

@@ -1,7 +1,8 @@
-"""Module-tree operations: inject adapters by name pattern, merge/unmerge/unload, switch and disable adapters."""
+"""Module-tree operations: pick targets by name, inject adapters, switch, disable, merge and unload them."""
 
 from __future__ import annotations
 
+import difflib
 import re
 import warnings
 import zlib
@@ -9,18 +10,17 @@ from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import sharded
-from .fingerprint import weight_samples
+from .config import AdapterConfig
 from .inits import Factors, get_init
-from .layer import (NLoRALinear, build_factors, check_request, is_adaptable, make_adapter, nonfinite_weight_error,
-                    resolve_preserve, weight_view, weights_finite)
+from .layer import Adapter, NLoRALinear, is_adaptable, meta_factors, weight_view
 
 Targets = str | Sequence[str]
-HEAD_NAMES = ("lm_head",)
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
-_EXTRA_TRAINABLE = "_nlora_trainable"
+_TRAINABLE = "_nlora_trainable"  # marks a module trained in full (inject's ``trainable``)
+MOVED_A_LOT = 0.2  # median ||s B N A|| / ||W|| above which inject warns that the init changes the model's outputs
 
 
 def adapter_layers(model: nn.Module) -> dict[str, NLoRALinear]:
@@ -29,39 +29,36 @@ def adapter_layers(model: nn.Module) -> dict[str, NLoRALinear]:
 
 
 def _candidates(model: nn.Module) -> dict[str, nn.Module]:
-    """All modules by name, except those inside an ``NLoRALinear`` (its frozen base is not a target)."""
-    inside = set()
-    found = {}
+    """All named modules except the model itself and what sits inside an ``NLoRALinear``."""
+    found: dict[str, nn.Module] = {}
+    inside: list[str] = []
     for name, module in model.named_modules():
-        if any(name.startswith(p + ".") for p in inside) or not name:
+        if not name or any(name.startswith(p + ".") for p in inside):
             continue
         if isinstance(module, NLoRALinear):
-            inside.add(name)
+            inside.append(name)
         found[name] = module
     return found
 
 
 def _matches(name: str, pattern: Targets) -> bool:
-    """PEFT semantics: a string is a regex that must fullmatch; a list entry matches ``name`` or ``*.entry``."""
+    """PEFT's rule: a string is a regex that must fullmatch; a list entry matches ``name`` or ``*.entry``."""
     if isinstance(pattern, str):
         return re.fullmatch(pattern, name) is not None
     return any(name == key or name.endswith("." + key) for key in pattern)
 
 
 def output_head_names(model: nn.Module) -> set[str]:
-    """The output head that ``"all-linear"`` leaves alone: ``model.get_output_embeddings()`` if the model has it
-    (HF models), and any module whose last name part is ``lm_head``."""
-    heads = {name for name, _ in model.named_modules() if name.split(".")[-1] in HEAD_NAMES}
+    """The output head that ``"all-linear"`` leaves alone: ``model.get_output_embeddings()`` (HF models) and any
+    module named ``lm_head``."""
+    heads = {name for name, _ in model.named_modules() if name.split(".")[-1] == "lm_head"}
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
-    if isinstance(head, nn.Module):
-        heads |= {name for name, m in model.named_modules() if m is head}
-    return heads
+    return heads | {name for name, m in model.named_modules() if head is not None and m is head}
 
 
-def _pattern_value(name: str, patterns: dict[str, float] | None, default):
-    """PEFT's rank_pattern/alpha_pattern: the first key whose regex fullmatches the name or a ``.``-suffix of it wins
-    (the key is grouped, so an alternation like ``q_proj|v_proj`` stays anchored on both sides)."""
+def _pattern_value(name: str, patterns: dict | None, default):
+    """PEFT's rank_pattern/alpha_pattern: the first key whose regex fullmatches the name or a ``.``-suffix of it."""
     for key, value in (patterns or {}).items():
         if re.fullmatch(rf"(?:.*\.)?(?:{key})", name):
             return value
@@ -69,20 +66,33 @@ def _pattern_value(name: str, patterns: dict[str, float] | None, default):
 
 
 def _targetable(module: nn.Module) -> bool:
-    """A Linear/Conv1D to wrap, or an existing wrapper to give another adapter."""
     return is_adaptable(module) or isinstance(module, NLoRALinear)
+
+
+def _unmatched(names: list[str], entries: Sequence[str], what: str, model: nn.Module) -> None:
+    """Raise if an entry of a list matches no module name, suggesting close names."""
+    missing = [e for e in entries if not any(_matches(n, [e]) for n in names)]
+    if missing:
+        parts = sorted({p for n in names for p in (n, n.split(".")[-1])})
+        hints = {m: difflib.get_close_matches(m, parts, n=3) for m in missing}
+        said = "; ".join(f"{m!r}" + (f" (did you mean {', '.join(map(repr, h))}?)" if h else "")
+                         for m, h in hints.items())
+        raise ValueError(f"{what} entries match no module of {type(model).__name__}: {said}; nothing was changed")
 
 
 def select_targets(model: nn.Module, targets: Targets, exclude: Targets | None = None,
                    layers: Sequence[int] | int | None = None) -> dict[str, nn.Module]:
-    """The modules ``inject`` would adapt, by name; raises if the pattern matches nothing or a non-linear module."""
+    """The modules ``inject`` would adapt, by name. Every entry of a target list must match some module."""
     candidates = _candidates(model)
     if targets == "all-linear":
         heads = output_head_names(model)
         chosen = {n: m for n, m in candidates.items() if _targetable(m) and n not in heads}
+    elif isinstance(targets, str):
+        chosen = {n: m for n, m in candidates.items() if _matches(n, targets)}
     else:
-        if not isinstance(targets, str) and (not targets or not all(isinstance(t, str) for t in targets)):
+        if isinstance(targets, (bytes, dict)) or not targets or not all(isinstance(t, str) for t in targets):
             raise TypeError(f"targets must be a regex string, 'all-linear' or a non-empty list of names, got {targets!r}")
+        _unmatched(list(candidates), list(targets), f"targets={list(targets)!r}:", model)
         chosen = {n: m for n, m in candidates.items() if _matches(n, targets)}
     if exclude is not None:
         chosen = {n: m for n, m in chosen.items() if not _matches(n, exclude)}
@@ -97,160 +107,191 @@ def select_targets(model: nn.Module, targets: Targets, exclude: Targets | None =
                          f"{type(model).__name__}; its linear modules include: {shown or 'none'}")
     wrong = [f"{n} ({type(m).__name__})" for n, m in chosen.items() if not _targetable(m)]
     if wrong:
-        raise TypeError(f"targets={targets!r} matched modules nlora cannot adapt: {', '.join(wrong[:8])}; "
-                        f"only nn.Linear and HF Conv1D are supported: name their Linear sub-modules instead "
+        raise TypeError(f"targets={targets!r} matched modules nlora cannot adapt: {', '.join(wrong[:8])}; only "
+                        f"nn.Linear and HF Conv1D are supported: name their Linear sub-modules instead "
                         f"(dequantise quantised layers first)")
     return chosen
 
 
 def _generator(seed: int | None, name: str, device: torch.device) -> torch.Generator | None:
-    """A per-module generator (seed mixed with the module name), so a layer's init never depends on how
-    many layers, ranks or processes there are."""
-    if seed is None or device.type == "meta":  # meta: nothing is drawn until initialize_adapters
+    """A per-module generator (seed mixed with the module name): a layer's draws do not depend on how many layers,
+    ranks or processes there are."""
+    if seed is None or device.type == "meta":
         return None
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def check_layer(base: nn.Module, config: AdapterConfig, label: str) -> Tensor:
+    """The ``(out, in)`` weight of ``base`` after checking that ``config`` fits it (raises, changes nothing)."""
+    w = weight_view(base)
+    if not w.is_floating_point() or w.dtype.itemsize < 2:
+        raise TypeError(f"{label}: weight dtype {w.dtype} is not a 16/32/64-bit float (quantised, fp8 or integer "
+                        f"weights are not supported); dequantise the model first")
+    out_features, in_features = w.shape
+    if config.rank > min(out_features, in_features):
+        raise ValueError(f"{label}: rank={config.rank} is larger than min(out, in) = {min(out_features, in_features)} "
+                         f"of this ({out_features}, {in_features}) layer; lower it or use rank_pattern")
+    return w
+
+
+def _all_true(flags: list[Tensor]) -> list[bool]:
+    """Host values of many 0-d bool tensors, one device-to-host copy per device (not one per tensor)."""
+    out: dict[int, bool] = {}
+    by_device: dict[torch.device, list[int]] = {}
+    for i, f in enumerate(flags):
+        by_device.setdefault(f.device, []).append(i)
+    for idx in by_device.values():
+        out.update(zip(idx, torch.stack([flags[i] for i in idx]).tolist()))
+    return [out[i] for i in range(len(flags))]
+
+
+def _refuse_nonfinite(weights: dict[str, Tensor], init: str) -> None:
+    plain = {n: w for n, w in weights.items() if not sharded.is_dtensor(w)}
+    ok = dict(zip(plain, _all_true([w.isfinite().all() for w in plain.values()])))
+    for name, w in weights.items():
+        if not ok.get(name, True) or (name not in plain and not sharded.all_ranks_true(
+                bool(w.to_local().isfinite().all()), w)):
+            raise ValueError(f"{name}: weight has NaN/Inf, so the data-driven init {init!r} cannot use it; fix the "
+                             f"checkpoint or pick a random init (lora/slora)")
+
+
+def _refuse_overflow(factors: dict[str, Factors], dtype: torch.dtype, init: str) -> None:
+    """Data-driven factors must be finite in the adapter dtype (an ill-conditioned core can overflow fp16)."""
+    flags = [torch.stack([t.to(dtype).isfinite().all() for t in (f.A, f.N, f.B) if t is not None]).all()
+             for f in factors.values()]
+    for name, ok in zip(factors, _all_true(flags)):
+        if not ok:
+            raise ValueError(f"{name}: init {init!r} gives factors that are not finite in {dtype} (an ill-conditioned "
+                             f"Nyström core overflows); nothing was changed. Use adapter_dtype=torch.float32, "
+                             f"init='nystrom-optimal', or a larger rcond")
+
+
+def compute_factors(weights: dict[str, Tensor], configs: dict[str, AdapterConfig],
+                    generators: dict[str, torch.Generator | None]) -> dict[str, Factors]:
+    """Every layer's initial factors (all configs share one init and its options), batched where the init has a
+    batched form; meta weights get meta factors. Checks finiteness; changes nothing."""
+    config = next(iter(configs.values()))
+    spec = get_init(config.init)
+    real = [n for n, w in weights.items() if not sharded.is_meta(w)]
+    if spec.data_driven:
+        _refuse_nonfinite({n: weights[n] for n in real}, config.init)
+    out = {n: meta_factors(w.shape, configs[n]) for n, w in weights.items() if sharded.is_meta(w)}
+    if spec.many is not None and real:
+        made = spec.many([weights[n] for n in real], [configs[n].rank for n in real],
+                         scalings=[configs[n].scaling for n in real], generators=[generators[n] for n in real],
+                         **config.options)
+        out.update(zip(real, made))
+    for n in real if spec.many is None else ():
+        out[n] = spec.fn(weights[n], configs[n].rank, scaling=configs[n].scaling, generator=generators[n],
+                         **config.options)
+    for n in real:  # unseeded draws may differ by rank: take rank 0's
+        if sharded.is_dtensor(weights[n]) and generators[n] is None:
+            f = out[n]
+            out[n] = Factors(*(None if t is None else sharded.broadcast(t, weights[n])
+                               for t in (f.A, f.N, f.B, f.rows, f.cols)))
+    if spec.data_driven:
+        _refuse_overflow({n: out[n] for n in real}, config.adapter_dtype, config.init)
+    return out
+
+
+def build_adapter(base: nn.Module, config: AdapterConfig, label: str,
+                  generator: torch.Generator | None = None) -> Adapter:
+    """The ``Adapter`` for one layer (checked and initialised; ``base`` is not changed)."""
+    w = check_layer(base, config, label)
+    generator = generator if generator is not None else _generator(config.seed, label, w.device)
+    return Adapter(config, compute_factors({label: w}, {label: config}, {label: generator})[label])
+
+
+def _warn_if_moved(factors: dict[str, Factors], weights: dict[str, Tensor], configs: dict[str, AdapterConfig]) -> None:
+    """Warn once when an init that keeps the base weight moves the layers a lot (median ||s B N A|| / ||W||)."""
+    ratios, sigma2 = [], []
+    for name, f in factors.items():
+        w = weights[name]
+        if f.N is None or f.A.is_meta or sharded.is_dtensor(w):
+            continue
+        a, n, b = f.A.double(), f.N.double(), f.B.double()
+        na = n @ a
+        delta2 = ((b.T @ b) * (na @ na.T)).sum()  # ||B N A||_F^2 from r x r products
+        ratios.append(configs[name].scaling * delta2.sqrt() / torch.linalg.matrix_norm(w.double()))
+        sigma2.append(configs[name].rank * w.double().var())
+    if not ratios:
+        return
+    median, rule = torch.stack(ratios).median().item(), torch.stack(sigma2).median().item()
+    if median > MOVED_A_LOT:
+        warnings.warn(f"init {next(iter(configs.values())).init!r} keeps the base weights, so at init it changes each "
+                      f"adapted layer by a median ||s*B N A|| / ||W|| = {median:.2f} (r*sigma^2 = {rule:.2f}, sigma = "
+                      f"the weights' entry std): the model's outputs move a lot before training. Pass "
+                      f"preserve_output=True to keep them", stacklevel=3)
 
 
 def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | None = None, init: str = "nystrom", *,
-           exclude: Targets | None = None, train: str = "all", dropout: float = 0.0,
-           preserve_output: bool | None = None, adapter: str = "default",
+           exclude: Targets | None = None, layers: Sequence[int] | int | None = None, adapter: str = "default",
            rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None,
-           layers: Sequence[int] | int | None = None, trainable: Sequence[str] | None = None,
-           adapter_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype | None = None,
-           seed: int | None = None, **init_options) -> nn.Module:
-    """Wrap every matching Linear in ``model`` with an adapter, in place, and return ``model``.
+           trainable: Sequence[str] | None = None, **kwargs) -> nn.Module:
+    """Wrap every matching Linear / HF Conv1D of ``model`` with an adapter named ``adapter``, in place; returns it.
 
-    ``targets``: a list of names (a module matches an entry equal to its name or to its ``.``-suffix), a regex
-    that must fullmatch the whole name, or ``"all-linear"`` (every Linear/Conv1D except the output head, see
-    ``output_head_names``). ``train="middle"`` is IntTune. The new adapter becomes the only active one and
-    everything else is frozen, except the adapters' trainable parameters and the ``trainable`` modules (trained in
-    full and never wrapped, even where ``targets`` match them).
-    All checks and inits run before the model is touched: an error leaves it exactly as it was.
+    ``targets``: a list of names (an entry matches a module whose name equals it or ends with ``.entry``; every entry
+    must match), a regex that must fullmatch the whole name, or ``"all-linear"`` (every Linear/Conv1D except the
+    output head). Every other keyword is an ``AdapterConfig`` field (``train``, ``dropout``, ``preserve_output``,
+    ``adapter_dtype``, ``compute_dtype``, ``seed``) or an option of the init. The new adapter becomes the only active
+    one; everything else is frozen, except the adapters' trainable parameters and the ``trainable`` modules (trained
+    in full and never wrapped). All checks and inits run before the model is touched: an error changes nothing.
     """
-    spec = get_init(init)
-    resolve_preserve(spec, preserve_output)
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
-    merged = [n for n, l in adapter_layers(model).items() if l.merged_adapters]
+    config = AdapterConfig.build(rank=rank, alpha=alpha, init=init, **kwargs)
+    merged = [n for n, layer in adapter_layers(model).items() if layer.merged_adapters]
     if merged:
         raise ValueError(f"adapters are merged in {merged[:4]}; call nlora.unmerge(model) before injecting")
     chosen = select_targets(model, targets, exclude, layers)
-    extra = {}
-    if trainable:
-        if isinstance(trainable, str):
-            raise TypeError(f"trainable={trainable!r} must be a list of module names, e.g. [{trainable!r}]")
-        extra = {n: m for n, m in _candidates(model).items() if _matches(n, list(trainable))}
-        missing = [t for t in trainable if not any(_matches(n, [t]) for n in extra)]
-        if missing:
-            raise ValueError(f"trainable={list(trainable)!r}: {missing} matched no module of {type(model).__name__}")
-        # A fully trained module is not also adapted (PEFT's modules_to_save wins over target_modules too).
-        chosen = {n: m for n, m in chosen.items() if not any(n == e or n.startswith(e + ".") for e in extra)}
-        if not chosen:
-            raise ValueError(f"targets={targets!r} only matched the trainable modules {sorted(extra)}; target "
-                             f"other modules, or drop them from trainable")
-    # Phase 1: validate and compute every factor; nothing is modified. The finiteness checks of all weights (before
-    # the inits) and of all factors (after) are each resolved with one host synchronisation, not one per layer, so
-    # that a GPU runs the layers' init kernels while the host is still launching the next ones.
+    extra = _trainable_modules(model, trainable)
+    chosen = {n: m for n, m in chosen.items() if not any(n == e or n.startswith(e + ".") for e in extra)}
+    if not chosen:
+        raise ValueError(f"targets={targets!r} only matched the trainable modules {sorted(extra)}; target other "
+                         f"modules, or drop them from trainable")
     bases = {n: (m.base if isinstance(m, NLoRALinear) else m) for n, m in chosen.items()}
-    plain = {n: weight_view(b) for n, b in bases.items() if _plain_float(weight_view(b))}
-    checked = set()
-    if spec.data_driven:
-        for (n, w), ok in zip(plain.items(), weights_finite(list(plain.values()))):
-            if not ok:
-                raise nonfinite_weight_error(n, init)
-        checked = set(plain)
-    # Plain weights of an init with a batched form (InitSpec.many) are checked one by one here and initialised
-    # together below, so that the r x r work of all layers runs as one batch (few ops, whatever the layer count).
-    plans, batch = [], {}
-    for name, module in chosen.items():
-        base = bases[name]
-        existing = tuple(module.adapters) if isinstance(module, NLoRALinear) else ()
-        r = _pattern_value(name, rank_pattern, rank)
-        a = _pattern_value(name, alpha_pattern, alpha)
-        generator = _generator(seed, name, weight_view(base).device)
-        if spec.many is not None and name in plain:
-            w, scaling = check_request(base, r, a, init, train=train, adapter=adapter, name=name, existing=existing,
-                                       weight_checked=name in checked, **init_options)
-            batch[len(plans)] = (w, r, scaling, generator)
-            factors, options = None, dict(init_options)
-        else:
-            factors, options = build_factors(base, r, a, init, train=train, adapter=adapter, name=name,
-                                             generator=generator, existing=existing, weight_checked=name in checked,
-                                             **init_options)
-        plans.append([name, module, base, r, a, factors, options])
-    if batch:
-        ws, ranks, scalings, gens = zip(*batch.values())
-        for i, factors in zip(batch, spec.many(list(ws), list(ranks), scalings=list(scalings),
-                                               generators=list(gens), **init_options)):
-            plans[i][5] = factors
-    # The adapter modules are built (nothing in the model changes) while the device is still computing the factors;
-    # the finiteness check of those factors then waits for it, once.
-    kwargs = dict(init=init, train=train, dropout=dropout, preserve_output=preserve_output,
-                  adapter_dtype=adapter_dtype, compute_dtype=compute_dtype, seed=seed)
-    built = [make_adapter(base, factors, rank=r, alpha=a, options=options, **kwargs)
-             for name, module, base, r, a, factors, options in plans]
-    if spec.data_driven:  # a random init's draws are bounded: only data-driven factors can be NaN/Inf or overflow
-        _refuse_nonfinite_factors({p[0]: p[5] for p in plans if not p[5].A.is_meta}, init, adapter_dtype)
-    samples = dict(zip(plain, weight_samples(list(plain.values()))))  # one device-to-host copy for all layers
-    for (name, module, base, *_), new in zip(plans, built):  # phase 2: apply
-        if isinstance(module, NLoRALinear):
-            layer = module
-        else:
-            layer = NLoRALinear.wrapping(base, name)
+    configs = {n: config.replace(rank=_pattern_value(n, rank_pattern, rank),
+                                 alpha=_pattern_value(n, alpha_pattern, alpha)) for n in chosen}
+    weights = {n: check_layer(bases[n], configs[n], n) for n in chosen}
+    taken = [n for n, m in chosen.items() if isinstance(m, NLoRALinear) and adapter in m.adapters]
+    if taken:
+        raise ValueError(f"{taken[0]}: already has an adapter named {adapter!r}; pass adapter='<new name>' to add "
+                         f"another, or delete_adapter first")
+    generators = {n: _generator(config.seed, n, sharded.local_view(w).device) for n, w in weights.items()}
+    factors = compute_factors(weights, configs, generators)
+    if not config.preserve_output and get_init(config.init).data_driven:
+        _warn_if_moved(factors, weights, configs)
+    for name, module in chosen.items():  # apply: nothing below can fail
+        layer = module if isinstance(module, NLoRALinear) else NLoRALinear.wrapping(module, name)
+        if layer is not module:
             _set_module(model, name, layer)
-        layer.add_adapter(adapter, new, samples.get(name, ...))
+        layer.add(adapter, Adapter(configs[name], factors[name]))
     for module in extra.values():
-        setattr(module, _EXTRA_TRAINABLE, True)
+        setattr(module, _TRAINABLE, True)
     set_adapter(model, adapter)
     return model
 
 
-def _plain_float(w: torch.Tensor) -> bool:
-    """A weight inject can check and sample in one batch: a plain (not sharded, not meta) 16/32/64-bit float."""
-    return (not sharded.is_dtensor(w) and not w.is_meta and w.dim() == 2 and w.is_floating_point()
-            and w.dtype.itemsize >= 2)
+def _trainable_modules(model: nn.Module, trainable: Sequence[str] | None) -> dict[str, nn.Module]:
+    if not trainable:
+        return {}
+    if isinstance(trainable, str):
+        raise TypeError(f"trainable={trainable!r} must be a list of module names, e.g. [{trainable!r}]")
+    candidates = _candidates(model)
+    _unmatched(list(candidates), list(trainable), f"trainable={list(trainable)!r}:", model)
+    return {n: m for n, m in candidates.items() if _matches(n, list(trainable))}
 
 
-def _refuse_nonfinite_factors(factors: dict[str, Factors], init: str, adapter_dtype: torch.dtype) -> None:
-    """Raise for the first layer whose factors are not finite in ``adapter_dtype``.
-
-    All layers are checked together, a few ops and one host synchronisation per (device, dtype) whatever the layer
-    count: each factor's ``sum |x|`` finite means it has no NaN/Inf, its ``max |x|`` finite in ``adapter_dtype``
-    (rounding is monotonic) means no value overflows there. Only if that fails (or a finite sum overflowed) are the
-    layers checked one by one, to name the first bad one."""
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for f in factors.values():
-        for t in (f.A, f.N, f.B):
-            if t is not None:
-                groups.setdefault((t.device, t.dtype), []).append(t)
-    if all(bool(torch.isfinite(torch.stack(torch._foreach_norm(ts, 1))).all()
-                & torch.isfinite(torch.stack(torch._foreach_norm(ts, float("inf"))).to(adapter_dtype)).all())
-           for ts in groups.values()):
-        return
-    for name, f in factors.items():
-        bad = [k for k in ("A", "N", "B")
-               if getattr(f, k) is not None and not bool(torch.isfinite(getattr(f, k).to(adapter_dtype)).all())]
-        if bad:
-            raise ValueError(f"{name}: init {init!r} gives lora_{'/'.join(bad)} values that are not finite in "
-                             f"{adapter_dtype} (an ill-conditioned Nyström core overflows); nothing was changed. Use "
-                             f"adapter_dtype=torch.float32, init='nystrom-optimal', or a larger rcond")
-
-
-def _refresh_requires_grad(model: nn.Module, layers: dict[str, NLoRALinear] | None = None) -> None:
-    """Freeze everything, then unfreeze the active adapters' trainable parameters and the extra trainable modules
-    (``layers``: the model's ``adapter_layers``, if the caller has them already)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+def _refresh_requires_grad(model: nn.Module, layers: dict[str, NLoRALinear]) -> None:
+    """Freeze everything, then unfreeze the active adapters' trainable parameters and the trainable modules."""
+    model.requires_grad_(False)
     for module in model.modules():
-        if getattr(module, _EXTRA_TRAINABLE, False):
-            for p in module.parameters():
-                p.requires_grad_(True)
-    for layer in (adapter_layers(model) if layers is None else layers).values():
+        if getattr(module, _TRAINABLE, False):
+            module.requires_grad_(True)
+    for layer in layers.values():
         for name in layer.active_adapters:
             for p in layer.adapters[name].trainable_parameters():
                 p.requires_grad_(True)
@@ -263,28 +304,21 @@ def _require_adapters(model: nn.Module) -> dict[str, NLoRALinear]:
     return layers
 
 
-def _names_in(layers: dict[str, NLoRALinear]) -> list[str]:
-    names: dict[str, None] = {}
-    for layer in layers.values():
-        names.update(dict.fromkeys(layer.adapters))
-    return list(names)
-
-
 def adapter_names(model: nn.Module) -> list[str]:
     """Every adapter name present anywhere in the model, in insertion order."""
-    return _names_in(adapter_layers(model))
+    return list(dict.fromkeys(n for layer in adapter_layers(model).values() for n in layer.adapters))
 
 
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make ``names`` the active adapter(s) everywhere (the others stay but do not run) and trainable."""
     layers = _require_adapters(model)
     names = [names] if isinstance(names, str) else list(names)
-    known = _names_in(layers)
+    known = adapter_names(model)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"no adapter named {unknown}; the model has {known}")
     for layer in layers.values():
-        if layer.merged_adapters and set(layer.merged_adapters) - set(names):
+        if set(layer.merged_adapters) - set(names):
             raise ValueError(f"{layer.module_name}: adapters {list(layer.merged_adapters)} are merged; unmerge "
                              f"before switching adapters")
     for layer in layers.values():
@@ -295,10 +329,10 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` everywhere; layers left with no adapter go back to their plain base module."""
     layers = _require_adapters(model)
-    holders = {n: l for n, l in layers.items() if name in l.adapters}
+    holders = {n: layer for n, layer in layers.items() if name in layer.adapters}
     if not holders:
         raise ValueError(f"no adapter named {name!r}; the model has {adapter_names(model)}")
-    merged = [n for n, l in holders.items() if name in l.merged_adapters]
+    merged = [n for n, layer in holders.items() if name in layer.merged_adapters]
     if merged:
         raise ValueError(f"adapter {name!r} is merged in {merged[:4]}; call nlora.unmerge(model) before deleting it")
     for module_name, layer in holders.items():
@@ -312,25 +346,25 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     """Fold the active adapters into the base weights (delta in fp32, rounded once). ``safe=True`` checks every
     merged weight for NaN/Inf first and raises without changing anything."""
-    layers = _require_adapters(model)
-    work = {name: layer.unmerged_active() for name, layer in layers.items()}
-    if not any(work.values()):
+    layers = {n: layer for n, layer in _require_adapters(model).items() if layer.unmerged_active()}
+    if not layers:
         warnings.warn("every active adapter is already merged; merge did nothing", stacklevel=2)
         return model
-    if safe:
-        for layer in layers.values():
-            if not layer.merge_stays_finite():
-                raise ValueError(f"{layer.module_name}: merging would put NaN/Inf into the weight; nothing "
-                                 f"was merged (check the adapter's parameters)")
-    for name, layer in layers.items():
-        if work[name]:
-            layer.merge()
+    for layer in layers.values() if safe else ():
+        if not sharded.all_ranks_true(bool(layer.weight_plus(layer.merge_terms()).isfinite().all()), layer.weight):
+            raise ValueError(f"{layer.module_name}: merging would put NaN/Inf into the weight; nothing was merged "
+                             f"(check the adapter's parameters)")
+    for layer in layers.values():
+        layer.merge()
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Take merged adapters back out of the base weights (exact in fp32 up to rounding; see README for bf16)."""
-    for layer in _require_adapters(model).values():
+    """Take merged adapters back out of the base weights (exact in fp32 up to rounding)."""
+    layers = [layer for layer in _require_adapters(model).values() if layer.merged_adapters]
+    if not layers:
+        warnings.warn("no adapter is merged; unmerge did nothing", stacklevel=2)
+    for layer in layers:
         layer.unmerge()
     return model
 
@@ -341,11 +375,12 @@ def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
     if any(layer.unmerged_active() for layer in layers.values()):
         merge(model, safe=safe)
     for name, layer in layers.items():
-        back = [layer._delta(a, initial=True) for a in layer.inactive_preserving()]  # as forward does
+        back = [a.term(None, layer.weight, initial=True) for n, a in layer.adapters.items()
+                if a.config.preserve_output and n not in layer.active_adapters]  # as forward gives them back
         if back:
-            layer._add_to_weight(sum(back))
+            layer.add_to_weight(back)
         _set_module(model, name, layer.base)
-    _clear_extra_trainable(model)
+    _clear_trainable(model)
     return model
 
 
@@ -353,20 +388,20 @@ def unload(model: nn.Module) -> nn.Module:
     """Drop every adapter and give back the original model: merges undone, init residuals added back."""
     for name, layer in _require_adapters(model).items():
         _set_module(model, name, layer.restore_base())
-    _clear_extra_trainable(model)
+    _clear_trainable(model)
     return model
 
 
-def _clear_extra_trainable(model: nn.Module) -> None:
+def _clear_trainable(model: nn.Module) -> None:
     for module in model.modules():
-        if hasattr(module, _EXTRA_TRAINABLE):
-            delattr(module, _EXTRA_TRAINABLE)
+        if hasattr(module, _TRAINABLE):
+            delattr(module, _TRAINABLE)
 
 
 @contextmanager
 def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block the model computes the original pretrained outputs (merged adapters and init residuals
-    are undone on the fly); on exit the adapters are back."""
+    """Inside the block the model computes the original pretrained outputs (merged adapters and init residuals are
+    undone on the fly); on exit the adapters are back."""
     layers = _require_adapters(model)
     before = {name: layer.disabled for name, layer in layers.items()}  # nested blocks restore the outer state
     for layer in layers.values():
@@ -385,23 +420,23 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def trainable_summary(model: nn.Module) -> str:
-    """A table of adapted modules grouped by their last name part (q_proj, ...): count, shapes, ranks, inits,
-    trainable parameters, then the model's trainable / total and the percentage."""
+    """A table of the adapted modules grouped by their last name part (q_proj, ...): count, shapes, ranks, inits and
+    trainable parameters, then the model's trainable / total parameters."""
     groups: dict[str, dict] = {}
     for name, layer in adapter_layers(model).items():
         g = groups.setdefault(name.split(".")[-1], {"n": 0, "shape": set(), "rank": set(), "init": set(), "train": 0})
         g["n"] += 1
         g["shape"].add(f"{layer.out_features}x{layer.in_features}")
         for adapter_name, a in layer.adapters.items():
-            g["rank"].add(str(a.rank))
-            g["init"].add(f"{adapter_name}:{a.init}/{a.train_mode}")
+            g["rank"].add(str(a.config.rank))
+            g["init"].add(f"{adapter_name}:{a.config.init}/{a.config.train}")
             g["train"] += sum(p.numel() for p in a.parameters() if p.requires_grad)
     rows = [("module", "count", "out x in", "rank", "adapter:init/train", "trainable")]
     rows += [(k, str(g["n"]), ",".join(sorted(g["shape"])), ",".join(sorted(g["rank"], key=int)),
               ",".join(sorted(g["init"])), f"{g['train']:,}") for k, g in groups.items()]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    extra = [n for n, m in model.named_modules() if getattr(m, _EXTRA_TRAINABLE, False)]
+    extra = [n for n, m in model.named_modules() if getattr(m, _TRAINABLE, False)]
     if extra:
         n_extra = sum(p.numel() for n in extra for p in model.get_submodule(n).parameters() if p.requires_grad)
         lines.append(f"fully trained modules: {', '.join(extra)} ({n_extra:,} params)")

@@ -53,16 +53,13 @@ def _sample_by_weight(p: Tensor, k: int, generator: torch.Generator | None) -> T
 
 
 def regularised_pinv(core: Tensor, rcond: float | None = None) -> Tensor:
-    """Pseudo-inverse that drops singular values below ``rcond * σ_max`` (``None``: torch's default): the exact
-    SVD truncation, kept as the reference and as ``solver="svd"`` (one cuSOLVER SVD, milliseconds on a GPU)."""
-    if rcond is None:
-        return torch.linalg.pinv(core)
-    return torch.linalg.pinv(core, rtol=rcond)
+    """``torch.linalg.pinv``: drops singular values below ``rcond * σ_max`` (``None``: torch's default cutoff) by an
+    SVD. The reference for ``truncated_pinv``."""
+    return torch.linalg.pinv(core) if rcond is None else torch.linalg.pinv(core, rtol=rcond)
 
 
-PINV_SOLVERS = ("ridge", "svd")
 _STACK = 32  # optimal_cores stacks at most this many layers' slices in fp64 at once
-_SQUARINGS = 5  # λ_max bound from trace(G^64)^(1/64): never below λ_max, at most r^(1/64) above it (≤ 8% at r=128)
+_EPS64 = torch.finfo(torch.float64).eps
 
 
 def default_rtol(rows: int, cols: int, dtype: torch.dtype = torch.float32) -> float:
@@ -70,90 +67,52 @@ def default_rtol(rows: int, cols: int, dtype: torch.dtype = torch.float32) -> fl
     return torch.finfo(dtype).eps * max(rows, cols)
 
 
-def check_pinv_options(rcond: float | None, solver: str) -> None:
-    """Refuse a bad ``solver`` or ``rcond`` (the Nyström inits' options) with a message that names the fix."""
-    if solver not in PINV_SOLVERS:
-        raise ValueError(f"solver={solver!r}: choose 'ridge' (Gram + Cholesky, no SVD) or 'svd' (exact truncation)")
+def check_rcond(rcond: float | None) -> None:
+    """Refuse an ``rcond`` that is not ``None`` or a finite number >= 0 (bools refused) with a message naming the fix."""
     if rcond is not None and (isinstance(rcond, bool) or not isinstance(rcond, (int, float))
                               or not math.isfinite(rcond) or rcond < 0):
         raise ValueError(f"rcond={rcond!r} must be a finite number >= 0 (relative to σ_max), or None for torch's "
                          f"default cutoff")
 
 
-def _lambda_max_bound(gram: Tensor) -> Tensor:
-    """An upper bound of the largest eigenvalue of (a batch of) PSD ``gram`` with trace 1, from GEMMs only.
+def _cutoff(rows: int, cols: int, rcond: float | None, dtype: torch.dtype) -> float:
+    """The relative cutoff on the Gram eigenvalues ``σ²`` of a ``rows x cols`` matrix: ``rtol²`` (``rtol = rcond``,
+    ``None``: ``default_rtol`` for ``dtype``), at least ``4 (rows + cols) eps64``, the rounding of an fp64 Gram: below
+    it a Gram eigenvalue is noise (never binds for fp32 defaults; binds for tiny rcond or fp64 defaults)."""
+    rtol = default_rtol(rows, cols, dtype) if rcond is None else float(rcond)
+    return max(rtol * rtol, 4 * (rows + cols) * _EPS64)
 
-    ``(trace G^p)^(1/p)`` with ``p = 2^(k+1)`` after ``k`` squarings lies in ``[λ_max, r^(1/p) λ_max]``; with
-    trace 1 every power stays above ``r^-p`` (no fp64 underflow for any realistic r), and ``λ_max >= 1/r`` is a
-    floor should it underflow anyway (a zero Gram also gets ``1/r``: harmless, its pseudo-inverse is zero).
+
+def _gram_pinv(gram: Tensor, cuts: Sequence[tuple[int, float]]) -> Tensor:
+    """Pseudo-inverse of a batch ``(b, k, k)`` of fp64 PSD Grams by one batched ``eigh``: eigenvalues ``λ <= cut λ_max``
+    are dropped, the rest inverted exactly. ``cuts``: runs ``(count, cut)`` along the batch, Python floats (no host
+    values copied to the device)."""
+    lam, vec = torch.linalg.eigh(gram)
+    top = lam[:, -1:].split([count for count, _ in cuts])
+    keep = lam > torch.cat([t * cut for t, (_, cut) in zip(top, cuts)])  # a zero Gram keeps nothing
+    inv = keep / torch.where(keep, lam, 1.0)
+    return (vec * inv[:, None, :]) @ vec.mT
+
+
+def truncated_pinv(mat: Tensor, rcond: float | None = None) -> Tensor:
+    """Pseudo-inverse of ``mat`` ``(..., m, n)`` dropping singular values ``σ < rtol σ_max``, without an SVD.
+
+    With ``M = U Σ Vᵀ``, the fp64 Gram of the smaller side, ``G = MᵀM = V Σ² Vᵀ`` (tall) or ``MMᵀ = U Σ² Uᵀ`` (wide),
+    goes through one batched ``eigh``; eigenvalues ``σ² < rtol² λ_max`` get ``1/λ = 0``, the rest are inverted, so
+    ``G⁺Mᵀ`` (tall) or ``MᵀG⁺`` (wide) is ``V Σ_kept⁻¹ Uᵀ``: torch.linalg.pinv(M, rtol=rtol) as long as
+    ``rtol² >= 4 (m + n) eps64`` (smaller cutoffs are raised to that, the Gram's own rounding).
+    ``rtol = rcond``, ``None``: ``default_rtol(m, n, out dtype)``. Result in ``promote(mat.dtype, float32)``; a zero
+    matrix gives zeros; no host synchronisation.
     """
-    m = gram
-    for _ in range(_SQUARINGS):
-        m = m @ m
-    bound = torch.linalg.matrix_norm(m).pow(2.0 / 2 ** (_SQUARINGS + 1))  # ||G^(p/2)||_F^(2/p) = tr(G^p)^(1/p)
-    return bound.clamp_min(1.0 / gram.shape[-1])
-
-
-def _ridge_factor(gram: Tensor, rtol: float | tuple[float, ...]) -> tuple[Tensor, Tensor, Tensor]:
-    """Cholesky factor of ``G/t + λ I`` for (a batch of) fp64 PSD ``gram`` ``G``, its trace scale ``t`` and the
-    failure mask: ``λ = rtol² λ_max(G/t)`` (λ_max bounded by GEMMs, never an SVD), at least ``32 r eps64`` so that
-    the factorisation of a finite Gram cannot fail, even a rank-deficient or zero one. No host synchronisation."""
-    n = gram.shape[-1]
-    # a zero Gram stays zero (its pseudo-inverse is 0); tiny keeps the division finite
-    scale = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(torch.float64).tiny)
-    g = gram / scale[..., None, None]
-    # rtol enters as Python floats (a tensor built from host values would cost a host-to-device copy and a sync);
-    # per-matrix cutoffs of a batch (optimal_core: C and R) multiply each run of equal values with one op.
-    lam = _lambda_max_bound(g)
-    if isinstance(rtol, (tuple, list)):
-        start = 0
-        for i in range(1, len(rtol) + 1):
-            if i == len(rtol) or rtol[i] != rtol[start]:
-                lam[start:i].mul_(float(rtol[start]) ** 2)
-                start = i
-    else:
-        lam = lam * float(rtol) ** 2
-    lam = lam.clamp_min(32 * n * torch.finfo(torch.float64).eps)
-    g.diagonal(dim1=-2, dim2=-1).add_(lam[..., None])
-    chol, info = torch.linalg.cholesky_ex(g)
-    return chol, scale, info != 0
-
-
-def _chol_solve(chol: Tensor, rhs: Tensor) -> Tensor:
-    """``(L Lᵀ)⁻¹ rhs`` by two triangular solves (cuBLAS trsm on a GPU; cholesky_solve may go through MAGMA)."""
-    y = torch.linalg.solve_triangular(chol, rhs, upper=False)
-    return torch.linalg.solve_triangular(chol.mT, y, upper=True)
-
-
-def _poison(x: Tensor, failed: Tensor) -> Tensor:
-    """``x`` with NaN where a factorisation failed: per matrix if ``failed`` has ``x``'s batch shape, else everywhere
-    if any failed. A deferred check (inject refuses non-finite factors) instead of a host synchronisation per layer;
-    a finite input never gets here."""
-    mask = failed[..., None, None] if failed.shape == x.shape[:-2] else failed.any()
-    return torch.where(mask, float("nan"), x)
-
-
-def ridge_pinv(mat: Tensor, rcond: float | None = None) -> Tensor:
-    """Tikhonov-regularised pseudo-inverse ``(MᵀM + λI)⁻¹Mᵀ``, ``λ = (rcond σ_max)²``, from a Gram + Cholesky in fp64.
-
-    Its singular values are ``σ / (σ² + λ)``: equal to ``1/σ`` well above the cut, ``σ/λ -> 0`` well below, half
-    of ``1/σ`` at ``σ = rcond σ_max`` (the SVD truncation at ``rcond`` keeps ``1/σ`` above and 0 below). ``None``:
-    torch.linalg.pinv's default cutoff ``eps * max(m, n)``. σ_max is bounded by GEMMs (≤ 8% above for r <= 128),
-    so the ridge is at least as strong as asked. Costs a handful of small kernels and no host synchronisation;
-    returns NaN (never finite garbage) if the Cholesky factorisation fails, which a finite input cannot make it do
-    (for a batch ``(..., m, n)``: NaN for that matrix only).
-    Result in ``mat``'s dtype (fp32 at least).
-    """
+    check_rcond(rcond)
     m, n = mat.shape[-2:]
     out_dtype = torch.promote_types(mat.dtype, torch.float32)
-    rtol = default_rtol(m, n, out_dtype) if rcond is None else float(rcond)
     x = mat.double()
     tall = m >= n
     gram = x.mT @ x if tall else x @ x.mT
-    chol, scale, failed = _ridge_factor(gram, rtol)
-    sol = _chol_solve(chol, x.mT if tall else x) / scale[..., None, None]
-    sol = sol if tall else sol.mT
-    return _poison(sol, failed).to(out_dtype)
+    flat = gram.reshape(-1, *gram.shape[-2:])
+    g_pinv = _gram_pinv(flat, [(flat.shape[0], _cutoff(m, n, rcond, out_dtype))]).reshape(gram.shape)
+    return (g_pinv @ x.mT if tall else x.mT @ g_pinv).to(out_dtype)
 
 
 _MM_OUT_DTYPE: dict[tuple[str, torch.dtype], bool] = {}
@@ -186,26 +145,6 @@ def left_multiply(m: Tensor, weight: Tensor, chunk: int = 4096) -> Tensor:
     return torch.cat(blocks, dim=1)
 
 
-def optimal_core(weight: Tensor, rows: Tensor, cols: Tensor, rcond: float | None = None,
-                 solver: str = "ridge") -> Tensor:
-    """The Frobenius-optimal core ``C⁺ W R⁺`` for fixed ``C = W[:, cols]`` and ``R = W[rows, :]`` (fp32).
-
-    ``solver="ridge"`` (default): ``(CᵀC + λ_C I)⁻¹ Cᵀ W Rᵀ (RRᵀ + λ_R I)⁻¹`` with both r x r Grams factorised by
-    one batched fp64 Cholesky and ``λ = (rtol σ_max)²`` as in ``ridge_pinv`` (``rcond=None``: torch's pinv cutoff
-    ``eps * max(rows, cols)`` of each slice), so a rank-deficient ``C`` or ``R`` still gives a finite core. The
-    one big product ``Cᵀ W`` never upcasts a low-precision or sharded weight whole (``_ct_w``).
-    ``solver="svd"``: the pseudo-inverses of ``C`` and ``R`` by SVD truncation at ``rcond`` (``regularised_pinv``).
-    """
-    check_pinv_options(rcond, solver)
-    c = sharded.take(weight, cols, 1).float()
-    r = sharded.take(weight, rows, 0).float()
-    if solver == "svd":
-        c_pinv = regularised_pinv(c, rcond)  # (rank, out)
-        r_pinv = regularised_pinv(r, rcond)  # (in, rank)
-        return left_multiply(c_pinv, weight) @ r_pinv
-    return optimal_cores([weight], [c], [r], rcond)[0]  # one layer of the batched form: the ridge maths live there
-
-
 def _ct_w(c: Tensor, weight: Tensor) -> Tensor:
     """``Cᵀ W`` in fp32 for ``C`` = (fp32 copies of) columns of ``W``. Those are exact in ``W``'s own dtype, so a
     bf16/fp16 ``W`` multiplies in that dtype with fp32 accumulation and output where the backend can (CUDA,
@@ -216,52 +155,48 @@ def _ct_w(c: Tensor, weight: Tensor) -> Tensor:
     return left_multiply(c.mT, weight)
 
 
+def optimal_core(weight: Tensor, rows: Tensor, cols: Tensor, rcond: float | None = None) -> Tensor:
+    """The Frobenius-optimal core ``C⁺ W R⁺`` for ``C = W[:, cols]`` and ``R = W[rows, :]`` (fp32): one layer of
+    ``optimal_cores``. The pseudo-inverses drop singular values below ``rcond σ_max`` (``None``: torch's default for
+    each slice's shape); a low-precision or sharded ``W`` is never upcast whole."""
+    c = sharded.take(weight, cols, 1).float()
+    r = sharded.take(weight, rows, 0).float()
+    return optimal_cores([weight], [c], [r], rcond)[0]
+
+
 def optimal_cores(weights: Sequence[Tensor], cs: Sequence[Tensor], rs: Sequence[Tensor],
                   rcond: float | None = None, scaling: float = 1.0) -> list[Tensor]:
-    """``optimal_core`` (``solver="ridge"``) of many layers at once, from their fp32 slices ``C = W[:, cols]`` and
-    ``R = W[rows, :]`` (equal rank, one device): per layer only the products ``Cᵀ W Rᵀ`` and the two Grams, then all
-    r x r work (ridge, Cholesky, solves) as one batch, so its op count does not grow with the number of layers.
-    Returns the fp32 cores divided by ``scaling``, in input order; a failed factorisation makes only that layer's
-    core NaN."""
-    check_pinv_options(rcond, "ridge")
-    n = len(weights)
-    shape = lambda i: (cs[i].shape[0], rs[i].shape[1])  # noqa: E731
-    # sorted by shape: per-shape cutoffs (rcond=None) form few runs, and layers of one shape are stacked, at most
-    # _STACK at a time (bounds the fp64 copies), for their Grams and Cᵀ W Rᵀ; only Cᵀ W is a product per layer
-    order = sorted(range(n), key=shape)
-    chunks: list[list[int]] = []
-    for i in order:
-        if chunks and len(chunks[-1]) < _STACK and shape(i) == shape(chunks[-1][0]):
-            chunks[-1].append(i)
-        else:
-            chunks.append([i])
+    """``optimal_core`` of many layers (equal rank, one device) from their fp32 slices ``C (out, r)`` and
+    ``R (r, in)``: ``(CᵀC)⁺ (Cᵀ W Rᵀ) (RRᵀ)⁺``, which is ``C⁺ W R⁺``. Per layer only ``Cᵀ W``; the Grams and
+    ``Cᵀ W Rᵀ`` of layers of one shape are stacked (at most ``_STACK`` in fp64 at once), and the pseudo-inverses of
+    all Grams come from ONE batched ``eigh`` (``_gram_pinv``, cutoff ``rtol²`` per Gram, ``rtol = rcond`` or
+    torch's default for the slice's shape). Returns the fp32 cores divided by ``scaling``, in input order."""
+    check_rcond(rcond)
+    if not weights:
+        return []
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, (c, r) in enumerate(zip(cs, rs)):
+        by_shape.setdefault((c.shape[0], r.shape[1]), []).append(i)
+    chunks = [idx[j : j + _STACK] for idx in by_shape.values() for j in range(0, len(idx), _STACK)]
     c_grams, r_grams, ys = [], [], []
     for chunk in chunks:
         c64 = torch.stack([cs[i] for i in chunk]).double()
         r64 = torch.stack([rs[i] for i in chunk]).double()
-        ctw = torch.stack([_ct_w(cs[i], weights[i]) for i in chunk])
+        ctw = torch.stack([_ct_w(cs[i], weights[i]) for i in chunk]).double()
         c_grams.append(c64.mT @ c64)
         r_grams.append(r64 @ r64.mT)
-        ys.append(ctw.double() @ r64.mT)  # Cᵀ W Rᵀ
+        ys.append(ctw @ r64.mT)  # Cᵀ W Rᵀ
     k = cs[0].shape[1]
-    if rcond is None:
-        rtol = ([default_rtol(cs[i].shape[0], k) for i in order] + [default_rtol(k, rs[i].shape[1]) for i in order])
-    else:
-        rtol = float(rcond)
-    chol, scale, failed = _ridge_factor(torch.cat(c_grams + r_grams), rtol)  # CᵀC of all layers, then RRᵀ
-    y = torch.cat(ys) / scale[:n, None, None] / scale[n:, None, None]
-    left = _chol_solve(chol[:n], y)  # (CᵀC + λ)⁻¹ Cᵀ W Rᵀ
-    core = _chol_solve(chol[n:], left.mT).mT  # ... (RRᵀ + λ)⁻¹
-    cores = (_poison(core, failed[:n] | failed[n:]).float() / scaling).unbind(0)
-    out: list[Tensor] = [cores[0]] * n
-    for j, i in enumerate(order):  # back to input order on the host: no index tensor to copy to the device
-        out[i] = cores[j]
-    return out
+    shapes = [(len(ch), cs[ch[0]].shape[0], rs[ch[0]].shape[1]) for ch in chunks]
+    cuts = ([(b, _cutoff(out, k, rcond, torch.float32)) for b, out, _ in shapes]
+            + [(b, _cutoff(k, inp, rcond, torch.float32)) for b, _, inp in shapes])
+    pinvs = _gram_pinv(torch.cat(c_grams + r_grams), cuts)  # (CᵀC)⁺ of all layers, then (RRᵀ)⁺
+    n = len(weights)
+    cores = ((pinvs[:n] @ torch.cat(ys) @ pinvs[n:]).float() / scaling).unbind(0)
+    by_index = dict(zip((i for ch in chunks for i in ch), cores))
+    return [by_index[i] for i in range(n)]
 
 
 def nystrom_reconstruct(weight: Tensor, rows: Tensor, cols: Tensor, rcond: float | None = None) -> Tensor:
     """``C U⁺ R`` in ``weight``'s dtype: the Nyström approximation of Eq. 6 (a reference, not for big weights)."""
-    c = weight[:, cols]
-    u = weight[rows][:, cols]
-    r = weight[rows, :]
-    return c @ regularised_pinv(u, rcond) @ r
+    return weight[:, cols] @ regularised_pinv(weight[rows][:, cols], rcond) @ weight[rows, :]

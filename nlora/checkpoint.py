@@ -1,0 +1,395 @@
+"""Native adapter files: ``save_adapter`` / ``load_adapter`` (strict, all-or-nothing), with compact IntTune storage.
+
+A directory with ``adapter_config.json`` (the adapter's ``AdapterConfig``, per-module differences, shapes and a
+sha256 of the tensor file) and ``adapter_model.safetensors``. Loading re-attaches the adapter to a fresh base model
+and restores its tensors, so the outputs are bit-identical; an init that rewrote the base weight replays the same
+residual update, so the base weight ends up bit-identical too. *Compact* storage: factors that are the base weight's
+own sampled rows and columns (Nyström A and B of IntTune, the initial A0 and B0 of any Nyström init) are not stored;
+they are sliced again from the base at load and checked against a digest of the saved slices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import Tensor, nn
+
+from .config import AdapterConfig
+from .inits import Factors, get_init, nystrom_slices
+from .layer import SAMPLE_SIZE, Adapter, NLoRALinear, is_adaptable, is_conv1d, weight_sample, weight_view
+from .model import _TRAINABLE, _candidates, _set_module, adapter_layers, adapter_names, set_adapter
+
+CONFIG_NAME = "adapter_config.json"
+TENSOR_NAME = "adapter_model.safetensors"
+FORMAT, FORMAT_VERSION = "nlora-adapter", 2
+_TRAINABLE_PREFIX = "trainable:"
+_SAVE_AGAIN = "the file is damaged or was edited: save the adapter again from the trained model"
+_OTHER_MODEL = "an adapter saved from another model? load it into the model (architecture) it was saved from"
+
+
+# ---------------------------------------------------------------------------------------------------- small helpers
+def same_sample(saved: Tensor, current: Tensor) -> bool:
+    """Whether two samples agree exactly once rounded to the less precise of their dtypes."""
+    low = saved.dtype if torch.finfo(saved.dtype).eps >= torch.finfo(current.dtype).eps else current.dtype
+    a, b = saved.to(low), current.to("cpu", low)
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def _digest(*tensors: Tensor) -> str:
+    """sha256 (32 hex digits) of the tensors' dtypes, shapes and bytes: equal iff bit-identical."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:32]
+
+
+def _resolve(model: nn.Module, adapter: str | None, action: str) -> tuple[str, dict[str, NLoRALinear]]:
+    """The adapter's name and the layers holding it, refusing a model without it or with merged adapters."""
+    names = adapter_names(model)
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no nlora adapters; call nlora.inject (or load_adapter) first")
+    if adapter is None and len(names) != 1:
+        raise ValueError(f"the model holds several adapters {names}; pass adapter=<name> to pick one")
+    name = names[0] if adapter is None else adapter
+    if name not in names:
+        raise ValueError(f"no adapter named {name!r}; the model has {names}")
+    layers = {n: layer for n, layer in adapter_layers(model).items() if name in layer.adapters}
+    merged = [n for n, layer in layers.items() if layer.merged_adapters]
+    if merged:
+        raise ValueError(f"cannot {action} adapter {name!r}: adapters are merged into the base weight of {merged[:6]}; "
+                         f"call nlora.unmerge(model) first")
+    return name, layers
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return module.base if isinstance(module, NLoRALinear) else module
+
+
+def trainable_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters of the modules trained in full (``inject(trainable=...)``) by their wrapper-free names."""
+    found: dict[str, nn.Parameter] = {}
+    for name, module in model.named_modules():
+        if getattr(module, _TRAINABLE, False):
+            for pname, p in _unwrap(module).named_parameters():
+                if ".adapters." not in f".{pname}":
+                    found[f"{name}.{pname}".replace(".base.", ".").lstrip(".")] = p
+    return found
+
+
+def write_files(path: str | os.PathLike, tensors: dict[str, Tensor], config: dict, checksum: bool = True) -> Path:
+    """Write the tensors, then the JSON config that records their sha256, each by an atomic ``os.replace``: a reader
+    sees the old pair, the new pair, or a mismatch that the checksum refuses; files of other names are kept."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} exists and is not a directory; choose a directory path for the adapter")
+    path.mkdir(parents=True, exist_ok=True)
+    data = safetensors.torch.save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                                  metadata={"format": "pt"})
+    config = {**config, "tensor_sha256": hashlib.sha256(data).hexdigest()} if checksum else config
+    for name, blob in ((TENSOR_NAME, data), (CONFIG_NAME, (json.dumps(config, indent=1) + "\n").encode())):
+        tmp = path / f".{name}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(blob)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path / name)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- saving
+def _from_base(layer: NLoRALinear, adapter: Adapter, compact: bool) -> list[str]:
+    """The factors a compact file takes from the base weight's sampled rows and columns instead of storing them."""
+    config = adapter.config
+    if not (compact and config.init.startswith("nystrom") and adapter.rows is not None):
+        return []
+    if any(a.config.preserve_output for a in layer.adapters.values() if a is not adapter):
+        return []  # another adapter rewrote this weight: its slices are not the original ones
+    if config.preserve_output:
+        return ["init_A", "init_B"] + (["lora_A", "lora_B"] if config.train == "middle" else [])
+    return ["lora_A", "lora_B"] if adapter.reads_base else []
+
+
+def _module_record(layer: NLoRALinear, adapter: Adapter, default: dict, compact: bool) -> tuple[dict, dict]:
+    """One adapted module's config entry and its tensors (keys relative to the module)."""
+    w = layer.weight
+    from_base = _from_base(layer, adapter, compact)
+    a, n, b = adapter.factors(w)
+    tensors = {"lora_A": a, "lora_N": n, "lora_B": b}
+    if adapter.config.preserve_output:
+        tensors.update(init_A=adapter.init_A, init_N=adapter.init_N, init_B=adapter.init_B)
+    tensors = {k: v for k, v in tensors.items() if v is not None and k not in from_base}
+    if adapter.rows is not None:
+        tensors["index"] = torch.stack([adapter.rows, adapter.cols]).to("cpu", torch.int64)
+    if getattr(adapter, "base_sample", None) is not None:
+        tensors["base_sample"] = adapter.base_sample
+    config = adapter.config.to_dict()
+    record = {"kind": "Conv1D" if is_conv1d(layer.base) else "Linear", "shape": list(w.shape),
+              "base_dtype": str(w.dtype).removeprefix("torch."), "stored": sorted(tensors), "from_base": from_base,
+              "config": {k: v for k, v in config.items() if default.get(k) != v}}
+    if from_base:
+        slices = (adapter.init_A, adapter.init_B) if adapter.config.preserve_output else (a, b)
+        record["slice_digest"] = _digest(*(t.to(w.dtype) for t in slices))
+    return record, tensors
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None = None, *, compact: bool = True,
+                 include_trainable: bool = True) -> Path:
+    """Write the adapter named ``adapter`` (default: the model's only one) to the directory ``path``; returns it.
+
+    ``compact=True`` leaves out factors that are slices of the base weight (IntTune files become ~(in+out)/r times
+    smaller); ``compact=False`` stores every tensor. Modules trained in full (``inject(trainable=...)``) are saved too
+    when ``include_trainable``. Adapters must not be merged (``nlora.unmerge`` first).
+    """
+    from . import __version__
+
+    name, layers = _resolve(model, adapter, "save")
+    pending = [n for n, layer in layers.items() if layer.adapters[name].pending]
+    if pending:
+        raise ValueError(f"adapter {name!r} has no values yet in {pending[:4]} (injected on the meta device); "
+                         f"call nlora.initialize_adapters(model) first")
+    default = next(iter(layers.values())).adapters[name].config.to_dict()
+    modules, tensors = {}, {}
+    for module_name, layer in layers.items():
+        modules[module_name], own = _module_record(layer, layer.adapters[name], default, compact)
+        tensors.update({f"{module_name}.{k}": v for k, v in own.items()})
+    extra = trainable_params(model) if include_trainable else {}
+    tensors.update({_TRAINABLE_PREFIX + k: p for k, p in extra.items()})
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "nlora_version": __version__, "adapter_name": name,
+              "model_class": type(model).__name__, "config": default, "modules": modules,
+              "trainable_modules": sorted(n for n, m in model.named_modules() if getattr(m, _TRAINABLE, False))
+              if include_trainable else [], "trainable_params": {k: list(p.shape) for k, p in extra.items()}}
+    return write_files(path, tensors, config)
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+_LOAD_FIXES = {  # what to do about each kind of load problem, appended to its line of the error
+    "file has tensors": _SAVE_AGAIN, "file lacks tensors": _SAVE_AGAIN, "has an invalid config entry": _SAVE_AGAIN,
+    "rank/shape mismatch": _SAVE_AGAIN, "has invalid index sets": _SAVE_AGAIN, "tensor dtype": _SAVE_AGAIN,
+    "missing from the model": _OTHER_MODEL, "is not a Linear/Conv1D": _OTHER_MODEL,
+    "shape mismatch": "load it into the base model it was trained on",
+    "already has an adapter": "pass adapter='<new name>' to load it under another name, or nlora.delete_adapter first",
+    "base weight differs": "load the base checkpoint it was trained on, or pass check_base=False to put it on this "
+                           "one on purpose",
+    "base weight slices differ": "load the base checkpoint (and dtype) it was saved on",
+    "trainable ": "load it into the model it was saved from, or save it with include_trainable=False",
+    "model has merged": "call nlora.unmerge(model) first",
+}
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict:
+    """The parsed, format-checked ``adapter_config.json`` of a native nlora adapter directory."""
+    path = Path(path)
+    file = path / CONFIG_NAME
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory; save_adapter writes a directory")
+    if not file.is_file():
+        raise ValueError(f"{path} has no {CONFIG_NAME}: not an adapter directory; pass the directory save_adapter wrote")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file} is corrupted (not valid JSON: {err}); {_SAVE_AGAIN}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        kind = ("a PEFT adapter (load it with peft)" if isinstance(config, dict) and "peft_type" in config
+                else "not an nlora adapter")
+        raise ValueError(f"{file} is {kind}; expected format {FORMAT!r}")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{file} has format_version {config.get('format_version')!r}; this nlora reads "
+                         f"{FORMAT_VERSION}: use the nlora version that wrote it")
+    for key, kind in (("adapter_name", str), ("tensor_sha256", str), ("config", dict), ("modules", dict)):
+        if not isinstance(config.get(key), kind) or (key == "modules" and not config[key]):
+            raise ValueError(f"{file} is corrupted: {key!r} is missing or not a {kind.__name__}; {_SAVE_AGAIN}")
+    return config
+
+
+def _read_tensors(path: Path, config: dict) -> dict[str, Tensor]:
+    file = path / TENSOR_NAME
+    if not file.is_file():
+        raise ValueError(f"{path} has no {TENSOR_NAME}: the adapter directory is incomplete; {_SAVE_AGAIN}")
+    data = file.read_bytes()
+    if hashlib.sha256(data).hexdigest() != config["tensor_sha256"]:
+        raise ValueError(f"{file} is corrupted or truncated (sha256 differs from the one recorded at save time, "
+                         f"{len(data)} bytes); save the adapter again")
+    try:
+        return safetensors.torch.load(data)
+    except Exception as err:  # noqa: BLE001 - a file whose hash matched but does not parse is corrupt
+        raise ValueError(f"{file} could not be read ({type(err).__name__}: {err}); {_SAVE_AGAIN}") from None
+
+
+class _Problems(dict):
+    """Load problems by kind; ``raise_if_any`` turns them into one error that names every module and the fixes."""
+
+    def add(self, kind: str, item: str) -> None:
+        self.setdefault(kind, []).append(item)
+
+    def raise_if_any(self, name: str, path: Path, model: nn.Module) -> None:
+        if self:
+            lines = [f"  {kind}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
+                     f"{next((f' -> {fix}' for k, fix in _LOAD_FIXES.items() if kind.startswith(k)), '')}"
+                     for kind, items in self.items()]
+            raise ValueError(f"cannot load adapter {name!r} from {path} into {type(model).__name__}; nothing was "
+                             f"changed:\n" + "\n".join(lines))
+
+
+def _expected_shapes(config: AdapterConfig, shape: list[int]) -> dict[str, tuple[int, ...]]:
+    (out_f, in_f), r = shape, config.rank
+    shapes = {"lora_A": (r, in_f), "lora_B": (out_f, r), "init_A": (r, in_f), "init_B": (out_f, r),
+              "index": (2, r), "base_sample": (SAMPLE_SIZE,)}
+    if get_init(config.init).has_middle:
+        shapes.update(lora_N=(r, r), init_N=(r, r))
+    return shapes
+
+
+def _check_record(name: str, rec: Any, default: dict) -> tuple[AdapterConfig, list[int]]:
+    """The module's config and shape from its entry (raises ValueError/TypeError/KeyError for a damaged entry)."""
+    config = AdapterConfig.from_dict({**default, **rec["config"]})
+    shape = rec["shape"]
+    if rec["kind"] not in ("Linear", "Conv1D") or not (isinstance(shape, list) and len(shape) == 2 and all(
+            isinstance(d, int) and d > 0 for d in shape)) or config.rank > min(shape):
+        raise ValueError(f"kind {rec['kind']!r}, shape {shape!r} and rank {config.rank} are not a valid layer")
+    if not (isinstance(rec["stored"], list) and isinstance(rec["from_base"], list)):
+        raise ValueError("'stored' and 'from_base' must be lists")
+    return config, shape
+
+
+def _plan_module(name: str, rec: Any, default: dict, tensors: dict[str, Tensor], module: nn.Module, adapter: str,
+                 problems: _Problems, check_base: bool) -> tuple | None:
+    """Check one module against the file; returns ``(config, initial factors, current factors)`` or records why
+    not (nothing is changed)."""
+    try:
+        config, shape = _check_record(name, rec, default)
+    except (KeyError, ValueError, TypeError) as err:
+        return problems.add("has an invalid config entry", f"{name}: {err!r}")
+    if isinstance(module, NLoRALinear) and adapter in module.adapters:
+        return problems.add("already has an adapter of that name", name)
+    base = _unwrap(module)
+    if not is_adaptable(base):
+        return problems.add("is not a Linear/Conv1D in this model", f"{name} ({type(module).__name__})")
+    w, kind = weight_view(base), "Conv1D" if is_conv1d(base) else "Linear"
+    if kind != rec["kind"] or list(w.shape) != shape:
+        return problems.add("shape mismatch (wrong base model?)", f"{name}: saved {rec['kind']} (out, in) = "
+                                                                  f"{tuple(shape)}, model has {kind} {tuple(w.shape)}")
+    own = {k: tensors[f"{name}.{k}"] for k in rec["stored"] if f"{name}.{k}" in tensors}
+    expected = _expected_shapes(config, shape)
+    for key, t in own.items():
+        if tuple(t.shape) != expected.get(key):
+            return problems.add("rank/shape mismatch between file and config",
+                                f"{name}.{key}: {tuple(t.shape)}, expected {expected.get(key)}")
+        if key not in ("index", "base_sample") and t.dtype not in (config.adapter_dtype, w.dtype):
+            return problems.add("tensor dtype differs from the config", f"{name}.{key}: {t.dtype}")
+    rows = cols = None
+    if "index" in own:
+        index = own["index"]
+        if index.dtype != torch.int64 or (index < 0).any() or (index[0] >= shape[0]).any() or (
+                index[1] >= shape[1]).any():
+            return problems.add("has invalid index sets", name)
+        rows, cols = index[0].to(w.device), index[1].to(w.device)
+    now = weight_sample(w.detach()) if check_base and "base_sample" in own else None
+    if now is not None and not same_sample(own["base_sample"], now):
+        return problems.add("base weight differs from the one the adapter was saved on (wrong base model, or a "
+                            "different checkpoint)", name)
+    if rec["from_base"]:
+        if rows is None:
+            return problems.add("has invalid index sets", f"{name}: rebuilt from the base but no index stored")
+        r, c = (t.to(w.dtype) for t in nystrom_slices(w.detach(), rows, cols))
+        if _digest(r, c) != rec.get("slice_digest"):
+            return problems.add("base weight slices differ from the ones saved (wrong base model, or a different "
+                                "dtype/checkpoint)", name)
+        own.update({k: (r if k.endswith("_A") else c) for k in rec["from_base"]})
+    prefix = "init_" if config.preserve_output else "lora_"
+    try:
+        initial = Factors(own[prefix + "A"], own.get(prefix + "N"), own[prefix + "B"], rows, cols)
+    except KeyError as err:
+        return problems.add("file lacks tensors the config lists", f"{name}.{err.args[0]}")
+    return config, initial, {k: own[k] for k in ("lora_A", "lora_N", "lora_B") if k in own}
+
+
+def _check_keys(config: dict, tensors: dict[str, Tensor], problems: _Problems) -> None:
+    """Every tensor in the file must be claimed by the config, and the other way round."""
+    claimed = {f"{m}.{k}" for m, rec in config["modules"].items() if isinstance(rec, dict)
+               for k in (rec.get("stored") if isinstance(rec.get("stored"), list) else [])}
+    claimed |= {_TRAINABLE_PREFIX + k for k in config.get("trainable_params", {})}
+    for kind, keys in (("file has tensors the config does not describe", set(tensors) - claimed),
+                       ("file lacks tensors the config lists", claimed - set(tensors))):
+        for key in sorted(keys):
+            problems.add(kind, key)
+
+
+def _plan_trainable(model: nn.Module, config: dict, tensors: dict[str, Tensor],
+                    problems: _Problems) -> tuple[list[nn.Module], list[tuple[nn.Parameter, Tensor]]]:
+    """The modules trained in full that the file names, and their parameters with the saved values."""
+    modules = {n.replace(".base.", ".").removesuffix(".base"): m for n, m in model.named_modules()}
+    params = {n.replace(".base.", "."): p for n, p in model.named_parameters()}
+    found = [modules[n] for n in config.get("trainable_modules", []) if n in modules]
+    for n in config.get("trainable_modules", []):
+        if n not in modules:
+            problems.add("trainable module missing from the model", n)
+    values = []
+    for pname, shape in config.get("trainable_params", {}).items():
+        p, t = params.get(pname), tensors.get(_TRAINABLE_PREFIX + pname)
+        if p is None:
+            problems.add("trainable parameter missing from the model", pname)
+        elif t is not None and (tuple(t.shape) != tuple(p.shape) or list(t.shape) != list(shape)):
+            problems.add("trainable parameter shape mismatch", f"{pname}: saved {tuple(t.shape)}, model {tuple(p.shape)}")
+        elif t is not None:
+            values.append((p, t))
+    return found, values
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None = None, *,
+                 check_base: bool = True) -> nn.Module:
+    """Attach the adapter saved at ``path`` to ``model`` (a fresh base model, or one holding other adapters) and make
+    it the active adapter; returns ``model``.
+
+    All-or-nothing: the file's checksum, every module, shape, rank, dtype and a sample of each base weight are checked
+    before anything changes; any problem raises one ValueError naming the modules, and the model stays bit-identical.
+    ``adapter`` renames the adapter. ``check_base=False`` skips the base-weight sample check, to put an adapter on
+    another checkpoint of the same architecture on purpose; compact factors still need the same slices.
+    """
+    path = Path(path)
+    config = read_adapter_config(path)
+    tensors = _read_tensors(path, config)
+    name = adapter or config["adapter_name"]
+    problems = _Problems()
+    merged = [n for n, layer in adapter_layers(model).items() if layer.merged_adapters]
+    for n in merged:
+        problems.add("model has merged adapters", n)
+    _check_keys(config, tensors, problems)
+    modules = _candidates(model)
+    plans = {}
+    for module_name, rec in config["modules"].items():
+        if module_name not in modules:
+            problems.add("missing from the model", module_name)
+            continue
+        plan = _plan_module(module_name, rec, config["config"], tensors, modules[module_name], name, problems,
+                            check_base)
+        if plan is not None:
+            plans[module_name] = plan
+    extra_modules, extra_values = _plan_trainable(model, config, tensors, problems)
+    problems.raise_if_any(name, path, model)
+    for module_name, (adapter_config, initial, current) in plans.items():  # apply: nothing below can fail
+        module = modules[module_name]
+        layer = module if isinstance(module, NLoRALinear) else NLoRALinear.wrapping(module, module_name)
+        if layer is not module:
+            _set_module(model, module_name, layer)
+        new = Adapter(adapter_config, initial)
+        layer.add(name, new)
+        with torch.no_grad():
+            for key, value in current.items():
+                p = getattr(new, key)
+                if p is not None and p.requires_grad:
+                    p.copy_(value)
+    with torch.no_grad():
+        for p, value in extra_values:
+            p.copy_(value)
+    for module in extra_modules:
+        setattr(module, _TRAINABLE, True)
+    set_adapter(model, name)
+    return model

@@ -1,0 +1,126 @@
+"""``AdapterConfig``: every option of one adapter, validated once and passed everywhere as one frozen object."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .inits import get_init
+
+TRAIN_MODES = ("all", "middle")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """One adapter ``ΔW = (alpha / rank) · B N A`` in torch layout (``A (r, in)``, ``N (r, r)``, ``B (out, r)``).
+
+    Args:
+        rank: ``r``, a positive int (at most ``min(out, in)`` of each layer it goes on).
+        alpha: the scale numerator; ``None`` means ``alpha = rank`` (``s = 1``, as in the paper).
+        init: a registered initialiser (``nlora.INITIALIZERS``): lora, gaussian, slora, nystrom, nystrom-pinv,
+            nystrom-optimal, pissa.
+        train: ``"all"`` trains A, N and B; ``"middle"`` trains only N (IntTune).
+        dropout: dropout on the adapter's input, in [0, 1).
+        preserve_output: subtract the initial delta from the base weight so the output is unchanged at init;
+            ``None`` takes the init's default (resolved here, so the field is always a bool).
+        adapter_dtype: dtype of the trained factors (fp32 masters by default).
+        compute_dtype: dtype of the adapter matmuls; ``None`` follows the input (or autocast).
+        seed: draws of each module come from a generator seeded with ``seed`` and the module's name.
+        options: the initialiser's own keyword options (e.g. ``index``, ``rcond``).
+    """
+
+    rank: int = 8
+    alpha: float | None = None
+    init: str = "nystrom"
+    train: str = "all"
+    dropout: float = 0.0
+    preserve_output: bool | None = None
+    adapter_dtype: torch.dtype = torch.float32
+    compute_dtype: torch.dtype | None = None
+    seed: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        spec = get_init(self.init)
+        _check_number("rank", self.rank, int, lambda v: v > 0, "a positive int")
+        if self.alpha is not None:
+            _check_number("alpha", self.alpha, (int, float), math.isfinite, "a finite number (or None: alpha = rank)")
+        _check_number("dropout", self.dropout, (int, float), lambda v: 0 <= v < 1, "a number in [0, 1)")
+        if self.seed is not None:
+            _check_number("seed", self.seed, int, lambda v: True, "an int or None")
+        if self.train not in TRAIN_MODES:
+            raise ValueError(f"train={self.train!r}: choose 'all' (A, N, B) or 'middle' (IntTune: only N)")
+        if self.train == "middle" and not spec.has_middle:
+            raise ValueError(f"train='middle' trains only N, but init {self.init!r} has no middle matrix; "
+                             f"use a nystrom* init or pissa")
+        if self.train == "middle" and spec.zero_delta:
+            raise ValueError(f"train='middle' freezes B, and init {self.init!r} sets B = 0, so N would never get a "
+                             f"gradient; use a data-driven init (nystrom*, pissa) for IntTune, or train='all'")
+        for name in ("adapter_dtype", "compute_dtype"):
+            dtype = getattr(self, name)
+            if not (dtype is None and name == "compute_dtype") and not (
+                    isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+                raise TypeError(f"{name}={dtype!r} must be a floating torch.dtype, e.g. torch.float32")
+        unknown = sorted(set(self.options) - set(spec.options))
+        if unknown:
+            raise ValueError(f"init {self.init!r} has no option(s) {unknown}; it accepts {list(spec.options)}")
+        object.__setattr__(self, "options", dict(self.options))
+        object.__setattr__(self, "preserve_output", self._resolve_preserve(spec))
+
+    def _resolve_preserve(self, spec) -> bool:
+        if self.preserve_output is None:
+            return spec.preserve_default
+        if spec.preserve_fixed and not self.preserve_output:
+            raise ValueError(f"init {self.init!r} always rewrites the base weight to the residual; "
+                             f"drop preserve_output=False")
+        return bool(self.preserve_output) and not spec.zero_delta  # B = 0: there is nothing to subtract
+
+    @classmethod
+    def build(cls, options: dict[str, Any] | None = None, **kwargs: Any) -> "AdapterConfig":
+        """A config from keyword arguments: config fields by name, every other keyword is an init option."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        extra = {k: kwargs.pop(k) for k in list(kwargs) if k not in names}
+        return cls(**kwargs, options={**(options or {}), **extra})
+
+    def replace(self, **changes: Any) -> "AdapterConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def scaling(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha) / self.rank
+
+    @property
+    def reads_base(self) -> bool:
+        """IntTune on a Nyström init that leaves the base weight as it is: A and B are the base weight's sampled
+        rows and columns, so they are read from it instead of stored."""
+        return (self.train == "middle" and self.init.startswith("nystrom") and not self.preserve_output)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (dtypes by name) that ``from_dict`` turns back into an equal config."""
+        out = dataclasses.asdict(self)
+        for name in ("adapter_dtype", "compute_dtype"):
+            out[name] = None if out[name] is None else str(out[name]).removeprefix("torch.")
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+        data = dict(data)
+        for name in ("adapter_dtype", "compute_dtype"):
+            if data.get(name) is not None:
+                dtype = getattr(torch, str(data[name]), None)
+                if not isinstance(dtype, torch.dtype):
+                    raise ValueError(f"unknown dtype {data[name]!r} for {name}")
+                data[name] = dtype
+        return cls(**data)
+
+
+def _check_number(name: str, value: Any, types, ok, what: str) -> None:
+    """Refuse a wrong type with a TypeError and a wrong value with a ValueError, each saying what is expected."""
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise TypeError(f"{name}={value!r} must be {what}, got {type(value).__name__}")
+    if not ok(value):
+        raise ValueError(f"{name}={value!r} must be {what}")

@@ -1,0 +1,123 @@
+"""Export an nlora adapter as a plain HF PEFT LoRA that ``PeftModel.from_pretrained(original_base, path)`` loads."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import _resolve, trainable_params, write_files
+from .layer import Adapter, is_conv1d
+from .model import _TRAINABLE, _candidates, adapter_layers
+
+
+def _peft_pattern_key(keys: list[str], name: str) -> str:
+    """How PEFT (>= 0.14) picks a rank_pattern/alpha_pattern key for a module name."""
+    return next((key for key in keys if re.match(rf"(.*\.)?({key})$", name)), name)
+
+
+def _patterns(values: dict[str, float], default: float, what: str) -> dict[str, float]:
+    """A PEFT rank/alpha pattern that gives every module its value under PEFT's first-match-wins lookup."""
+    pattern = {n: v for n, v in values.items() if v != default}
+    for _ in range(len(values) + 1):
+        keys = sorted(pattern, key=lambda k: (-len(k), k.count(".")))  # longest, then fewest wildcards, first
+        wrong = [n for n, v in values.items() if pattern.get(_peft_pattern_key(keys, n), default) != v]
+        if not wrong:
+            return {k: pattern[k] for k in keys}
+        pattern.update({n: values[n] for n in wrong})
+    raise ValueError(f"module names {sorted(values)[:6]} cannot be given their own {what} under PEFT's pattern "
+                     f"matching; rename the modules or use one {what} for all of them")
+
+
+def _target_modules(model: nn.Module, targets: list[str]) -> list[str] | str:
+    """PEFT ``target_modules``: the list of names when that matches exactly them, else a fullmatch regex."""
+    hit = {n for n in _candidates(model) for t in targets if n == t or n.endswith("." + t)}
+    return sorted(targets) if hit == set(targets) else "(" + "|".join(re.escape(t) for t in sorted(targets)) + ")"
+
+
+def peft_factors(adapter: Adapter, weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(A', B')`` with ``s B' A' = s (B N A - B0 N0 A0)``: the delta from the ORIGINAL weight (the second block only
+    for inits that rewrote the base weight), ``N`` folded into ``B``."""
+    a, n, b = adapter.factors(weight)
+    blocks = [(a, b if n is None else b.double() @ n.double())]
+    if adapter.config.preserve_output:
+        n0 = adapter.init_N
+        blocks.append((adapter.init_A, -(adapter.init_B.double() if n0 is None else adapter.init_B.double() @
+                                         n0.double())))
+    a = torch.cat([x.double() for x, _ in blocks], dim=0)
+    b = torch.cat([y.double() for _, y in blocks], dim=1)
+    return a.to(dtype).contiguous(), b.to(dtype).contiguous()
+
+
+def _check_trainable(model: nn.Module, modules: list[str], adapted: list[str], saved: dict) -> None:
+    """Refuse trainable modules that PEFT's ``modules_to_save`` cannot express."""
+    clash = [m for m in modules for t in adapted if t == m or t.startswith(m + ".")]
+    if clash:
+        raise ValueError(f"trainable modules {clash[:4]} are also (or contain) adapted modules; PEFT cannot express "
+                         f"that: drop them from trainable, or export without them")
+    names = list(_candidates(model))
+    for m in modules:
+        if [n for n in names if n.endswith(m) and n != m and not n.startswith(m + ".")]:
+            raise ValueError(f"trainable module {m!r}: PEFT's modules_to_save matching (suffix) would also pick other "
+                             f"modules; rename it or leave it out")
+    ids = {id(p) for p in saved.values()}
+    tied = sorted({n.replace(".base.", ".") for n, p in model.named_parameters(remove_duplicate=False)
+                   if id(p) in ids and not any(n.startswith(m + ".") for m in modules)})
+    if tied:
+        raise ValueError(f"trainable modules {modules[:4]} share weights with {tied[:4]} (tied weights, e.g. an output "
+                         f"head tied to the input embedding); PEFT's modules_to_save trains a copy of the named module "
+                         f"only, which unties them: export with include_trainable=False and ship the tied weights "
+                         f"separately (or untie them before training)")
+
+
+def export_peft(model: nn.Module, path: str | os.PathLike, adapter: str | None = None, *,
+                dtype: torch.dtype = torch.float32, base_model_name_or_path: str | None = None,
+                include_trainable: bool = True) -> Path:
+    """Write adapter ``adapter`` as a plain HF PEFT LoRA (``adapter_config.json`` + ``adapter_model.safetensors``)
+    that ``PeftModel.from_pretrained(original_base_model, path)`` loads with the same outputs; returns the path.
+
+    ``N`` is folded into ``B' = B N``. An adapter whose init rewrote the base weight (``preserve_output``, pissa) is
+    exported relative to the ORIGINAL weights as the rank-2r LoRA ``A' = [A; A0]``, ``B' = [B N, -B0 N0]`` with r and
+    alpha doubled. Per-module ranks and alphas go to ``rank_pattern``/``alpha_pattern``; Conv1D layers set
+    ``fan_in_fan_out``; modules trained in full go to ``modules_to_save``. Tensors are written in ``dtype``.
+    """
+    name, layers = _resolve(model, adapter, "export")
+    others = sorted({n for layer in adapter_layers(model).values() for n, a in layer.adapters.items()
+                     if n != name and a.config.preserve_output})
+    if others:
+        raise ValueError(f"adapters {others} also rewrote base weights (preserve_output): a PEFT file of {name!r} alone "
+                         f"cannot reproduce this model; delete_adapter them (or export from a model holding only "
+                         f"{name!r})")
+    tensors: dict[str, Tensor] = {}
+    ranks, alphas, dropouts = {}, {}, []
+    for module_name, layer in layers.items():
+        ad = layer.adapters[name]
+        a, b = peft_factors(ad, layer.weight, dtype)
+        ranks[module_name] = a.shape[0]
+        alphas[module_name] = ad.config.scaling * a.shape[0]  # PEFT's scaling is lora_alpha / r
+        tensors[f"base_model.model.{module_name}.lora_A.weight"] = a
+        tensors[f"base_model.model.{module_name}.lora_B.weight"] = b
+        dropouts.append(ad.config.dropout)
+    saved = trainable_params(model) if include_trainable else {}
+    modules = sorted(n for n, m in model.named_modules() if getattr(m, _TRAINABLE, False)) if saved else []
+    _check_trainable(model, modules, list(layers), saved)
+    tensors.update({f"base_model.model.{n}": p.detach().to(dtype if p.is_floating_point() else p.dtype)
+                    for n, p in saved.items()})
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    config = {
+        "peft_type": "LORA", "task_type": None, "inference_mode": True, "revision": None,
+        "base_model_name_or_path": base_model_name_or_path or getattr(getattr(model, "config", None),
+                                                                      "_name_or_path", None) or None,
+        "r": r, "lora_alpha": alpha, "target_modules": _target_modules(model, list(layers)),
+        "lora_dropout": Counter(dropouts).most_common(1)[0][0],
+        "fan_in_fan_out": all(is_conv1d(layer.base) for layer in layers.values()),
+        "bias": "none", "use_rslora": False, "use_dora": False, "modules_to_save": modules or None,
+        "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": _patterns(ranks, r, "rank"), "alpha_pattern": _patterns(alphas, alpha, "alpha"),
+    }
+    return write_files(path, tensors, config, checksum=False)
