@@ -154,19 +154,18 @@ def _copy(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 class _LowRankSum(torch.autograd.Function):
-    """``y += Σ_k s_k B_k N_k A_k x_k`` in place on the frozen base output ``y = x Wᵀ + b`` (2-D), as one node.
+    """``y += Σ_k s_k B_k N_k A_k x_k`` in place on the base output ``y`` (2-D), as one autograd node.
 
-    Its backward gives ``x`` the base's input gradient ``g W`` plus every term's (where ``x_k`` is ``None`` it is
-    ``x`` itself; otherwise ``x_k``, a dropout of ``x``, gets its own gradient) and each factor its gradient. Matmuls
-    run in ``y``'s dtype; each term saves only what its backward needs. Double backward is refused.
+    ``x_k`` is ``None`` where it is ``x`` itself (no dropout): those terms' input gradients are summed into one for
+    ``x``. Matmuls run in ``y``'s dtype; each term saves only what its backward needs. Double backward is refused.
     """
 
     @staticmethod
-    def forward(ctx, y: Tensor, x: Tensor, w: Tensor, scales: tuple[float, ...], *flat: Tensor | None) -> Tensor:
+    def forward(ctx, y: Tensor, x: Tensor, scales: tuple[float, ...], *flat: Tensor | None) -> Tensor:
         needs, dt, saved = ctx.needs_input_grad, y.dtype, []
         for k, s in enumerate(scales):
             xk, a, n, b = flat[4 * k: 4 * k + 4]
-            need_x, need_a, need_n, need_b = needs[4 + 4 * k: 8 + 4 * k]
+            need_x, need_a, need_n, need_b = needs[3 + 4 * k: 7 + 4 * k]
             need_x = need_x or (xk is None and needs[1])
             xk, a, b = (x if xk is None else xk).to(dt), a.to(dt), b.to(dt)
             n = None if n is None else n.to(dt)
@@ -178,19 +177,17 @@ class _LowRankSum(torch.autograd.Function):
                       h1 if need_n else None, h2 if need_b else None]
         ctx.mark_dirty(y)
         ctx.scales, ctx.tied = scales, [flat[4 * k] is None for k in range(len(scales))]
-        ctx.save_for_backward(w if needs[1] else None, *saved)
+        ctx.save_for_backward(*saved)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g: Tensor):
-        w, *saved = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        gx = torch.mm(g, w.to(g.dtype)) if needs[1] else None
-        grads = []
+        saved, needs = ctx.saved_tensors, ctx.needs_input_grad
+        gx, grads = None, []
         for k, s in enumerate(ctx.scales):
             xk, a, n, b, h1, h2 = saved[6 * k: 6 * k + 6]
-            need_xk, need_a, need_n, need_b = needs[4 + 4 * k: 8 + 4 * k]
+            need_xk, need_a, need_n, need_b = needs[3 + 4 * k: 7 + 4 * k]
             need_x = needs[1] if ctx.tied[k] else need_xk
             gxk = ga = gn = gb = None
             if need_b:
@@ -201,11 +198,11 @@ class _LowRankSum(torch.autograd.Function):
                 v = u if n is None else torch.mm(u, n)  # dL/dh1
                 ga = torch.mm(v.t(), xk) if need_a else None
                 if need_x and ctx.tied[k]:
-                    gx.addmm_(v, a)
+                    gx = torch.mm(v, a) if gx is None else gx.addmm_(v, a)
                 elif need_x:
                     gxk = torch.mm(v, a)
             grads += [gxk, ga, gn, gb]
-        return None, gx, None, None, *grads
+        return g, gx, None, *grads
 
 
 class NLoRALinear(nn.Module):
@@ -367,6 +364,12 @@ class NLoRALinear(nn.Module):
         self.merged_adapters = ()
         return self.base
 
+    def delta_weight(self, adapter_name: str | None = None, initial: bool = False) -> Tensor:
+        """An adapter's ``s · B N A`` (``initial``: its init's ``s · B0 N0 A0``) as an fp32 ``(out, in)`` tensor."""
+        adapter = self.active() if adapter_name is None else self.adapters[adapter_name]
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        return delta_weight([adapter.term(None, self.weight, initial=initial)], dtype)
+
     # -- forward ---------------------------------------------------------------------------------------------------
     def terms(self, x: Tensor) -> list[Term]:
         """The low-rank products this forward adds to the base output."""
@@ -383,17 +386,13 @@ class NLoRALinear(nn.Module):
         terms = self.terms(x2)
         if not terms:
             return self.base(x)
-        if self.base.weight.requires_grad or getattr(self.base.bias, "requires_grad", False):
-            raise RuntimeError(f"{self.module_name}: nlora keeps the wrapped layer frozen, but its weight or bias "
-                               f"requires grad; freeze it, or train the whole module with inject(trainable=[...])")
-        with torch.no_grad():
-            y = self.base(x2)
-        dt = self.adapters[next(iter(self.adapters))].config.compute_dtype
-        if dt is not None and dt != y.dtype:  # compute_dtype: the adapter matmuls run in it, added back once
-            y = y.to(dt)
+        y = self.base(x2)
+        out_dtype, compute_dtype = y.dtype, next(iter(self.adapters.values())).config.compute_dtype
+        if compute_dtype is not None:  # the adapter matmuls (and the sum) run in compute_dtype, rounded back once
+            y = y.to(compute_dtype)
         flat = [t for x_k, a, n, b, _ in terms for t in (x_k, a, n, b)]
-        y = _LowRankSum.apply(y, x2, self.weight, tuple(t[4] for t in terms), *flat)
-        return y.to(x.dtype if dt is not None else y.dtype).view(*x.shape[:-1], y.shape[-1])
+        y = _LowRankSum.apply(y, x2, tuple(t[4] for t in terms), *flat)
+        return y.to(out_dtype).view(*x.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:
         kind = "Conv1D" if is_conv1d(self.base) else "Linear"

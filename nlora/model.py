@@ -208,25 +208,23 @@ def build_adapter(base: nn.Module, config: AdapterConfig, label: str,
 
 
 def _warn_if_moved(factors: dict[str, Factors], weights: dict[str, Tensor], configs: dict[str, AdapterConfig]) -> None:
-    """Warn once when an init that keeps the base weight moves the layers a lot (median ||s B N A|| / ||W||)."""
-    ratios, sigma2 = [], []
+    """Warn once when an init that keeps the base weight moves the layers a lot: the median ||s B N A|| / ||W|| over
+    the layers is above ``MOVED_A_LOT``. For iid entries of std σ it is about r·σ², which the message reports too."""
+    ratios, rule = [], []
     for name, f in factors.items():
         w = weights[name]
         if f.N is None or f.A.is_meta or sharded.is_dtensor(w):
             continue
-        a, n, b = f.A.double(), f.N.double(), f.B.double()
-        na = n @ a
-        delta2 = ((b.T @ b) * (na @ na.T)).sum()  # ||B N A||_F^2 from r x r products
-        ratios.append(configs[name].scaling * delta2.sqrt() / torch.linalg.matrix_norm(w.double()))
-        sigma2.append(configs[name].rank * w.double().var())
-    if not ratios:
-        return
-    median, rule = torch.stack(ratios).median().item(), torch.stack(sigma2).median().item()
-    if median > MOVED_A_LOT:
-        warnings.warn(f"init {next(iter(configs.values())).init!r} keeps the base weights, so at init it changes each "
-                      f"adapted layer by a median ||s*B N A|| / ||W|| = {median:.2f} (r*sigma^2 = {rule:.2f}, sigma = "
-                      f"the weights' entry std): the model's outputs move a lot before training. Pass "
-                      f"preserve_output=True to keep them", stacklevel=3)
+        na = f.N.double() @ f.A.double()
+        delta = ((f.B.double().T @ f.B.double()) * (na @ na.T)).sum().sqrt()  # ||B N A||_F from r x r products
+        norm = torch.linalg.vector_norm(w, dtype=torch.float64)
+        ratios.append(configs[name].scaling * delta / norm)
+        rule.append(configs[name].rank * norm.square() / w.numel())  # r·σ², σ² = mean of the squared entries
+    if ratios and (median := torch.stack(ratios).median().item()) > MOVED_A_LOT:
+        warnings.warn(f"init {next(iter(configs.values())).init!r} keeps the base weights, so at init it changes the "
+                      f"adapted layers by a median ||s*B N A|| / ||W|| = {median:.2f} (r*sigma^2 = "
+                      f"{torch.stack(rule).median().item():.2f}, sigma = the weights' entry std): the model's outputs "
+                      f"move a lot before training. Pass preserve_output=True to keep them", stacklevel=3)
 
 
 def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | None = None, init: str = "nystrom", *,

@@ -68,7 +68,7 @@ def default_rtol(rows: int, cols: int, dtype: torch.dtype = torch.float32) -> fl
 
 
 def check_rcond(rcond: float | None) -> None:
-    """Refuse an ``rcond`` that is not ``None`` or a finite number >= 0 (bools refused) with a message naming the fix."""
+    """Refuse an ``rcond`` that is not ``None`` or a finite number >= 0 (bools refused), naming the fix."""
     if rcond is not None and (isinstance(rcond, bool) or not isinstance(rcond, (int, float))
                               or not math.isfinite(rcond) or rcond < 0):
         raise ValueError(f"rcond={rcond!r} must be a finite number >= 0 (relative to σ_max), or None for torch's "
@@ -95,14 +95,14 @@ def _gram_pinv(gram: Tensor, cuts: Sequence[tuple[int, float]]) -> Tensor:
 
 
 def truncated_pinv(mat: Tensor, rcond: float | None = None) -> Tensor:
-    """Pseudo-inverse of ``mat`` ``(..., m, n)`` dropping singular values ``σ < rtol σ_max``, without an SVD.
+    """Pseudo-inverse of ``mat`` ``(..., m, n)`` dropping singular values ``σ <= rtol σ_max``, without an SVD.
 
     With ``M = U Σ Vᵀ``, the fp64 Gram of the smaller side, ``G = MᵀM = V Σ² Vᵀ`` (tall) or ``MMᵀ = U Σ² Uᵀ`` (wide),
-    goes through one batched ``eigh``; eigenvalues ``σ² < rtol² λ_max`` get ``1/λ = 0``, the rest are inverted, so
+    goes through one batched ``eigh``; eigenvalues ``σ² <= rtol² λ_max`` get ``1/λ = 0``, the rest are inverted, so
     ``G⁺Mᵀ`` (tall) or ``MᵀG⁺`` (wide) is ``V Σ_kept⁻¹ Uᵀ``: torch.linalg.pinv(M, rtol=rtol) as long as
     ``rtol² >= 4 (m + n) eps64`` (smaller cutoffs are raised to that, the Gram's own rounding).
     ``rtol = rcond``, ``None``: ``default_rtol(m, n, out dtype)``. Result in ``promote(mat.dtype, float32)``; a zero
-    matrix gives zeros; no host synchronisation.
+    matrix gives zeros. No host synchronisation of its own (on CUDA ``eigh`` itself checks its status on the host).
     """
     check_rcond(rcond)
     m, n = mat.shape[-2:]
@@ -110,7 +110,7 @@ def truncated_pinv(mat: Tensor, rcond: float | None = None) -> Tensor:
     x = mat.double()
     tall = m >= n
     gram = x.mT @ x if tall else x @ x.mT
-    flat = gram.reshape(-1, *gram.shape[-2:])
+    flat = gram.reshape(math.prod(gram.shape[:-2]), *gram.shape[-2:])
     g_pinv = _gram_pinv(flat, [(flat.shape[0], _cutoff(m, n, rcond, out_dtype))]).reshape(gram.shape)
     return (g_pinv @ x.mT if tall else x.mT @ g_pinv).to(out_dtype)
 
