@@ -356,8 +356,6 @@ def test_cores_on_cuda_match_the_cpu(dtype):
 
 
 @CUDA
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="torch.linalg.eigh checks its status on the host "
-                   "(measured on torch 2.11 + H200); nlora's own code adds no sync: passes once torch drops it")
 def test_cores_make_no_host_sync_on_cuda():
     w = torch.randn(300, 200, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     rows, cols = torch.arange(16, device="cuda"), torch.arange(16, device="cuda")
