@@ -40,9 +40,9 @@ def weight_sample(weight: Tensor) -> Tensor | None:
     on its own device and dtype; ``None`` for a weight without local data (meta, sharded)."""
     if weight.is_meta or type(weight).__name__ == "DTensor":
         return None
-    positions = torch.arange(SAMPLE_SIZE, device=weight.device) * 2654435761 % weight.numel()
+    positions = [i * 2654435761 % weight.numel() for i in range(SAMPLE_SIZE)]
     with torch.no_grad():
-        return torch.take(weight, positions).detach().clone()
+        return torch.take(weight, torch.tensor(positions, device=weight.device))
 
 
 def meta_factors(shape: torch.Size, config: AdapterConfig) -> Factors:
@@ -153,20 +153,30 @@ def _copy(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.detach().to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
 
 
-class _LowRankSum(torch.autograd.Function):
-    """``y += Σ_k s_k B_k N_k A_k x_k`` in place on the base output ``y`` (2-D), as one autograd node.
+class _AdaptedLinear(torch.autograd.Function):
+    """``y = base(x) + Σ_k s_k B_k N_k A_k x_k`` for a linear ``base`` with ``(out, in)`` weight ``w``, as one node.
 
-    ``x_k`` is ``None`` where it is ``x`` itself (no dropout): those terms' input gradients are summed into one for
-    ``x``. Matmuls run in ``y``'s dtype; each term saves only what its backward needs. Double backward is refused.
+    The base runs inside (its hooks too) and every term accumulates into its output in place. ``x_k`` is ``None``
+    where it is ``x`` itself (no dropout): the backward then adds that term's input gradient into the base's
+    ``g W`` in place. Matmuls run in the base output's dtype; each term saves only what its backward needs.
+    Double backward is refused.
     """
 
     @staticmethod
-    def forward(ctx, y: Tensor, x: Tensor, scales: tuple[float, ...], *flat: Tensor | None) -> Tensor:
-        needs, dt, saved = ctx.needs_input_grad, y.dtype, []
+    def forward(ctx, x: Tensor, base: nn.Module, w: Tensor, bias: Tensor | None, dtype: torch.dtype | None,
+                scales: tuple[float, ...], *flat: Tensor | None) -> Tensor:
+        y = base(x)
+        ctx.out_dtype, ctx.dt = y.dtype, dtype or y.dtype
+        dt = ctx.dt
+        # ``_base`` is torch's documented way to tell a view: HF Conv1D returns one, which may not be returned for
+        # in-place use, so it is copied (as is an output to be cast to compute_dtype)
+        if y._base is not None or dt != y.dtype:
+            y = y.to(dt, copy=True)
+        needs, saved = ctx.needs_input_grad, []
         for k, s in enumerate(scales):
             xk, a, n, b = flat[4 * k: 4 * k + 4]
-            need_x, need_a, need_n, need_b = needs[3 + 4 * k: 7 + 4 * k]
-            need_x = need_x or (xk is None and needs[1])
+            need_x, need_a, need_n, need_b = needs[6 + 4 * k: 10 + 4 * k]
+            need_x = need_x or (xk is None and needs[0])
             xk, a, b = (x if xk is None else xk).to(dt), a.to(dt), b.to(dt)
             n = None if n is None else n.to(dt)
             h1 = F.linear(xk, a)
@@ -175,34 +185,38 @@ class _LowRankSum(torch.autograd.Function):
             back = need_x or need_a or need_n
             saved += [xk if need_a else None, a if need_x else None, n if back else None, b if back else None,
                       h1 if need_n else None, h2 if need_b else None]
-        ctx.mark_dirty(y)
         ctx.scales, ctx.tied = scales, [flat[4 * k] is None for k in range(len(scales))]
-        ctx.save_for_backward(*saved)
-        return y
+        ctx.save_for_backward(x if needs[2] else None, w if needs[0] else None, *saved)
+        return y.to(ctx.out_dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g: Tensor):
-        saved, needs = ctx.saved_tensors, ctx.needs_input_grad
-        gx, grads = None, []
+        x, w, *saved = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        g = g.to(ctx.dt)
+        gx = torch.mm(g, w.to(g.dtype)) if needs[0] else None
+        gw = torch.mm(g.t(), x.to(g.dtype)) if needs[2] else None  # only if the user unfroze the base weight
+        gbias = g.sum(0) if needs[3] else None
+        grads = []
         for k, s in enumerate(ctx.scales):
             xk, a, n, b, h1, h2 = saved[6 * k: 6 * k + 6]
-            need_xk, need_a, need_n, need_b = needs[3 + 4 * k: 7 + 4 * k]
-            need_x = needs[1] if ctx.tied[k] else need_xk
+            need_xk, need_a, need_n, need_b = needs[6 + 4 * k: 10 + 4 * k]
+            need_x = needs[0] if ctx.tied[k] else need_xk
             gxk = ga = gn = gb = None
             if need_b:
-                gb = torch.mm(g.t(), h2).mul_(s)
+                gb = torch.mm(g.t(), h2) if s == 1 else torch.mm(g.t(), h2).mul_(s)
             if need_x or need_a or need_n:
-                u = torch.mm(g, b).mul_(s)  # dL/dh2
+                u = torch.mm(g, b) if s == 1 else torch.mm(g, b).mul_(s)  # dL/dh2
                 gn = torch.mm(u.t(), h1) if need_n else None
                 v = u if n is None else torch.mm(u, n)  # dL/dh1
                 ga = torch.mm(v.t(), xk) if need_a else None
                 if need_x and ctx.tied[k]:
-                    gx = torch.mm(v, a) if gx is None else gx.addmm_(v, a)
+                    gx.addmm_(v, a)
                 elif need_x:
                     gxk = torch.mm(v, a)
             grads += [gxk, ga, gn, gb]
-        return g, gx, None, *grads
+        return gx, None, gw, gbias, None, None, *grads
 
 
 class NLoRALinear(nn.Module):
@@ -386,13 +400,11 @@ class NLoRALinear(nn.Module):
         terms = self.terms(x2)
         if not terms:
             return self.base(x)
-        y = self.base(x2)
-        out_dtype, compute_dtype = y.dtype, next(iter(self.adapters.values())).config.compute_dtype
-        if compute_dtype is not None:  # the adapter matmuls (and the sum) run in compute_dtype, rounded back once
-            y = y.to(compute_dtype)
         flat = [t for x_k, a, n, b, _ in terms for t in (x_k, a, n, b)]
-        y = _LowRankSum.apply(y, x2, tuple(t[4] for t in terms), *flat)
-        return y.to(out_dtype).view(*x.shape[:-1], y.shape[-1])
+        compute_dtype = next(iter(self.adapters.values())).config.compute_dtype
+        y = _AdaptedLinear.apply(x2, self.base, self.weight, self.base.bias, compute_dtype, tuple(t[4] for t in terms),
+                                 *flat)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:
         kind = "Conv1D" if is_conv1d(self.base) else "Linear"
