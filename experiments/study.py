@@ -9,11 +9,11 @@ seeds) is reported at that rate, with the number of steps each method needs to r
 convergence claim). Runs are spread over worker processes (small models leave a GPU idle between kernel
 launches) and stop starting new jobs at ``--budget-s``; the table says how many seeds finished.
 
-    python -m benchmarks.study                  # full grid (meant for a GPU)
-    python -m benchmarks.study --task gsm --workers 6 --budget-s 420   # the SmolLM2 half (GPU; see gsm_smollm)
-    python -m benchmarks.study --quick          # a few steps of every method on CPU: checks the pipeline
-    python -m benchmarks.study --aggregate runs.jsonl   # tables + JSON + plots from saved runs
-    python -m benchmarks.study --export-assets DIR      # MiniLM as fp16 + the RT csv, to carry to a GPU box
+    python -m experiments.study                  # full grid (meant for a GPU)
+    python -m experiments.study --task gsm --workers 6 --budget-s 420   # the SmolLM2 half (GPU; see gsm_smollm)
+    python -m experiments.study --quick          # a few steps of every method on CPU: checks the pipeline
+    python -m experiments.study --aggregate runs.jsonl   # tables + JSON + plots from saved runs
+    python -m experiments.study --export-assets DIR      # MiniLM as fp16 + the RT csv, to carry to a GPU box
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import rt_sentiment as rt
+from experiments import rt_sentiment as rt
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LRS = {  # base learning rates swept per method (IntTune's N trains at 10x these; the head at 1x)
@@ -96,7 +96,7 @@ class SentimentTask:
 
 def get_task(name: str):
     if name == "gsm":
-        from benchmarks import gsm_smollm
+        from experiments import gsm_smollm
 
         return gsm_smollm.Task
     return SentimentTask
@@ -345,7 +345,7 @@ def init_stats(rank: int, out: Path, task: str = "rt") -> dict:
     """How far the faithful NLoRA init (first-r slices, core not inverted, base left alone) moves each pretrained
     weight (MiniLM, or SmolLM2 for ``task="gsm"``): ||s B N A|| / ||W|| per layer kind (s = 1, as alpha = r)."""
     if task == "gsm":
-        from benchmarks import gsm_smollm
+        from experiments import gsm_smollm
 
         model, targets, model_name = gsm_smollm.load_lm()[1], gsm_smollm.TARGETS, "SmolLM2-135M"
     else:
@@ -450,13 +450,13 @@ def main() -> None:
             "seeds": args.seeds, "lrs": {m: grid[m] for m in args.methods}, "test": args.test, "val": args.val,
             "quick": args.quick, "device_name": (torch.cuda.get_device_name() if args.device.startswith("cuda")
                                                   else platform.processor() or "cpu"),
-            "torch": torch.__version__, "workers": args.workers, "command": "python -m benchmarks.study " + " ".join(sys.argv[1:])}
+            "torch": torch.__version__, "workers": args.workers, "command": "python -m experiments.study " + " ".join(sys.argv[1:])}
     runs = args.aggregate or args.runs or (args.out_dir / f"{tag}_runs.jsonl")
     if not args.aggregate:
         runs.parent.mkdir(parents=True, exist_ok=True)
         runs.unlink(missing_ok=True)
         start = time.time()
-        base = [sys.executable, "-m", "benchmarks.study", *sys.argv[1:], "--world", str(args.workers),
+        base = [sys.executable, "-m", "experiments.study", *sys.argv[1:], "--world", str(args.workers),
                 "--start", str(start)]
         procs = [subprocess.Popen(base + ["--worker-index", str(i), "--out", str(runs.with_suffix(f".{i}.part"))])
                  for i in range(args.workers)]

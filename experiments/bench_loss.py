@@ -5,8 +5,8 @@ linear, mean pooling and an fp32 linear head, Rotten Tomatoes fresh/rotten snipp
 Policies: nlora's default (fp32 master factors, matmuls in the input's bf16) against ``compute_dtype=float32``
 (fp32 adapter compute, the output cast back to bf16). Same seed, same batches, same init.
 
-    python benchmarks/bench_loss.py --prepare           # here: writes benchmarks/.assets (bf16 weights, tokens)
-    python benchmarks/bench_loss.py --steps 300         # anywhere (the GPU run reads the prepared assets)
+    python -m experiments.bench_loss --prepare      # writes experiments/.assets (bf16 weights, tokens)
+    python -m experiments.bench_loss --steps 300    # anywhere (a GPU run reads the prepared assets; carry them along)
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nlora
-from _common import HERE, machine_info, table, write_json
+from experiments._common import HERE, machine_info, table, write_json
 
 ASSETS = HERE / ".assets"
 
