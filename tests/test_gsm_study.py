@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-gsm = pytest.importorskip("benchmarks.gsm_smollm")
-gsm_data = pytest.importorskip("benchmarks.gsm_data")
-study = pytest.importorskip("benchmarks.study")
+gsm = pytest.importorskip("experiments.gsm_smollm")
+gsm_data = pytest.importorskip("experiments.gsm_data")
+study = pytest.importorskip("experiments.study")
 
 
 @pytest.mark.parametrize("text, answer, ok", [

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-rt = pytest.importorskip("benchmarks.rt_sentiment")
+rt = pytest.importorskip("experiments.rt_sentiment")
 
 
 def test_load_drops_plot_rows_and_labels_fresh_as_1(tmp_path):

@@ -1,0 +1,223 @@
+"""Training-step time and peak memory: nlora vs PEFT on 8 LLaMA-2-7B-shaped decoder layers (GPU, bf16).
+
+Every variant is its own LlamaModel from the same seed, fed random inputs_embeds (requires_grad, so the frozen floor
+has a backward too); r = alpha = 128 on all 7 projections; a plain eager zero_grad / forward / backward / AdamW step.
+3 warm-up steps per variant, then interleaved rounds of --steps steps per variant; medians over rounds. Peak memory:
+a separate pass, one variant at a time. Details: docs/benchmarks.md.
+
+  python3 benchmarks/train_step.py [--shapes 4x2048 2x1024] [--variants ...] [--steps 10] [--rounds 3] [--out DIR]
+  python3 benchmarks/train_step.py --tiny     # CPU smoke test: hidden 64, 2 layers, 2x32 tokens, r=8, fp32
+"""
+
+import argparse
+import gc
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import nlora  # noqa: E402
+
+warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from transformers/PEFT
+
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = {  # name -> nlora.inject keyword arguments, "peft-bf16" / "peft-default", or None (no adapters)
+    "floor": None,
+    "nlora NLoRA": dict(init="nystrom"),
+    "nlora SLoRA": dict(init="slora"),
+    "nlora LoRA": dict(init="lora"),
+    "nlora IntTune": dict(init="nystrom", train="middle"),
+    "nlora NLoRA bf16": dict(init="nystrom", adapter_dtype=torch.bfloat16),
+    "PEFT LoRA bf16": "peft-bf16",
+    "PEFT default": "peft-default",
+}
+
+
+def machine(device):
+    """Where and with what this ran: the command line, CPU, GPU, core count, library versions, git commit."""
+    def version(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), cpu)
+    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    return {"command": shlex.join(["python3", *sys.argv]),
+            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_avg_1m": os.getloadavg()[0],
+            "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None, "cuda": torch.version.cuda,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": version("transformers"), "peft": version("peft"), "nlora": nlora.__version__,
+            "nlora_commit": os.environ.get("NLORA_COMMIT") or git.stdout.strip() or None}
+
+
+def build(name, cfg, rank, device, dtype):
+    """A fresh model of ``cfg`` (seed 0) with variant ``name``'s adapters, and its optimizer (None: nothing trains)."""
+    from transformers import LlamaModel
+
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        model = LlamaModel(cfg).requires_grad_(False).train()
+    torch.set_default_dtype(torch.float32)
+    kind = VARIANTS[name]
+    if isinstance(kind, dict):
+        nlora.inject(model, "all-linear", rank=rank, alpha=rank, **kind)
+    elif kind is not None:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=PROJ, lora_dropout=0.0)
+        model = get_peft_model(model, config, autocast_adapter_dtype=(kind == "peft-default"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=(device == "cuda")) if params else None
+    return model, opt
+
+
+def step(model, opt, x):
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
+    x.grad = None
+    loss = model(inputs_embeds=x).last_hidden_state.float().square().mean()
+    loss.backward()
+    if opt is not None:
+        opt.step()
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_rounds(models, x, args, device):
+    """ms/step of every variant, one entry per round; rounds go round-robin over the variants."""
+    for model, opt in models.values():
+        for _ in range(3):  # warm-up
+            step(model, opt, x)
+    ms = {n: [] for n in models}
+    for _ in range(args.rounds):
+        for n, (model, opt) in models.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step(model, opt, x)
+            sync(device)
+            ms[n].append((time.perf_counter() - t0) * 1e3 / args.steps)
+    return ms
+
+
+def peak_gib(name, cfg, x, args):
+    """CUDA peak allocation of building variant ``name`` and running 2 steps, above what was allocated before."""
+    x.grad = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    model, opt = build(name, cfg, args.rank, "cuda", torch.bfloat16)
+    for _ in range(2):
+        step(model, opt, x)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**30
+
+
+def measure_shape(shape, names, cfg, args, device, dtype):
+    batch, seq = map(int, shape.split("x"))
+    gen = torch.Generator(device).manual_seed(1)
+    x = torch.randn(batch, seq, cfg.hidden_size, device=device, dtype=dtype, generator=gen).requires_grad_(True)
+    models = {n: build(n, cfg, args.rank, device, dtype) for n in names}
+    trainable = {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, (m, _) in models.items()}
+    ms = time_rounds(models, x, args, device)
+    del models
+    peak = {n: peak_gib(n, cfg, x, args) for n in names} if device == "cuda" else {}
+
+    def ratio(n, ref):  # median over rounds of the same round's ratio
+        return statistics.median(a / b for a, b in zip(ms[n], ms[ref])) if ref in ms else None
+
+    rows = [{"variant": n, "trainable_params": trainable[n], "ms_per_step": statistics.median(ms[n]),
+             "ms_per_step_rounds": ms[n], "x_floor": ratio(n, "floor"), "x_peft_bf16": ratio(n, "PEFT LoRA bf16"),
+             "peak_gib": peak.get(n),
+             "peak_x_floor": peak[n] / peak["floor"] if n in peak and "floor" in peak else None} for n in names]
+    return {"shape": shape, "batch": batch, "seq": seq, "rows": rows}
+
+
+def plot(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(result["shapes"]), figsize=(max(9, 6 * len(result["shapes"])), 4), squeeze=False)
+    for ax, s in zip(axes[0], result["shapes"]):
+        rows = [r for r in s["rows"] if r["x_floor"] is not None]
+        ax.barh([r["variant"] for r in rows], [r["x_floor"] for r in rows], color="tab:blue")
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.invert_yaxis()
+        ax.set_xlabel("training step time, x floor (frozen model, no adapters)")
+        ax.set_title(f"{s['batch']} x {s['seq']} tokens")
+    fig.suptitle(result["title"], fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", help="batch x tokens, e.g. 4x2048 (default: 4x2048 2x1024; --tiny: 2x32)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--layers", type=int, help="decoder layers (default 8; --tiny: 2)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny fp32 model, r=8")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = p.parse_args()
+    from transformers import LlamaConfig
+
+    if args.tiny:
+        device, dtype, args.rank, name = "cpu", torch.float32, 8, "train_step_tiny"
+        dims = dict(hidden_size=64, intermediate_size=172, num_attention_heads=4, num_key_value_heads=4)
+        shapes, layers = args.shapes or ["2x32"], args.layers or 2
+    else:
+        device, dtype, args.rank, name = "cuda", torch.bfloat16, 128, "train_step"
+        dims = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)
+        shapes, layers = args.shapes or ["4x2048", "2x1024"], args.layers or 8
+    cfg = LlamaConfig(**dims, num_hidden_layers=layers, vocab_size=256, use_cache=False,
+                      attn_implementation="sdpa")
+    title = (f"{layers} LLaMA layers (hidden {cfg.hidden_size}, MLP {cfg.intermediate_size}), {str(dtype)[6:]}, "
+             f"r = alpha = {args.rank} on all linear layers, {device}")
+    print(title)
+    result = {"benchmark": "train_step", "title": title, "machine": machine(device), "device": device,
+              "dtype": str(dtype), "rank": args.rank, "alpha": args.rank, "layers": layers,
+              "hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size, "heads": cfg.num_attention_heads,
+              "attention": cfg._attn_implementation, "steps_per_round": args.steps, "rounds": args.rounds,
+              "warmup_steps": 3, "adamw_fused": device == "cuda", "shapes": []}
+    for shape in shapes:
+        s = measure_shape(shape, args.variants, cfg, args, device, dtype)
+        result["shapes"].append(s)
+        print(f"\n{shape} tokens: median of {args.rounds} rounds x {args.steps} steps")
+        print(f"{'variant':<18} {'trainable':>11} {'ms/step':>9} {'x floor':>8} {'x PEFT bf16':>11} "
+              f"{'peak GiB':>9} {'mem x floor':>11}")
+        for r in s["rows"]:
+            x_floor, x_peft, gib, mem = ("-" if r[k] is None else f"{r[k]:.3f}"
+                                         for k in ("x_floor", "x_peft_bf16", "peak_gib", "peak_x_floor"))
+            print(f"{r['variant']:<18} {r['trainable_params']:>11,} {r['ms_per_step']:>9.2f} {x_floor:>8} "
+                  f"{x_peft:>11} {gib:>9} {mem:>11}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, args.out / f"{name}.png")
+    print(f"\nwrote {args.out / name}.json and .png")
+
+
+if __name__ == "__main__":
+    main()
