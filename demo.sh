@@ -12,7 +12,7 @@ PY=${PYTHON:-python}
 missing=$("$PY" - <<'PY'
 import importlib.util
 need = {"transformers": "transformers", "tokenizers": "tokenizers", "safetensors": "safetensors",
-        "tqdm": "tqdm", "matplotlib": "matplotlib", "einops": "einops"}
+        "tqdm": "tqdm", "matplotlib": "matplotlib"}
 print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))
 PY
 )
