@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .config import AdapterConfig
 from .inits import Factors, get_init, nystrom_slices
 from .layer import SAMPLE_SIZE, Adapter, NLoRALinear, is_adaptable, is_conv1d, weight_sample, weight_view
-from .model import _TRAINABLE, _candidates, _set_module, adapter_layers, adapter_names, set_adapter
+from .model import _TRAINABLE, _candidates, adapter_layers, adapter_names, set_adapter, wrap_layer
 
 CONFIG_NAME = "adapter_config.json"
 TENSOR_NAME = "adapter_model.safetensors"
@@ -45,9 +45,8 @@ def _digest(*tensors: Tensor) -> str:
     """sha256 (32 hex digits) of the tensors' dtypes, shapes and bytes: equal iff bit-identical."""
     h = hashlib.sha256()
     for t in tensors:
-        t = t.detach().to("cpu").contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.detach().to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]
 
 
@@ -91,7 +90,8 @@ def write_files(path: str | os.PathLike, tensors: dict[str, Tensor], config: dic
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} exists and is not a directory; choose a directory path for the adapter")
     path.mkdir(parents=True, exist_ok=True)
-    data = safetensors.torch.save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+    data = safetensors.torch.save({k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+                                   for k, v in tensors.items()},
                                   metadata={"format": "pt"})
     config = {**config, "tensor_sha256": hashlib.sha256(data).hexdigest()} if checksum else config
     for name, blob in ((TENSOR_NAME, data), (CONFIG_NAME, (json.dumps(config, indent=1) + "\n").encode())):
@@ -108,7 +108,7 @@ def write_files(path: str | os.PathLike, tensors: dict[str, Tensor], config: dic
 def _from_base(layer: NLoRALinear, adapter: Adapter, compact: bool) -> list[str]:
     """The factors a compact file takes from the base weight's sampled rows and columns instead of storing them."""
     config = adapter.config
-    if not (compact and config.init.startswith("nystrom") and adapter.rows is not None):
+    if not (compact and config.init.startswith("nystrom") and adapter.rows is not None and adapter.from_weight):
         return []
     if any(a.config.preserve_output for a in layer.adapters.values() if a is not adapter):
         return []  # another adapter rewrote this weight: its slices are not the original ones
@@ -136,7 +136,7 @@ def _module_record(layer: NLoRALinear, adapter: Adapter, default: dict, compact:
               "config": {k: v for k, v in config.items() if default.get(k) != v}}
     if from_base:
         slices = (adapter.init_A, adapter.init_B) if adapter.config.preserve_output else (a, b)
-        record["slice_digest"] = _digest(*(t.to(w.dtype) for t in slices))
+        record["slice_digest"] = _digest(*(t.to(adapter.config.adapter_dtype) for t in slices))
     return record, tensors
 
 
@@ -299,7 +299,7 @@ def _plan_module(name: str, rec: Any, default: dict, tensors: dict[str, Tensor],
         if rows is None:
             return problems.add("has invalid index sets", f"{name}: rebuilt from the base but no index stored")
         r, c = (t.to(w.dtype) for t in nystrom_slices(w.detach(), rows, cols))
-        if _digest(r, c) != rec.get("slice_digest"):
+        if _digest(r.to(config.adapter_dtype), c.to(config.adapter_dtype)) != rec.get("slice_digest"):
             return problems.add("base weight slices differ from the ones saved (wrong base model, or a different "
                                 "dtype/checkpoint)", name)
         own.update({k: (r if k.endswith("_A") else c) for k in rec["from_base"]})
@@ -326,7 +326,7 @@ def _plan_trainable(model: nn.Module, config: dict, tensors: dict[str, Tensor],
                     problems: _Problems) -> tuple[list[nn.Module], list[tuple[nn.Parameter, Tensor]]]:
     """The modules trained in full that the file names, and their parameters with the saved values."""
     modules = {n.replace(".base.", ".").removesuffix(".base"): m for n, m in model.named_modules()}
-    params = {n.replace(".base.", "."): p for n, p in model.named_parameters()}
+    params = {n.replace(".base.", "."): p for n, p in model.named_parameters(remove_duplicate=False)}
     found = [modules[n] for n in config.get("trainable_modules", []) if n in modules]
     for n in config.get("trainable_modules", []):
         if n not in modules:
@@ -375,12 +375,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
     extra_modules, extra_values = _plan_trainable(model, config, tensors, problems)
     problems.raise_if_any(name, path, model)
     for module_name, (adapter_config, initial, current) in plans.items():  # apply: nothing below can fail
-        module = modules[module_name]
-        layer = module if isinstance(module, NLoRALinear) else NLoRALinear.wrapping(module, module_name)
-        if layer is not module:
-            _set_module(model, module_name, layer)
         new = Adapter(adapter_config, initial)
-        layer.add(name, new)
+        new.from_weight = check_base or bool(config["modules"][module_name]["from_base"])  # its A0, B0 are this W's
+        wrap_layer(model, module_name, modules[module_name]).add(name, new)
         with torch.no_grad():
             for key, value in current.items():
                 p = getattr(new, key)

@@ -70,6 +70,7 @@ class Adapter(nn.Module):
         self.scaling = config.scaling
         self.pending = factors.A.is_meta  # injected on the meta device: no values until initialize_adapters
         self.reads_base = config.reads_base
+        self.from_weight = True  # its initial factors came from the weight it sits on (compact saves rely on it)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
         self.set_factors(factors)
 
@@ -136,8 +137,14 @@ class Adapter(nn.Module):
         names = ("lora_N",) if self.config.train == "middle" else ("lora_A", "lora_N", "lora_B")
         return [p for p in (getattr(self, n) for n in names) if p is not None]
 
+    def forward(self, x: Tensor | None, weight: Tensor, sign: float = 1.0, initial: bool = False) -> Term:
+        """This adapter's term ``(x, A, N, B, scale)`` of the layer's forward; called as a module so that hooks on it
+        run (FSDP2 unshards a ``fully_shard``-ed adapter's parameters in its pre-forward hook)."""
+        return self.term(None if x is None or self.dropout is None else self.dropout(x), weight, sign, initial)
+
     def term(self, x: Tensor | None, weight: Tensor, sign: float = 1.0, initial: bool = False) -> Term:
-        """This adapter's ``(x, A, N, B, scale)`` for the layer's forward (``initial``: the init's factors)."""
+        """This adapter's ``(x, A, N, B, scale)`` (``initial``: the init's factors); ``x`` is ``None`` for the layer's
+        own input."""
         self.check_ready()
         a, n, b = (self.init_A, self.init_N, self.init_B) if initial else self.factors(weight)
         return x, a, n, b, sign * self.scaling
@@ -153,12 +160,41 @@ def _copy(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.detach().to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
 
 
+def _add_term(y: Tensor, x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, s: float,
+              need: tuple[bool, ...]) -> list[Tensor | None]:
+    """``y += s B N A x`` in place, in ``y``'s dtype; returns what the backward needs of ``(x, A, N, B, h1, h2)``
+    (``need``: whether ``x, A, N, B`` want gradients), ``None`` for the rest."""
+    dt = y.dtype
+    x, a, b, n = x.to(dt), a.to(dt), b.to(dt), None if n is None else n.to(dt)
+    h1 = F.linear(x, a)
+    h2 = h1 if n is None else F.linear(h1, n)
+    y.addmm_(h2, b.t(), alpha=s)
+    need_x, need_a, need_n, need_b = need
+    back = need_x or need_a or need_n
+    return [x if need_a else None, a if need_x else None, n if back else None, b if back else None,
+            h1 if need_n else None, h2 if need_b else None]
+
+
+def _term_grads(g: Tensor, saved: list[Tensor | None], s: float, need: tuple[bool, ...]) -> tuple:
+    """The gradients of one term ``s B N A x`` from the output gradient ``g``: ``((v, A) or None, dA, dN, dB)``,
+    where ``v @ A`` is the input gradient (left to the caller, which may accumulate it in place)."""
+    x, a, n, b, h1, h2 = saved
+    need_x, need_a, need_n, need_b = need
+    gb = (torch.mm(g.t(), h2) * s if s != 1 else torch.mm(g.t(), h2)) if need_b else None
+    if not (need_x or need_a or need_n):
+        return None, None, None, gb
+    u = torch.mm(g, b) * s if s != 1 else torch.mm(g, b)  # dL/dh2
+    v = u if n is None else torch.mm(u, n)  # dL/dh1
+    return ((v, a) if need_x else None, torch.mm(v.t(), x) if need_a else None,
+            torch.mm(u.t(), h1) if need_n else None, gb)
+
+
 class _AdaptedLinear(torch.autograd.Function):
     """``y = base(x) + Σ_k s_k B_k N_k A_k x_k`` for a linear ``base`` with ``(out, in)`` weight ``w``, as one node.
 
     The base runs inside (its hooks too) and every term accumulates into its output in place. ``x_k`` is ``None``
-    where it is ``x`` itself (no dropout): the backward then adds that term's input gradient into the base's
-    ``g W`` in place. Matmuls run in the base output's dtype; each term saves only what its backward needs.
+    where it is ``x`` itself (no dropout): the backward adds that term's input gradient into the base's ``g W`` in
+    place. Matmuls run in ``dtype`` (default: the base output's); each term saves only what its backward needs.
     Double backward is refused.
     """
 
@@ -166,26 +202,18 @@ class _AdaptedLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, base: nn.Module, w: Tensor, bias: Tensor | None, dtype: torch.dtype | None,
                 scales: tuple[float, ...], *flat: Tensor | None) -> Tensor:
         y = base(x)
-        ctx.out_dtype, ctx.dt = y.dtype, dtype or y.dtype
-        dt = ctx.dt
-        # ``_base`` is torch's documented way to tell a view: HF Conv1D returns one, which may not be returned for
-        # in-place use, so it is copied (as is an output to be cast to compute_dtype)
-        if y._base is not None or dt != y.dtype:
-            y = y.to(dt, copy=True)
+        ctx.out_dtype, ctx.dt, ctx.scales = y.dtype, dtype or y.dtype, scales
+        # ``_base`` is torch's documented test for a view: HF Conv1D returns one, which a custom Function may not
+        # return for in-place use, so it is copied (as is an output cast to compute_dtype)
+        if y._base is not None or ctx.dt != y.dtype:
+            y = y.to(ctx.dt, copy=True)
         needs, saved = ctx.needs_input_grad, []
+        ctx.tied = [flat[4 * k] is None for k in range(len(scales))]
+        ctx.needs = [(needs[0] if ctx.tied[k] else needs[6 + 4 * k], *needs[7 + 4 * k: 10 + 4 * k])
+                     for k in range(len(scales))]
         for k, s in enumerate(scales):
             xk, a, n, b = flat[4 * k: 4 * k + 4]
-            need_x, need_a, need_n, need_b = needs[6 + 4 * k: 10 + 4 * k]
-            need_x = need_x or (xk is None and needs[0])
-            xk, a, b = (x if xk is None else xk).to(dt), a.to(dt), b.to(dt)
-            n = None if n is None else n.to(dt)
-            h1 = F.linear(xk, a)
-            h2 = h1 if n is None else F.linear(h1, n)
-            y.addmm_(h2, b.t(), alpha=s)
-            back = need_x or need_a or need_n
-            saved += [xk if need_a else None, a if need_x else None, n if back else None, b if back else None,
-                      h1 if need_n else None, h2 if need_b else None]
-        ctx.scales, ctx.tied = scales, [flat[4 * k] is None for k in range(len(scales))]
+            saved += _add_term(y, x if xk is None else xk, a, n, b, s, ctx.needs[k])
         ctx.save_for_backward(x if needs[2] else None, w if needs[0] else None, *saved)
         return y.to(ctx.out_dtype)
 
@@ -193,30 +221,16 @@ class _AdaptedLinear(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g: Tensor):
         x, w, *saved = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        g = g.to(ctx.dt)
+        needs, g = ctx.needs_input_grad, g.to(ctx.dt)
         gx = torch.mm(g, w.to(g.dtype)) if needs[0] else None
         gw = torch.mm(g.t(), x.to(g.dtype)) if needs[2] else None  # only if the user unfroze the base weight
-        gbias = g.sum(0) if needs[3] else None
         grads = []
         for k, s in enumerate(ctx.scales):
-            xk, a, n, b, h1, h2 = saved[6 * k: 6 * k + 6]
-            need_xk, need_a, need_n, need_b = needs[6 + 4 * k: 10 + 4 * k]
-            need_x = needs[0] if ctx.tied[k] else need_xk
-            gxk = ga = gn = gb = None
-            if need_b:
-                gb = torch.mm(g.t(), h2) if s == 1 else torch.mm(g.t(), h2).mul_(s)
-            if need_x or need_a or need_n:
-                u = torch.mm(g, b) if s == 1 else torch.mm(g, b).mul_(s)  # dL/dh2
-                gn = torch.mm(u.t(), h1) if need_n else None
-                v = u if n is None else torch.mm(u, n)  # dL/dh1
-                ga = torch.mm(v.t(), xk) if need_a else None
-                if need_x and ctx.tied[k]:
-                    gx.addmm_(v, a)
-                elif need_x:
-                    gxk = torch.mm(v, a)
-            grads += [gxk, ga, gn, gb]
-        return gx, None, gw, gbias, None, None, *grads
+            vx, ga, gn, gb = _term_grads(g, saved[6 * k: 6 * k + 6], s, ctx.needs[k])
+            if vx is not None and ctx.tied[k]:
+                gx.addmm_(*vx)
+            grads += [torch.mm(*vx) if vx is not None and not ctx.tied[k] else None, ga, gn, gb]
+        return gx, None, gw, g.sum(0) if needs[3] else None, None, None, *grads
 
 
 class NLoRALinear(nn.Module):
@@ -227,7 +241,8 @@ class NLoRALinear(nn.Module):
     factors; ``adapters[name]`` holds each ``Adapter``. The ``(out, in)`` delta is formed only by ``merge``.
     The keyword arguments are ``AdapterConfig``'s fields and the init's options. With ``init="nystrom"`` (the
     paper's NLoRA) the base weight is not touched, so the output changes at init; ``preserve_output=True`` subtracts
-    the initial delta from the base weight instead.
+    the initial delta from the base weight instead. The wrapped layer's forward hooks run, but its gradient is that of
+    ``x Wᵀ + b``: a hook that changes its output is not differentiated (hook the ``NLoRALinear`` instead).
     """
 
     def __init__(self, base: nn.Module, rank: int = 8, alpha: float | None = None, init: str = "nystrom", *,
@@ -392,8 +407,7 @@ class NLoRALinear(nn.Module):
             return self.original_terms()
         active = [self.adapters[n] for n in self.unmerged_active()]
         inactive = [a for n, a in self.adapters.items() if a.config.preserve_output and n not in self.active_adapters]
-        return ([a.term(None if a.dropout is None else a.dropout(x), w) for a in active]
-                + [a.term(None, w, initial=True) for a in inactive])  # each adapter computes relative to W0
+        return [a(x, w) for a in active] + [a(None, w, initial=True) for a in inactive]  # each relative to W0
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])

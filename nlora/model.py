@@ -80,31 +80,36 @@ def _unmatched(names: list[str], entries: Sequence[str], what: str, model: nn.Mo
         raise ValueError(f"{what} entries match no module of {type(model).__name__}: {said}; nothing was changed")
 
 
+def _matching(model: nn.Module, candidates: dict[str, nn.Module], targets: Targets) -> dict[str, nn.Module]:
+    """The candidates that ``targets`` names (``"all-linear"``, a regex, or a list whose every entry must match)."""
+    if targets == "all-linear":
+        heads = output_head_names(model)
+        return {n: m for n, m in candidates.items() if _targetable(m) and n not in heads}
+    if not isinstance(targets, str):
+        if isinstance(targets, (bytes, dict)) or not targets or not all(isinstance(t, str) for t in targets):
+            raise TypeError(f"targets must be a regex string, 'all-linear' or a non-empty list of names, got {targets!r}")
+        _unmatched(list(candidates), list(targets), f"targets={list(targets)!r}:", model)
+    return {n: m for n, m in candidates.items() if _matches(n, targets)}
+
+
+def _kept(name: str, exclude: Targets | None, layers: Sequence[int] | int | None) -> bool:
+    """Whether ``exclude`` leaves the module in and ``layers`` (block indices) includes it."""
+    if exclude is not None and _matches(name, exclude):
+        return False
+    hit = _LAYER_INDEX.search(name)
+    return layers is None or (hit is not None and int(hit.group(1)) in ({layers} if isinstance(layers, int) else layers))
+
+
 def select_targets(model: nn.Module, targets: Targets, exclude: Targets | None = None,
                    layers: Sequence[int] | int | None = None) -> dict[str, nn.Module]:
     """The modules ``inject`` would adapt, by name. Every entry of a target list must match some module."""
     candidates = _candidates(model)
-    if targets == "all-linear":
-        heads = output_head_names(model)
-        chosen = {n: m for n, m in candidates.items() if _targetable(m) and n not in heads}
-    elif isinstance(targets, str):
-        chosen = {n: m for n, m in candidates.items() if _matches(n, targets)}
-    else:
-        if isinstance(targets, (bytes, dict)) or not targets or not all(isinstance(t, str) for t in targets):
-            raise TypeError(f"targets must be a regex string, 'all-linear' or a non-empty list of names, got {targets!r}")
-        _unmatched(list(candidates), list(targets), f"targets={list(targets)!r}:", model)
-        chosen = {n: m for n, m in candidates.items() if _matches(n, targets)}
-    if exclude is not None:
-        chosen = {n: m for n, m in chosen.items() if not _matches(n, exclude)}
-    if layers is not None:
-        wanted = {layers} if isinstance(layers, int) else set(layers)
-        chosen = {n: m for n, m in chosen.items()
-                  if (hit := _LAYER_INDEX.search(n)) is not None and int(hit.group(1)) in wanted}
+    chosen = {n: m for n, m in _matching(model, candidates, targets).items() if _kept(n, exclude, layers)}
     if not chosen:
         linear = [n for n, m in candidates.items() if _targetable(m)]
-        shown = ", ".join(linear[:8]) + (", ..." if len(linear) > 8 else "")
         raise ValueError(f"targets={targets!r} (exclude={exclude!r}, layers={layers!r}) matched no module of "
-                         f"{type(model).__name__}; its linear modules include: {shown or 'none'}")
+                         f"{type(model).__name__}; its linear modules include: "
+                         f"{', '.join(linear[:8]) + (', ...' if len(linear) > 8 else '') or 'none'}")
     wrong = [f"{n} ({type(m).__name__})" for n, m in chosen.items() if not _targetable(m)]
     if wrong:
         raise TypeError(f"targets={targets!r} matched modules nlora cannot adapt: {', '.join(wrong[:8])}; only "
@@ -162,9 +167,8 @@ def _refuse_nonfinite(weights: dict[str, Tensor], init: str) -> None:
 
 def _refuse_overflow(factors: dict[str, Factors], dtype: torch.dtype, init: str) -> None:
     """Data-driven factors must be finite in the adapter dtype (an ill-conditioned core can overflow fp16)."""
-    limit = torch.finfo(dtype).max
-    flags = [torch.stack([t.abs().amax() for t in (f.A, f.N, f.B) if t is not None]).max() <= limit
-             for f in factors.values()]  # NaN compares False
+    flags = [torch.stack([t.abs().amax() for t in (f.A, f.N, f.B) if t is not None]).max().to(dtype).isfinite()
+             for f in factors.values()]
     for name, ok in zip(factors, _all_true(flags)):
         if not ok:
             raise ValueError(f"{name}: init {init!r} gives factors that are not finite in {dtype} (an ill-conditioned "
@@ -172,30 +176,32 @@ def _refuse_overflow(factors: dict[str, Factors], dtype: torch.dtype, init: str)
                              f"init='nystrom-optimal', or a larger rcond")
 
 
+def _initialise(weights: list[Tensor], configs: list[AdapterConfig],
+                generators: list[torch.Generator | None]) -> list[Factors]:
+    """The init's factors of real (not meta) weights, through its batched form where it has one."""
+    spec, options = get_init(configs[0].init), configs[0].options
+    ranks, scalings = [c.rank for c in configs], [c.scaling for c in configs]
+    if spec.many is not None:
+        return spec.many(weights, ranks, scalings=scalings, generators=generators, **options)
+    return [spec.fn(w, k, scaling=s, generator=g, **options) for w, k, s, g in zip(weights, ranks, scalings, generators)]
+
+
 def compute_factors(weights: dict[str, Tensor], configs: dict[str, AdapterConfig],
                     generators: dict[str, torch.Generator | None]) -> dict[str, Factors]:
-    """Every layer's initial factors (all configs share one init and its options), batched where the init has a
-    batched form; meta weights get meta factors. Checks finiteness; changes nothing."""
+    """Every layer's initial factors (all configs share one init and its options); meta weights get meta factors.
+    Refuses non-finite weights (data-driven inits) and factors that overflow the adapter dtype; changes nothing."""
     config = next(iter(configs.values()))
-    spec = get_init(config.init)
+    data_driven = get_init(config.init).data_driven
     real = [n for n, w in weights.items() if not sharded.is_meta(w)]
-    if spec.data_driven:
+    if data_driven:
         _refuse_nonfinite({n: weights[n] for n in real}, config.init)
     out = {n: meta_factors(w.shape, configs[n]) for n, w in weights.items() if sharded.is_meta(w)}
-    if spec.many is not None and real:
-        made = spec.many([weights[n] for n in real], [configs[n].rank for n in real],
-                         scalings=[configs[n].scaling for n in real], generators=[generators[n] for n in real],
-                         **config.options)
-        out.update(zip(real, made))
-    for n in real if spec.many is None else ():
-        out[n] = spec.fn(weights[n], configs[n].rank, scaling=configs[n].scaling, generator=generators[n],
-                         **config.options)
-    for n in real:  # unseeded draws may differ by rank: take rank 0's
-        if sharded.is_dtensor(weights[n]) and generators[n] is None:
-            f = out[n]
-            out[n] = Factors(*(None if t is None else sharded.broadcast(t, weights[n])
-                               for t in (f.A, f.N, f.B, f.rows, f.cols)))
-    if spec.data_driven:
+    if real:
+        out.update(zip(real, _initialise([weights[n] for n in real], [configs[n] for n in real],
+                                         [generators[n] for n in real])))
+    for n in (n for n in real if sharded.is_dtensor(weights[n]) and generators[n] is None):
+        out[n] = Factors(*(None if t is None else sharded.broadcast(t, weights[n]) for t in vars(out[n]).values()))
+    if data_driven:
         _refuse_overflow({n: out[n] for n in real}, config.adapter_dtype, config.init)
     return out
 
@@ -244,19 +250,10 @@ def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | Non
     in full and never wrapped). All checks and inits run before the model is touched: an error changes nothing.
     """
     config = AdapterConfig.build(rank=rank, alpha=alpha, init=init, **kwargs)
-    merged = [n for n, layer in adapter_layers(model).items() if layer.merged_adapters]
-    if merged:
-        raise ValueError(f"adapters are merged in {merged[:4]}; call nlora.unmerge(model) before injecting")
-    chosen = select_targets(model, targets, exclude, layers)
-    extra = _trainable_modules(model, trainable)
-    chosen = {n: m for n, m in chosen.items() if not any(n == e or n.startswith(e + ".") for e in extra)}
-    if not chosen:
-        raise ValueError(f"targets={targets!r} only matched the trainable modules {sorted(extra)}; target other "
-                         f"modules, or drop them from trainable")
-    bases = {n: (m.base if isinstance(m, NLoRALinear) else m) for n, m in chosen.items()}
+    chosen, extra = _chosen_and_trainable(model, targets, exclude, layers, trainable)
     configs = {n: config.replace(rank=_pattern_value(n, rank_pattern, rank),
                                  alpha=_pattern_value(n, alpha_pattern, alpha)) for n in chosen}
-    weights = {n: check_layer(bases[n], configs[n], n) for n in chosen}
+    weights = {n: check_layer(getattr(m, "base", m), configs[n], n) for n, m in chosen.items()}
     taken = [n for n, m in chosen.items() if isinstance(m, NLoRALinear) and adapter in m.adapters]
     if taken:
         raise ValueError(f"{taken[0]}: already has an adapter named {adapter!r}; pass adapter='<new name>' to add "
@@ -266,14 +263,35 @@ def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | Non
     if not config.preserve_output and get_init(config.init).data_driven:
         _warn_if_moved(factors, weights, configs)
     for name, module in chosen.items():  # apply: nothing below can fail
-        layer = module if isinstance(module, NLoRALinear) else NLoRALinear.wrapping(module, name)
-        if layer is not module:
-            _set_module(model, name, layer)
-        layer.add(adapter, Adapter(configs[name], factors[name]))
+        wrap_layer(model, name, module).add(adapter, Adapter(configs[name], factors[name]))
     for module in extra.values():
         setattr(module, _TRAINABLE, True)
     set_adapter(model, adapter)
     return model
+
+
+def wrap_layer(model: nn.Module, name: str, module: nn.Module) -> NLoRALinear:
+    """The ``NLoRALinear`` at ``name``: ``module`` itself, or a new wrapper put in its place."""
+    if isinstance(module, NLoRALinear):
+        return module
+    layer = NLoRALinear.wrapping(module, name)
+    _set_module(model, name, layer)
+    return layer
+
+
+def _chosen_and_trainable(model: nn.Module, targets: Targets, exclude: Targets | None, layers,
+                          trainable: Sequence[str] | None) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    """The modules to adapt and the modules to train in full (never also adapted), checked."""
+    merged = [n for n, layer in adapter_layers(model).items() if layer.merged_adapters]
+    if merged:
+        raise ValueError(f"adapters are merged in {merged[:4]}; call nlora.unmerge(model) before injecting")
+    chosen = select_targets(model, targets, exclude, layers)
+    extra = _trainable_modules(model, trainable)
+    chosen = {n: m for n, m in chosen.items() if not any(n == e or n.startswith(e + ".") for e in extra)}
+    if not chosen:
+        raise ValueError(f"targets={targets!r} only matched the trainable modules {sorted(extra)}; target other "
+                         f"modules, or drop them from trainable")
+    return chosen, extra
 
 
 def _trainable_modules(model: nn.Module, trainable: Sequence[str] | None) -> dict[str, nn.Module]:
