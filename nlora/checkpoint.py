@@ -170,18 +170,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
 
 
 # ---------------------------------------------------------------------------------------------------- loading
-_LOAD_FIXES = {  # what to do about each kind of load problem, appended to its line of the error
-    "file has tensors": _SAVE_AGAIN, "file lacks tensors": _SAVE_AGAIN, "has an invalid config entry": _SAVE_AGAIN,
-    "rank/shape mismatch": _SAVE_AGAIN, "has invalid index sets": _SAVE_AGAIN, "tensor dtype": _SAVE_AGAIN,
-    "missing from the model": _OTHER_MODEL, "is not a Linear/Conv1D": _OTHER_MODEL,
-    "shape mismatch": "load it into the base model it was trained on",
-    "already has an adapter": "pass adapter='<new name>' to load it under another name, or nlora.delete_adapter first",
-    "base weight differs": "load the base checkpoint it was trained on, or pass check_base=False to put it on this "
-                           "one on purpose",
-    "base weight slices differ": "load the base checkpoint (and dtype) it was saved on",
-    "trainable ": "load it into the model it was saved from, or save it with include_trainable=False",
-    "model has merged": "call nlora.unmerge(model) first",
-}
+_TRAINABLE_FIX = "load it into the model it was saved from, or save it with include_trainable=False"
+_OTHER_CHECKPOINT = "load the base checkpoint it was trained on, or pass check_base=False to put it on this one on purpose"
+
+
+class _Refused(Exception):
+    """One reason a module of the file does not fit the model: a kind, the item at fault and what to do about it."""
+
+    def __init__(self, kind: str, item: str, fix: str = _SAVE_AGAIN) -> None:
+        super().__init__(kind, item, fix)
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict:
@@ -226,14 +223,13 @@ def _read_tensors(path: Path, config: dict) -> dict[str, Tensor]:
 class _Problems(dict):
     """Load problems by kind; ``raise_if_any`` turns them into one error that names every module and the fixes."""
 
-    def add(self, kind: str, item: str) -> None:
-        self.setdefault(kind, []).append(item)
+    def add(self, kind: str, item: str, fix: str = _SAVE_AGAIN) -> None:
+        self.setdefault((kind, fix), []).append(item)
 
     def raise_if_any(self, name: str, path: Path, model: nn.Module) -> None:
         if self:
-            lines = [f"  {kind}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
-                     f"{next((f' -> {fix}' for k, fix in _LOAD_FIXES.items() if kind.startswith(k)), '')}"
-                     for kind, items in self.items()]
+            lines = [f"  {kind}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''} -> {fix}"
+                     for (kind, fix), items in self.items()]
             raise ValueError(f"cannot load adapter {name!r} from {path} into {type(model).__name__}; nothing was "
                              f"changed:\n" + "\n".join(lines))
 
@@ -248,66 +244,79 @@ def _expected_shapes(config: AdapterConfig, shape: list[int]) -> dict[str, tuple
 
 
 def _check_record(name: str, rec: Any, default: dict) -> tuple[AdapterConfig, list[int]]:
-    """The module's config and shape from its entry (raises ValueError/TypeError/KeyError for a damaged entry)."""
-    config = AdapterConfig.from_dict({**default, **rec["config"]})
-    shape = rec["shape"]
-    if rec["kind"] not in ("Linear", "Conv1D") or not (isinstance(shape, list) and len(shape) == 2 and all(
-            isinstance(d, int) and d > 0 for d in shape)) or config.rank > min(shape):
-        raise ValueError(f"kind {rec['kind']!r}, shape {shape!r} and rank {config.rank} are not a valid layer")
-    if not (isinstance(rec["stored"], list) and isinstance(rec["from_base"], list)):
-        raise ValueError("'stored' and 'from_base' must be lists")
+    """The module's config and shape from its entry; a damaged entry is refused."""
+    try:
+        config = AdapterConfig.from_dict({**default, **rec["config"]})
+        shape = rec["shape"]
+        ok = (rec["kind"] in ("Linear", "Conv1D") and isinstance(shape, list) and len(shape) == 2
+              and all(isinstance(d, int) and d > 0 for d in shape) and config.rank <= min(shape)
+              and isinstance(rec["stored"], list) and isinstance(rec["from_base"], list))
+    except (KeyError, ValueError, TypeError) as err:
+        raise _Refused("has an invalid config entry", f"{name}: {err!r}") from None
+    if not ok:
+        raise _Refused("has an invalid config entry", f"{name}: kind {rec['kind']!r}, shape {shape!r}, rank "
+                       f"{config.rank} and the tensor lists {rec['stored']!r}, {rec['from_base']!r} are not a valid "
+                       f"layer")
     return config, shape
 
 
-def _plan_module(name: str, rec: Any, default: dict, tensors: dict[str, Tensor], module: nn.Module, adapter: str,
-                 problems: _Problems, check_base: bool) -> tuple | None:
-    """Check one module against the file; returns ``(config, initial factors, current factors)`` or records why
-    not (nothing is changed)."""
-    try:
-        config, shape = _check_record(name, rec, default)
-    except (KeyError, ValueError, TypeError) as err:
-        return problems.add("has an invalid config entry", f"{name}: {err!r}")
+def _check_base(name: str, rec: dict, module: nn.Module, adapter: str) -> Tensor:
+    """The ``(out, in)`` weight of the module the entry goes on, if it is a free Linear/Conv1D of the saved shape."""
     if isinstance(module, NLoRALinear) and adapter in module.adapters:
-        return problems.add("already has an adapter of that name", name)
+        raise _Refused("already has an adapter of that name", name,
+                       "pass adapter='<new name>' to load it under another name, or nlora.delete_adapter first")
     base = _unwrap(module)
     if not is_adaptable(base):
-        return problems.add("is not a Linear/Conv1D in this model", f"{name} ({type(module).__name__})")
+        raise _Refused("is not a Linear/Conv1D in this model", f"{name} ({type(module).__name__})", _OTHER_MODEL)
     w, kind = weight_view(base), "Conv1D" if is_conv1d(base) else "Linear"
-    if kind != rec["kind"] or list(w.shape) != shape:
-        return problems.add("shape mismatch (wrong base model?)", f"{name}: saved {rec['kind']} (out, in) = "
-                                                                  f"{tuple(shape)}, model has {kind} {tuple(w.shape)}")
-    own = {k: tensors[f"{name}.{k}"] for k in rec["stored"] if f"{name}.{k}" in tensors}
-    expected = _expected_shapes(config, shape)
+    if kind != rec["kind"] or list(w.shape) != rec["shape"]:
+        raise _Refused("shape mismatch (wrong base model?)", f"{name}: saved {rec['kind']} (out, in) = "
+                       f"{tuple(rec['shape'])}, model has {kind} {tuple(w.shape)}",
+                       "load it into the base model it was trained on")
+    return w.detach()
+
+
+def _check_tensors(name: str, own: dict[str, Tensor], config: AdapterConfig, w: Tensor) -> tuple:
+    """Shapes and dtypes of the module's tensors; returns its index sets ``(rows, cols)`` (``None`` if it has none)."""
+    expected = _expected_shapes(config, list(w.shape))
     for key, t in own.items():
         if tuple(t.shape) != expected.get(key):
-            return problems.add("rank/shape mismatch between file and config",
-                                f"{name}.{key}: {tuple(t.shape)}, expected {expected.get(key)}")
+            raise _Refused("rank/shape mismatch between file and config",
+                           f"{name}.{key}: {tuple(t.shape)}, expected {expected.get(key)}")
         if key not in ("index", "base_sample") and t.dtype not in (config.adapter_dtype, w.dtype):
-            return problems.add("tensor dtype differs from the config", f"{name}.{key}: {t.dtype}")
-    rows = cols = None
-    if "index" in own:
-        index = own["index"]
-        if index.dtype != torch.int64 or (index < 0).any() or (index[0] >= shape[0]).any() or (
-                index[1] >= shape[1]).any():
-            return problems.add("has invalid index sets", name)
-        rows, cols = index[0].to(w.device), index[1].to(w.device)
-    now = weight_sample(w.detach()) if check_base and "base_sample" in own else None
+            raise _Refused("tensor dtype differs from the config", f"{name}.{key}: {t.dtype}")
+    index = own.get("index")
+    if index is None:
+        return None, None
+    if index.dtype != torch.int64 or (index < 0).any() or (index[0] >= w.shape[0]).any() or (
+            index[1] >= w.shape[1]).any():
+        raise _Refused("has invalid index sets", name)
+    return index[0].to(w.device), index[1].to(w.device)
+
+
+def _plan_module(name: str, rec: Any, default: dict, tensors: dict[str, Tensor], module: nn.Module, adapter: str,
+                 check_base: bool) -> tuple:
+    """Check one module against the file: ``(config, initial factors, current factors)``, or ``_Refused``."""
+    config, _ = _check_record(name, rec, default)
+    w = _check_base(name, rec, module, adapter)
+    own = {k: tensors[f"{name}.{k}"] for k in rec["stored"] if f"{name}.{k}" in tensors}
+    rows, cols = _check_tensors(name, own, config, w)
+    now = weight_sample(w) if check_base and "base_sample" in own else None
     if now is not None and not same_sample(own["base_sample"], now):
-        return problems.add("base weight differs from the one the adapter was saved on (wrong base model, or a "
-                            "different checkpoint)", name)
+        raise _Refused("base weight differs from the one the adapter was saved on (wrong base model, or a different "
+                       "checkpoint)", name, _OTHER_CHECKPOINT)
     if rec["from_base"]:
         if rows is None:
-            return problems.add("has invalid index sets", f"{name}: rebuilt from the base but no index stored")
-        r, c = (t.to(w.dtype) for t in nystrom_slices(w.detach(), rows, cols))
+            raise _Refused("has invalid index sets", f"{name}: rebuilt from the base but no index stored")
+        r, c = (t.to(w.dtype) for t in nystrom_slices(w, rows, cols))
         if _digest(r.to(config.adapter_dtype), c.to(config.adapter_dtype)) != rec.get("slice_digest"):
-            return problems.add("base weight slices differ from the ones saved (wrong base model, or a different "
-                                "dtype/checkpoint)", name)
+            raise _Refused("base weight slices differ from the ones saved (wrong base model, or a different "
+                           "dtype/checkpoint)", name, "load the base checkpoint (and dtype) it was saved on")
         own.update({k: (r if k.endswith("_A") else c) for k in rec["from_base"]})
     prefix = "init_" if config.preserve_output else "lora_"
-    try:
-        initial = Factors(own[prefix + "A"], own.get(prefix + "N"), own[prefix + "B"], rows, cols)
-    except KeyError as err:
-        return problems.add("file lacks tensors the config lists", f"{name}.{err.args[0]}")
+    if prefix + "A" not in own or prefix + "B" not in own:
+        raise _Refused("file lacks tensors the config lists", f"{name}.{prefix}A/B")
+    initial = Factors(own[prefix + "A"], own.get(prefix + "N"), own[prefix + "B"], rows, cols)
     return config, initial, {k: own[k] for k in ("lora_A", "lora_N", "lora_B") if k in own}
 
 
@@ -330,14 +339,15 @@ def _plan_trainable(model: nn.Module, config: dict, tensors: dict[str, Tensor],
     found = [modules[n] for n in config.get("trainable_modules", []) if n in modules]
     for n in config.get("trainable_modules", []):
         if n not in modules:
-            problems.add("trainable module missing from the model", n)
+            problems.add("trainable module missing from the model", n, _TRAINABLE_FIX)
     values = []
     for pname, shape in config.get("trainable_params", {}).items():
         p, t = params.get(pname), tensors.get(_TRAINABLE_PREFIX + pname)
         if p is None:
-            problems.add("trainable parameter missing from the model", pname)
+            problems.add("trainable parameter missing from the model", pname, _TRAINABLE_FIX)
         elif t is not None and (tuple(t.shape) != tuple(p.shape) or list(t.shape) != list(shape)):
-            problems.add("trainable parameter shape mismatch", f"{pname}: saved {tuple(t.shape)}, model {tuple(p.shape)}")
+            problems.add("trainable parameter shape mismatch", f"{pname}: saved {tuple(t.shape)}, model {tuple(p.shape)}",
+                         _TRAINABLE_FIX)
         elif t is not None:
             values.append((p, t))
     return found, values
@@ -360,18 +370,18 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
     problems = _Problems()
     merged = [n for n, layer in adapter_layers(model).items() if layer.merged_adapters]
     for n in merged:
-        problems.add("model has merged adapters", n)
+        problems.add("model has merged adapters", n, "call nlora.unmerge(model) first")
     _check_keys(config, tensors, problems)
     modules = _candidates(model)
     plans = {}
     for module_name, rec in config["modules"].items():
-        if module_name not in modules:
-            problems.add("missing from the model", module_name)
-            continue
-        plan = _plan_module(module_name, rec, config["config"], tensors, modules[module_name], name, problems,
-                            check_base)
-        if plan is not None:
-            plans[module_name] = plan
+        try:
+            if module_name not in modules:
+                raise _Refused("missing from the model", module_name, _OTHER_MODEL)
+            plans[module_name] = _plan_module(module_name, rec, config["config"], tensors, modules[module_name], name,
+                                              check_base)
+        except _Refused as refused:
+            problems.add(*refused.args)
     extra_modules, extra_values = _plan_trainable(model, config, tensors, problems)
     problems.raise_if_any(name, path, model)
     for module_name, (adapter_config, initial, current) in plans.items():  # apply: nothing below can fail
