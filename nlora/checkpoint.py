@@ -294,6 +294,18 @@ def _check_tensors(name: str, own: dict[str, Tensor], config: AdapterConfig, w: 
     return index[0].to(w.device), index[1].to(w.device)
 
 
+def _slices_from_base(name: str, rec: dict, config: AdapterConfig, w: Tensor, rows: Tensor | None,
+                      cols: Tensor | None) -> dict[str, Tensor]:
+    """The factors a compact file left out, sliced again from the base weight and checked against its digest."""
+    if rows is None:
+        raise _Refused("has invalid index sets", f"{name}: rebuilt from the base but no index stored")
+    r, c = (t.to(w.dtype) for t in nystrom_slices(w, rows, cols))
+    if _digest(r.to(config.adapter_dtype), c.to(config.adapter_dtype)) != rec.get("slice_digest"):
+        raise _Refused("base weight slices differ from the ones saved (wrong base model, or a different "
+                       "dtype/checkpoint)", name, "load the base checkpoint (and dtype) it was saved on")
+    return {k: (r if k.endswith("_A") else c) for k in rec["from_base"]}
+
+
 def _plan_module(name: str, rec: Any, default: dict, tensors: dict[str, Tensor], module: nn.Module, adapter: str,
                  check_base: bool) -> tuple:
     """Check one module against the file: ``(config, initial factors, current factors)``, or ``_Refused``."""
@@ -306,13 +318,7 @@ def _plan_module(name: str, rec: Any, default: dict, tensors: dict[str, Tensor],
         raise _Refused("base weight differs from the one the adapter was saved on (wrong base model, or a different "
                        "checkpoint)", name, _OTHER_CHECKPOINT)
     if rec["from_base"]:
-        if rows is None:
-            raise _Refused("has invalid index sets", f"{name}: rebuilt from the base but no index stored")
-        r, c = (t.to(w.dtype) for t in nystrom_slices(w, rows, cols))
-        if _digest(r.to(config.adapter_dtype), c.to(config.adapter_dtype)) != rec.get("slice_digest"):
-            raise _Refused("base weight slices differ from the ones saved (wrong base model, or a different "
-                           "dtype/checkpoint)", name, "load the base checkpoint (and dtype) it was saved on")
-        own.update({k: (r if k.endswith("_A") else c) for k in rec["from_base"]})
+        own.update(_slices_from_base(name, rec, config, w, rows, cols))
     prefix = "init_" if config.preserve_output else "lora_"
     if prefix + "A" not in own or prefix + "B" not in own:
         raise _Refused("file lacks tensors the config lists", f"{name}.{prefix}A/B")

@@ -101,21 +101,13 @@ class AdapterConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (dtypes by name) that ``from_dict`` turns back into an equal config."""
-        out = dataclasses.asdict(self)
-        for name in ("adapter_dtype", "compute_dtype"):
-            out[name] = None if out[name] is None else str(out[name]).removeprefix("torch.")
-        return out
+        return {k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v
+                for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
-        data = dict(data)
-        for name in ("adapter_dtype", "compute_dtype"):
-            if data.get(name) is not None:
-                dtype = getattr(torch, str(data[name]), None)
-                if not isinstance(dtype, torch.dtype):
-                    raise ValueError(f"unknown dtype {data[name]!r} for {name}")
-                data[name] = dtype
-        return cls(**data)
+        dtypes = {k: getattr(torch, str(data[k]), data[k]) for k in ("adapter_dtype", "compute_dtype") if data.get(k)}
+        return cls(**{**data, **dtypes})  # __post_init__ refuses what is not a dtype
 
 
 def _check_number(name: str, value: Any, types, ok, what: str) -> None:

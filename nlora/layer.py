@@ -282,13 +282,8 @@ class NLoRALinear(nn.Module):
         """The base weight as ``(out, in)``."""
         return weight_view(self.base)
 
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
+    in_features = property(lambda self: self.weight.shape[1])
+    out_features = property(lambda self: self.weight.shape[0])
 
     def active(self) -> Adapter:
         if len(self.active_adapters) != 1:
@@ -296,21 +291,11 @@ class NLoRALinear(nn.Module):
                                f"({self.active_adapters}); use .adapters[name] to pick one")
         return self.adapters[self.active_adapters[0]]
 
-    @property
-    def lora_A(self) -> Tensor:
-        return self.active().factors(self.weight)[0]
-
-    @property
-    def lora_N(self) -> Tensor | None:
-        return self.active().lora_N
-
-    @property
-    def lora_B(self) -> Tensor:
-        return self.active().factors(self.weight)[2]
-
-    @property
-    def scaling(self) -> float:
-        return self.active().scaling
+    # the only active adapter's live factors (A and B may be the base weight's rows and columns) and scale
+    lora_A = property(lambda self: self.active().factors(self.weight)[0])
+    lora_N = property(lambda self: self.active().lora_N)
+    lora_B = property(lambda self: self.active().factors(self.weight)[2])
+    scaling = property(lambda self: self.active().scaling)
 
     # -- adapters ------------------------------------------------------------------------------------------------
     def add(self, adapter_name: str, adapter: Adapter) -> None:
@@ -387,8 +372,7 @@ class NLoRALinear(nn.Module):
 
     def restore_base(self) -> nn.Module:
         """The base module holding the original pretrained weight again (merges and residuals undone)."""
-        terms = [t for t in self.original_terms()]
-        if terms:
+        if terms := self.original_terms():
             self.add_to_weight(terms)
         self.merged_adapters = ()
         return self.base

@@ -145,14 +145,8 @@ def check_layer(base: nn.Module, config: AdapterConfig, label: str) -> Tensor:
 
 
 def _all_true(flags: list[Tensor]) -> list[bool]:
-    """Host values of many 0-d bool tensors, one device-to-host copy per device (not one per tensor)."""
-    out: dict[int, bool] = {}
-    by_device: dict[torch.device, list[int]] = {}
-    for i, f in enumerate(flags):
-        by_device.setdefault(f.device, []).append(i)
-    for idx in by_device.values():
-        out.update(zip(idx, torch.stack([flags[i] for i in idx]).tolist()))
-    return [out[i] for i in range(len(flags))]
+    """Host values of many 0-d bool tensors with one device-to-host copy (not one synchronisation per tensor)."""
+    return torch.stack([f.to(flags[0].device) for f in flags]).tolist() if flags else []
 
 
 def _refuse_nonfinite(weights: dict[str, Tensor], init: str) -> None:
@@ -176,14 +170,22 @@ def _refuse_overflow(factors: dict[str, Factors], dtype: torch.dtype, init: str)
                              f"init='nystrom-optimal', or a larger rcond")
 
 
-def _initialise(weights: list[Tensor], configs: list[AdapterConfig],
-                generators: list[torch.Generator | None]) -> list[Factors]:
+def _initialise(weights: dict[str, Tensor], configs: dict[str, AdapterConfig],
+                generators: dict[str, torch.Generator | None]) -> dict[str, Factors]:
     """The init's factors of real (not meta) weights, through its batched form where it has one."""
-    spec, options = get_init(configs[0].init), configs[0].options
-    ranks, scalings = [c.rank for c in configs], [c.scaling for c in configs]
-    if spec.many is not None:
-        return spec.many(weights, ranks, scalings=scalings, generators=generators, **options)
-    return [spec.fn(w, k, scaling=s, generator=g, **options) for w, k, s, g in zip(weights, ranks, scalings, generators)]
+    if not weights:
+        return {}
+    spec, options = get_init(configs[next(iter(weights))].init), configs[next(iter(weights))].options
+    names = list(weights)
+    ranks, scalings = [configs[n].rank for n in names], [configs[n].scaling for n in names]
+    gens = [generators[n] for n in names]
+    made = (spec.many([weights[n] for n in names], ranks, scalings=scalings, generators=gens, **options)
+            if spec.many is not None else
+            [spec.fn(weights[n], k, scaling=s, generator=g, **options) for n, k, s, g in zip(names, ranks, scalings, gens)])
+    out = dict(zip(names, made))
+    for n in (n for n in names if sharded.is_dtensor(weights[n]) and generators[n] is None):
+        out[n] = Factors(*(None if t is None else sharded.broadcast(t, weights[n]) for t in vars(out[n]).values()))
+    return out  # unseeded draws on sharded weights may differ by rank: rank 0's were taken
 
 
 def compute_factors(weights: dict[str, Tensor], configs: dict[str, AdapterConfig],
@@ -192,18 +194,14 @@ def compute_factors(weights: dict[str, Tensor], configs: dict[str, AdapterConfig
     Refuses non-finite weights (data-driven inits) and factors that overflow the adapter dtype; changes nothing."""
     config = next(iter(configs.values()))
     data_driven = get_init(config.init).data_driven
-    real = [n for n, w in weights.items() if not sharded.is_meta(w)]
+    real = {n: w for n, w in weights.items() if not sharded.is_meta(w)}
     if data_driven:
-        _refuse_nonfinite({n: weights[n] for n in real}, config.init)
-    out = {n: meta_factors(w.shape, configs[n]) for n, w in weights.items() if sharded.is_meta(w)}
-    if real:
-        out.update(zip(real, _initialise([weights[n] for n in real], [configs[n] for n in real],
-                                         [generators[n] for n in real])))
-    for n in (n for n in real if sharded.is_dtensor(weights[n]) and generators[n] is None):
-        out[n] = Factors(*(None if t is None else sharded.broadcast(t, weights[n]) for t in vars(out[n]).values()))
+        _refuse_nonfinite(real, config.init)
+    out = {n: meta_factors(w.shape, configs[n]) for n, w in weights.items() if n not in real}
+    made = _initialise(real, configs, generators)
     if data_driven:
-        _refuse_overflow({n: out[n] for n in real}, config.adapter_dtype, config.init)
-    return out
+        _refuse_overflow(made, config.adapter_dtype, config.init)
+    return {**out, **made}
 
 
 def build_adapter(base: nn.Module, config: AdapterConfig, label: str,
@@ -441,25 +439,22 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def trainable_summary(model: nn.Module) -> str:
     """A table of the adapted modules grouped by their last name part (q_proj, ...): count, shapes, ranks, inits and
     trainable parameters, then the model's trainable / total parameters."""
-    groups: dict[str, dict] = {}
+    groups: dict[str, list] = {}
     for name, layer in adapter_layers(model).items():
-        g = groups.setdefault(name.split(".")[-1], {"n": 0, "shape": set(), "rank": set(), "init": set(), "train": 0})
-        g["n"] += 1
-        g["shape"].add(f"{layer.out_features}x{layer.in_features}")
-        for adapter_name, a in layer.adapters.items():
-            g["rank"].add(str(a.config.rank))
-            g["init"].add(f"{adapter_name}:{a.config.init}/{a.config.train}")
-            g["train"] += sum(p.numel() for p in a.parameters() if p.requires_grad)
-    rows = [("module", "count", "out x in", "rank", "adapter:init/train", "trainable")]
-    rows += [(k, str(g["n"]), ",".join(sorted(g["shape"])), ",".join(sorted(g["rank"], key=int)),
-              ",".join(sorted(g["init"])), f"{g['train']:,}") for k, g in groups.items()]
+        g = groups.setdefault(name.split(".")[-1], [0, set(), set(), set(), 0])
+        g[0] += 1
+        g[1].add(f"{layer.out_features}x{layer.in_features}")
+        g[2].update(str(a.config.rank) for a in layer.adapters.values())
+        g[3].update(f"{n}:{a.config.init}/{a.config.train}" for n, a in layer.adapters.items())
+        g[4] += sum(p.numel() for p in layer.adapters.parameters() if p.requires_grad)
+    rows = [("module", "count", "out x in", "rank", "adapter:init/train", "trainable")] + [
+        (k, str(n), ",".join(sorted(sh)), ",".join(sorted(rk, key=int)), ",".join(sorted(it)), f"{tr:,}")
+        for k, (n, sh, rk, it, tr) in groups.items()]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     extra = [n for n, m in model.named_modules() if getattr(m, _TRAINABLE, False)]
     if extra:
-        n_extra = sum(p.numel() for n in extra for p in model.get_submodule(n).parameters() if p.requires_grad)
-        lines.append(f"fully trained modules: {', '.join(extra)} ({n_extra:,} params)")
+        lines.append(f"fully trained modules: {', '.join(extra)}")
     trainable, total = count_parameters(model)
-    lines.append(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: "
-                 f"{100 * trainable / max(total, 1):.4f}")
-    return "\n".join(lines)
+    return "\n".join(lines + [f"trainable params: {trainable:,} || all params: {total:,} || trainable%: "
+                              f"{100 * trainable / max(total, 1):.4f}"])

@@ -60,10 +60,10 @@ def _check_trainable(model: nn.Module, modules: list[str], adapted: list[str], s
         raise ValueError(f"trainable modules {clash[:4]} are also (or contain) adapted modules; PEFT cannot express "
                          f"that: drop them from trainable, or export without them")
     names = list(_candidates(model))
-    for m in modules:
-        if [n for n in names if n.endswith(m) and n != m and not n.startswith(m + ".")]:
-            raise ValueError(f"trainable module {m!r}: PEFT's modules_to_save matching (suffix) would also pick other "
-                             f"modules; rename it or leave it out")
+    suffix = [m for m in modules if any(n.endswith(m) and n != m and not n.startswith(m + ".") for n in names)]
+    if suffix:
+        raise ValueError(f"trainable module {suffix[0]!r}: PEFT's modules_to_save matching (suffix) would also pick "
+                         f"other modules; rename it or leave it out")
     ids = {id(p) for p in saved.values()}
     tied = sorted({n.replace(".base.", ".") for n, p in model.named_parameters(remove_duplicate=False)
                    if id(p) in ids and not any(n.startswith(m + ".") for m in modules)})
@@ -92,32 +92,34 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter: str | None =
         raise ValueError(f"adapters {others} also rewrote base weights (preserve_output): a PEFT file of {name!r} alone "
                          f"cannot reproduce this model; delete_adapter them (or export from a model holding only "
                          f"{name!r})")
-    tensors: dict[str, Tensor] = {}
-    ranks, alphas, dropouts = {}, {}, []
+    tensors, ranks, alphas = {}, {}, {}
     for module_name, layer in layers.items():
         ad = layer.adapters[name]
         a, b = peft_factors(ad, layer.weight, dtype)
-        ranks[module_name] = a.shape[0]
-        alphas[module_name] = ad.config.scaling * a.shape[0]  # PEFT's scaling is lora_alpha / r
+        ranks[module_name], alphas[module_name] = a.shape[0], ad.config.scaling * a.shape[0]  # PEFT: s = alpha / r
         tensors[f"base_model.model.{module_name}.lora_A.weight"] = a
         tensors[f"base_model.model.{module_name}.lora_B.weight"] = b
-        dropouts.append(ad.config.dropout)
     saved = trainable_params(model) if include_trainable else {}
     modules = sorted(n for n, m in model.named_modules() if getattr(m, _TRAINABLE, False)) if saved else []
     _check_trainable(model, modules, list(layers), saved)
     tensors.update({f"base_model.model.{n}": p.detach().to(dtype if p.is_floating_point() else p.dtype)
                     for n, p in saved.items()})
+    config = _peft_config(model, layers, name, ranks, alphas, modules)
+    config["base_model_name_or_path"] = base_model_name_or_path or getattr(getattr(model, "config", None),
+                                                                           "_name_or_path", None)
+    return write_files(path, tensors, config, checksum=False)
+
+
+def _peft_config(model: nn.Module, layers: dict, name: str, ranks: dict, alphas: dict, modules: list[str]) -> dict:
+    """PEFT's ``adapter_config.json`` for these layers: the most common rank and alpha, patterns for the rest."""
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
-    config = {
-        "peft_type": "LORA", "task_type": None, "inference_mode": True, "revision": None,
-        "base_model_name_or_path": base_model_name_or_path or getattr(getattr(model, "config", None),
-                                                                      "_name_or_path", None) or None,
-        "r": r, "lora_alpha": alpha, "target_modules": _target_modules(model, list(layers)),
-        "lora_dropout": Counter(dropouts).most_common(1)[0][0],
+    return {
+        "peft_type": "LORA", "task_type": None, "inference_mode": True, "revision": None, "r": r, "lora_alpha": alpha,
+        "target_modules": _target_modules(model, list(layers)),
+        "lora_dropout": Counter(layer.adapters[name].config.dropout for layer in layers.values()).most_common(1)[0][0],
         "fan_in_fan_out": all(is_conv1d(layer.base) for layer in layers.values()),
         "bias": "none", "use_rslora": False, "use_dora": False, "modules_to_save": modules or None,
         "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": _patterns(ranks, r, "rank"), "alpha_pattern": _patterns(alphas, alpha, "alpha"),
     }
-    return write_files(path, tensors, config, checksum=False)
