@@ -40,9 +40,14 @@ def weight_sample(weight: Tensor) -> Tensor | None:
     on its own device and dtype; ``None`` for a weight without local data (meta, sharded)."""
     if weight.is_meta or type(weight).__name__ == "DTensor":
         return None
-    positions = [i * 2654435761 % weight.numel() for i in range(SAMPLE_SIZE)]
     with torch.no_grad():
-        return torch.take(weight, torch.tensor(positions, device=weight.device))
+        return torch.take(weight, torch.tensor(sample_positions(weight.numel()), device=weight.device))
+
+
+def sample_positions(numel: int) -> list[int]:
+    """One flat position in each of ``SAMPLE_SIZE`` equal blocks of the weight, at a scrambled offset."""
+    block = max(1, numel // SAMPLE_SIZE)
+    return [min(i * block + i * 2654435761 % block, numel - 1) for i in range(SAMPLE_SIZE)]
 
 
 def meta_factors(shape: torch.Size, config: AdapterConfig) -> Factors:

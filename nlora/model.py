@@ -149,19 +149,24 @@ def _all_true(flags: list[Tensor]) -> list[bool]:
     return torch.stack([f.to(flags[0].device) for f in flags]).tolist() if flags else []
 
 
+def _max_abs(t: Tensor) -> Tensor:
+    """``max |t|`` in one pass; NaN and Inf propagate."""
+    return torch.linalg.vector_norm(t, float("inf"))
+
+
 def _refuse_nonfinite(weights: dict[str, Tensor], init: str) -> None:
     plain = {n: w for n, w in weights.items() if not sharded.is_dtensor(w)}
-    ok = dict(zip(plain, _all_true([w.isfinite().all() for w in plain.values()])))
+    ok = dict(zip(plain, _all_true([_max_abs(w).isfinite() for w in plain.values()])))
     for name, w in weights.items():
         if not ok.get(name, True) or (name not in plain and not sharded.all_ranks_true(
-                bool(w.to_local().isfinite().all()), w)):
+                bool(_max_abs(w.to_local()).isfinite()), w)):
             raise ValueError(f"{name}: weight has NaN/Inf, so the data-driven init {init!r} cannot use it; fix the "
                              f"checkpoint or pick a random init (lora/slora)")
 
 
 def _refuse_overflow(factors: dict[str, Factors], dtype: torch.dtype, init: str) -> None:
     """Data-driven factors must be finite in the adapter dtype (an ill-conditioned core can overflow fp16)."""
-    flags = [torch.stack([t.abs().amax() for t in (f.A, f.N, f.B) if t is not None]).max().to(dtype).isfinite()
+    flags = [torch.stack([_max_abs(t) for t in (f.A, f.N, f.B) if t is not None]).max().to(dtype).isfinite()
              for f in factors.values()]
     for name, ok in zip(factors, _all_true(flags)):
         if not ok:
@@ -249,8 +254,8 @@ def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | Non
     """
     config = AdapterConfig.build(rank=rank, alpha=alpha, init=init, **kwargs)
     chosen, extra = _chosen_and_trainable(model, targets, exclude, layers, trainable)
-    configs = {n: config.replace(rank=_pattern_value(n, rank_pattern, rank),
-                                 alpha=_pattern_value(n, alpha_pattern, alpha)) for n in chosen}
+    configs = {n: _layer_config(config, n, _pattern_value(n, rank_pattern, rank),
+                                _pattern_value(n, alpha_pattern, alpha)) for n in chosen}
     weights = {n: check_layer(getattr(m, "base", m), configs[n], n) for n, m in chosen.items()}
     taken = [n for n, m in chosen.items() if isinstance(m, NLoRALinear) and adapter in m.adapters]
     if taken:
@@ -266,6 +271,14 @@ def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | Non
         setattr(module, _TRAINABLE, True)
     set_adapter(model, adapter)
     return model
+
+
+def _layer_config(config: AdapterConfig, name: str, rank: int, alpha: float | None) -> AdapterConfig:
+    """``config`` with one module's rank and alpha (from the patterns); an error names the module."""
+    try:
+        return config.replace(rank=rank, alpha=alpha)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{name}: {err} (from rank_pattern/alpha_pattern)") from None
 
 
 def wrap_layer(model: nn.Module, name: str, module: nn.Module) -> NLoRALinear:
