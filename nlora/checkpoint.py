@@ -46,7 +46,8 @@ def _digest(*tensors: Tensor) -> str:
     h = hashlib.sha256()
     for t in tensors:
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.detach().to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().to("cpu").reshape(-1).clone(memory_format=torch.contiguous_format).view(torch.uint8)
+                 .numpy().tobytes())
     return h.hexdigest()[:32]
 
 

@@ -3,6 +3,9 @@
 The table is ``MODELS`` (tests/model_zoo.py: MLP, tiny Llama, tiny BERT, tiny GPT-2 with Conv1D) x ``VARIANTS``
 (below) x train mode ("all", and "middle" = IntTune where the variant has a trainable middle with a non-zero B).
 Each ``test_NN_*`` function is one behaviour row and runs over the whole table through the ``case`` fixture.
+``case`` also holds the paper's IntTune (init="nystrom", train="middle"), the one adapter that stores only N and
+reads A and B from the base weight; row 15 checks that reading (views of the weight, a frozen copy once it is
+written).
 To add a row, write one more ``test_NN_<behaviour>(case)``; to add a model or a variant, add one entry to
 ``MODELS`` or ``VARIANTS``. Rows 11 (save/load, pickling) and 14 (export to PEFT, checked under real PEFT) train an
 output head too (``HEADS``), so that extra trainable modules (PEFT's ``modules_to_save``) travel with the adapter.
@@ -23,8 +26,9 @@ import nlora
 from .conftest import assert_same_state, state_hash
 from .model_zoo import MODELS, ModelSpec, fp16_supported, one_thread, pristine  # noqa: F401 (autouse fixture)
 from nlora import NLoRALinear
-from nlora.model import adapter_layers
+from nlora.checkpoint import read_adapter_config
 from nlora.layer import weight_view
+from nlora.model import adapter_layers
 
 RANK, ALPHA = 4, 8.0  # scaling 2, so a missing or doubled scaling shows
 
@@ -56,9 +60,14 @@ VARIANTS = [
     Variant("pissa", "pissa", "preserved", True),
 ]
 
-# Rows where the train mode matters (4, 5, 13) run over TRAIN_CASES; the others over CASES (train="all"), which
-# keeps the battery fast: the middle/all switch only changes which parameters are trainable.
-CASES = [pytest.param((m, v, "all"), id=f"{m}-{v.name}") for m in MODELS for v in VARIANTS]
+# Rows where the train mode matters (4, 5, 11, 13, 14) run over TRAIN_CASES; the others over CASES (train="all"),
+# which keeps the battery fast: for most variants the middle/all switch only changes which parameters are trainable.
+# The exception is the paper's IntTune, nystrom + train="middle" (``READS_BASE``): its adapter stores only N and
+# reads A and B from the base weight, a different code path, so CASES hold it too.
+READS_BASE = "nystrom"
+CASES = ([pytest.param((m, v, "all"), id=f"{m}-{v.name}") for m in MODELS for v in VARIANTS]
+         + [pytest.param((m, v, "middle"), id=f"{m}-{v.name}-middle") for m in MODELS for v in VARIANTS
+            if v.name == READS_BASE])
 TRAIN_CASES = [pytest.param((m, v, t), id=f"{m}-{v.name}-{t}")
                for m in MODELS for v in VARIANTS for t in (("all", "middle") if v.middle else ("all",))]
 
@@ -161,7 +170,7 @@ def dtypes_to_test(model_name: str) -> list[torch.dtype]:
 # -- 1. injection wraps exactly the intended modules; a pattern that matches nothing raises ---------------------
 def test_01_injection_wraps_exactly_the_targets(case):
     before = state_hash(case.model)
-    with pytest.raises(ValueError, match="matched no module"):
+    with pytest.raises(ValueError, match=r"targets=\['no_such_module'\]: entries match no module.*nothing was changed"):
         nlora.inject(case.model, ["no_such_module"], rank=RANK, init=case.variant.init)
     assert_same_state(before, case.model)
     case.inject()
@@ -171,8 +180,12 @@ def test_01_injection_wraps_exactly_the_targets(case):
         assert type(layer.base) is type(case.original.get_submodule(name))  # Conv1D stays Conv1D
         assert layer.active_adapters == ("default",) and layer.merged_adapters == ()
         a = layer.adapters["default"]
-        assert (a.rank, a.alpha, a.init, a.train_mode) == (RANK, ALPHA, case.variant.init, case.train)
-        assert a.lora_A.shape == (RANK, layer.in_features) and a.lora_B.shape == (layer.out_features, RANK)
+        c = a.config
+        assert (c.rank, c.alpha, c.init, c.train) == (RANK, ALPHA, case.variant.init, case.train)
+        assert a.scaling == ALPHA / RANK
+        fa, _, fb = a.factors(layer.weight)
+        assert fa.shape == (RANK, layer.in_features) and fb.shape == (layer.out_features, RANK)
+        assert (a.lora_A is None) == c.reads_base == (case.variant.name == READS_BASE and case.train == "middle")
         assert (a.lora_N is None) == (case.variant.init in ("lora", "gaussian"))
     wrapped_modules = {n for n, m in case.model.named_modules() if isinstance(m, NLoRALinear)}
     assert wrapped_modules == set(case.spec.wrapped)  # nothing else was replaced
@@ -206,25 +219,24 @@ def test_03_identity_or_documented_perturbation_at_init(case):
     weights = case.original_weights()
     case.inject()
     check_init_promise(case, case.run())
-    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(3)).double()
     for name, layer in adapter_layers(case.model).items():
         w0, a = weights[name], layer.adapters["default"]
         w = weight_view(layer.base).double()
         if case.variant.promise == "perturbed":  # the paper's code: s * W[:, :r] W[:r, :r] W[:r, :], base untouched
             expected = (ALPHA / RANK) * w0[:, :RANK] @ w0[:RANK, :RANK] @ w0[:RANK, :]
-            torch.testing.assert_close(a.delta_weight().double(), expected, rtol=1e-5, atol=1e-9)
+            torch.testing.assert_close(layer.delta_weight("default").double(), expected, rtol=1e-5, atol=1e-9)
             assert torch.equal(w, w0)
         elif case.variant.promise == "preserved":  # base = W0 - s B0 N0 A0, rounded once
-            torch.testing.assert_close(w + a.delta_weight(initial=True).double(), w0, rtol=0, atol=1e-6)
+            torch.testing.assert_close(w + layer.delta_weight("default", initial=True).double(), w0, rtol=0, atol=1e-6)
         else:
             assert torch.equal(w, w0) and not a.lora_B.any()
         xin = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             y = layer(xin).double()
         bias = layer.base.bias.double() if layer.base.bias is not None else 0.0
-        promised = xin.double() @ (w0 + (a.delta_weight().double() if case.variant.promise == "perturbed" else 0)).T
+        moved = layer.delta_weight("default").double() if case.variant.promise == "perturbed" else 0
+        promised = xin.double() @ (w0 + moved).T
         torch.testing.assert_close(y, promised + bias, rtol=1e-5, atol=1e-6)
-    del x
 
 
 # -- 4. a few optimizer steps change exactly the trainable parameters -----------------------------------------
@@ -285,25 +297,30 @@ def test_06_merge_unmerge_merge_and_unload(case):
     close(case.run(plain), y)
 
 
-# -- 7. double merge warns and changes nothing; safe=True refuses NaN/Inf ------------------------------------
-def test_07_double_merge_warns_and_safe_merge_refuses_nonfinite(case):
+# -- 7. safe=True refuses NaN/Inf and changes nothing; a double merge warns and changes nothing ----------------
+def test_07_safe_merge_refuses_nonfinite_and_double_merge_warns(case):
     case.inject()
     perturb(case.model)
-    nlora.merge(case.model)
+    name = case.spec.wrapped[-1]
+    adapter = case.model.get_submodule(name).adapters["default"]
+    params = adapter.trainable_parameters()  # A, N, B (N alone for IntTune, whose A and B are the base's)
+    for bad, param in ((float("nan"), params[-1]), (float("inf"), params[0])):
+        good = param.detach().clone()
+        with torch.no_grad():
+            param[0, 0] = bad
+        before = state_hash(case.model)
+        with pytest.raises(ValueError, match=rf"{name}: merging would put NaN/Inf"):
+            nlora.merge(case.model, safe=True)
+        assert_same_state(before, case.model)  # an IntTune adapter did not even copy A and B out of the base
+        assert all(not l.merged_adapters for l in adapter_layers(case.model).values())
+        assert adapter.reads_base == adapter.config.reads_base
+        with torch.no_grad():
+            param.copy_(good)
+    nlora.merge(case.model, safe=True)
     before = state_hash(case.model)
     with pytest.warns(UserWarning, match="already merged"):
         nlora.merge(case.model)
     assert_same_state(before, case.model)
-    nlora.unmerge(case.model)
-    name = case.spec.wrapped[-1]
-    for bad, param in ((float("nan"), "lora_B"), (float("inf"), "lora_A")):
-        with torch.no_grad():
-            getattr(case.model.get_submodule(name).adapters["default"], param)[0, 0] = bad
-        before = state_hash(case.model)
-        with pytest.raises(ValueError, match=rf"{name}: merging would put NaN/Inf"):
-            nlora.merge(case.model, safe=True)
-        assert_same_state(before, case.model)
-        assert all(not l.merged_adapters for l in adapter_layers(case.model).values())
 
 
 # -- 8. bf16/fp16 merge -> unmerge -> unload stays within the stated tolerance --------------------------------
@@ -321,8 +338,9 @@ def _check_low_precision_roundtrip(case: Case, model: nn.Module, dtype: torch.dt
     bound = {}
     for n, l in adapter_layers(model).items():
         a = l.adapters["default"]
-        d0 = a.delta_weight(initial=True).abs().max().item() if a.preserve_output else 0.0
-        bound[n] = 4 * torch.finfo(dtype).eps * (w0[n].abs().max().item() + a.delta_weight().abs().max().item() + d0)
+        d0 = l.delta_weight("default", initial=True).abs().max().item() if a.config.preserve_output else 0.0
+        d = l.delta_weight("default").abs().max().item()
+        bound[n] = 4 * torch.finfo(dtype).eps * (w0[n].abs().max().item() + d + d0)
     nlora.merge(model)
     assert torch.isfinite(case.run(model, dtype)).all()
     nlora.unmerge(model)
@@ -409,17 +427,16 @@ def test_12_multiple_adapters(case):
     nlora.set_adapter(case.model, "default")
     close(case.run(), y_default)
     nlora.set_adapter(case.model, ["default", "d"])
-    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(2))
     for name, layer in adapter_layers(case.model).items():  # both deltas (each with its own N) are applied
         xin = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(4))
-        delta = sum(a.delta_weight().double() - (a.delta_weight(initial=True).double() if a.preserve_output else 0)
-                    for a in layer.adapters.values())
+        delta = sum(layer.delta_weight(n).double()
+                    - (layer.delta_weight(n, initial=True).double() if a.config.preserve_output else 0)
+                    for n, a in layer.adapters.items())
         bias = layer.base.bias.double() if layer.base.bias is not None else 0.0
         with torch.no_grad():
             torch.testing.assert_close(layer(xin).double(), xin.double() @ (weights[name] + delta).T + bias,
                                        rtol=1e-5, atol=1e-6)
-        assert layer.adapters["d"].rank == 2 and layer.adapters["default"].rank == RANK
-    del x
+        assert layer.adapters["d"].config.rank == 2 and layer.adapters["default"].config.rank == RANK
     nlora.delete_adapter(case.model, "d")
     assert nlora.adapter_names(case.model) == ["default"]
     assert not any(".adapters.d." in k for k in case.model.state_dict())
@@ -480,10 +497,12 @@ def test_11_save_load_round_trip_is_exact(tcase, tmp_path):
     train_like(tcase.model)
     y = tcase.run()
     path = nlora.save_adapter(tcase.model, tmp_path / "a")
-    stored = {m: set(r["stored"]) for m, r in nlora.io.read_adapter_config(path)["modules"].items()}
+    stored = {m: set(r["stored"]) for m, r in read_adapter_config(path)["modules"].items()}
     assert sorted(stored) == sorted(tcase.spec.wrapped)
     if tcase.variant.init.startswith("nystrom") and tcase.train == "middle":  # compact: A, B re-sliced from the base
         assert all(not k & {"lora_A", "lora_B", "init_A", "init_B"} for k in stored.values()), stored
+    if tcase.variant.name == READS_BASE and tcase.train == "middle":  # IntTune reading the base: N and where it is
+        assert all(k == {"lora_N", "index", "base_sample"} for k in stored.values()), stored
     modes = {"default": tcase.train}
     want = expected_trainable(tcase.model, ["default"], modes) | head_params(tcase.model, head)
     assert trainable(tcase.model) == want
@@ -496,6 +515,8 @@ def test_11_save_load_round_trip_is_exact(tcase, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert (a[k] is None) == (b[k] is None) and (a[k] is None or torch.equal(a[k], b[k])), k
+    for name, layer in adapter_layers(fresh).items():  # a loaded IntTune adapter reads the (fresh) base again
+        assert layer.adapters["default"].reads_base == tcase.model.get_submodule(name).adapters["default"].reads_base
     if tcase.spec.name == "gpt2":  # the tie survives the load
         assert fresh.lm_head.weight is fresh.transformer.wte.weight
     # onto a model that already holds another adapter: the loaded one becomes active, the other is frozen
@@ -548,3 +569,66 @@ def test_14_export_peft_reproduces_outputs_under_peft(tcase, tmp_path):
     if tcase.spec.name == "bert":  # the task class adds classifier to modules_to_save and needs its weights: here
         seq = peft.PeftModelForSequenceClassification.from_pretrained(tcase.spec.model(), str(tmp_path / "p")).eval()
         close(tcase.run(seq), y)
+
+
+# -- 15. IntTune on the paper's init (nystrom, train="middle") stores only N; A and B are the base weight's --------
+@pytest.fixture(params=list(MODELS))
+def inttune(request) -> Case:
+    """The paper's IntTune: init="nystrom" (index="first", base weight untouched), train="middle"."""
+    return _case((request.param, next(v for v in VARIANTS if v.name == READS_BASE), "middle"))
+
+
+def same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def test_15_inttune_stores_only_n_and_reads_views_of_the_base_weight(inttune):
+    inttune.inject()
+    for name, layer in adapter_layers(inttune.model).items():
+        a, w = layer.adapters["default"], layer.weight
+        assert a.config.reads_base and a.reads_base
+        assert a.lora_A is None and a.lora_B is None and a.lora_N.requires_grad
+        assert [n for n, _ in a.named_parameters()] == ["lora_N"]
+        assert sorted(n for n, _ in a.named_buffers()) == ["cols", "rows"]  # index sets only: no A, B, init copies
+        assert [k for k in layer.state_dict() if k.startswith("adapters.")] == ["adapters.default.lora_N"]
+        fa, fn, fb = a.factors(w)
+        assert fn is a.lora_N
+        for live in (fa, fb, layer.lora_A, layer.lora_B):  # views of the weight, no copy (Conv1D: of its transpose)
+            assert same_storage(live, w) and same_storage(live, layer.base.weight)
+        assert torch.equal(fa, w[:RANK]) and torch.equal(fb, w[:, :RANK])
+    # the base weight carries the adapter's A and B, but only N trains (test_04 runs the optimizer)
+    inttune.spec.run(inttune.model, inttune.inputs).float().square().mean().backward()
+    for layer in adapter_layers(inttune.model).values():
+        assert layer.base.weight.grad is None and layer.adapters["default"].lora_N.grad.abs().sum() > 0
+
+
+def test_15_inttune_keeps_the_original_slices_once_the_base_weight_is_written(inttune):
+    weights = inttune.original_weights()
+    inttune.inject()
+    perturb(inttune.model)  # N moves, as training would
+    twin = copy.deepcopy(inttune.model)
+    y = inttune.run()
+    nlora.merge(inttune.model)
+    close(inttune.run(), y)
+    for name, layer in adapter_layers(inttune.model).items():
+        a = layer.adapters["default"]
+        assert not a.reads_base and a.lora_A is not None and a.lora_B is not None
+        assert not a.lora_A.requires_grad and not a.lora_B.requires_grad and a.lora_N.requires_grad
+        assert not same_storage(a.lora_A, layer.weight) and not same_storage(a.lora_B, layer.weight)
+        # a frozen copy of the ORIGINAL slices, bitwise (fp32 -> fp64 is exact), not of the merged weight's
+        assert torch.equal(a.lora_A.double(), weights[name][:RANK])
+        assert torch.equal(a.lora_B.double(), weights[name][:, :RANK])
+        assert not torch.equal(a.lora_A, layer.weight[:RANK]) and not torch.equal(a.lora_B, layer.weight[:, :RANK])
+    nlora.unmerge(inttune.model)
+    close(inttune.run(), y, rel=1e-6)  # the unmerged weight is W up to rounding; A and B are still W's slices
+    for name, layer in adapter_layers(inttune.model).items():
+        torch.testing.assert_close(layer.weight.double(), weights[name], rtol=0, atol=1e-6)
+        assert torch.equal(layer.adapters["default"].lora_A.double(), weights[name][:RANK])
+    # another adapter's residual update writes the base weight too: IntTune keeps its slices and its output
+    nlora.inject(twin, inttune.spec.targets, rank=2, init="nystrom-pinv", index="norm", adapter="po", seed=3)
+    nlora.set_adapter(twin, "default")
+    close(inttune.run(twin), y)
+    for name, layer in adapter_layers(twin).items():
+        a = layer.adapters["default"]
+        assert not a.reads_base and torch.equal(a.lora_A.double(), weights[name][:RANK])
+        assert not torch.equal(a.lora_A, layer.weight[:RANK])  # the base now holds the residual of "po"
