@@ -212,7 +212,10 @@ class _AdaptedLinear(torch.autograd.Function):
         # return for in-place use, so it is copied (as is an output cast to compute_dtype)
         if y._base is not None or ctx.dt != y.dtype:
             y = y.to(ctx.dt, copy=True)
-        needs, saved = ctx.needs_input_grad, []
+        # what wants a gradient, read from the inputs (torch.compile traces this as it runs; ctx.needs_input_grad
+        # was not always right inside a compiled forward)
+        needs = [t is not None and t.requires_grad for t in (x, None, w, bias, None, None, *flat)]
+        ctx.base_needs, saved = needs[:4], []
         ctx.tied = [flat[4 * k] is None for k in range(len(scales))]
         ctx.needs = [(needs[0] if ctx.tied[k] else needs[6 + 4 * k], *needs[7 + 4 * k: 10 + 4 * k])
                      for k in range(len(scales))]
@@ -226,7 +229,7 @@ class _AdaptedLinear(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g: Tensor):
         x, w, *saved = ctx.saved_tensors
-        needs, g = ctx.needs_input_grad, g.to(ctx.dt)
+        needs, g = ctx.base_needs, g.to(ctx.dt)
         gx = torch.mm(g, w.to(g.dtype)) if needs[0] else None
         gw = torch.mm(g.t(), x.to(g.dtype)) if needs[2] else None  # only if the user unfroze the base weight
         grads = []

@@ -1,4 +1,6 @@
-"""The same guarantees on a CUDA device (skipped without one): inits, fused forward, precision policy, merge."""
+"""The same guarantees on a CUDA device (every test skipped without one): inits equal to the CPU's, the forward and
+its gradients against float64, the precision policy (fp32 masters, bf16 compute, fp32 grads), IntTune reading A and
+B from the base weight, merge/unmerge/disable, and a whole training step captured in a CUDA graph."""
 
 import pytest
 import torch
@@ -6,6 +8,7 @@ from torch import nn
 
 import nlora
 from nlora import NLoRALinear, get_init
+from nlora.inits import INITIALIZERS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -13,6 +16,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def _linear(dtype, out_f=96, in_f=64):
     torch.manual_seed(0)
     return nn.Linear(in_f, out_f).to("cuda", dtype)
+
+
+def _reference(layer: NLoRALinear, x: torch.Tensor) -> torch.Tensor:
+    w = layer.weight.double() + layer.delta_weight().double()
+    return x.double() @ w.T + layer.base.bias.double()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -24,42 +32,82 @@ def test_faithful_nystrom_slices_on_cuda_equal_the_cpu_ones(dtype):
         assert b.device.type == "cuda" and torch.equal(a, b.cpu())
 
 
+@pytest.mark.parametrize("name", ["nystrom-pinv", "nystrom-optimal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_inits_on_cuda_match_the_cpu(name, dtype):
+    """Host synchronisation of the r x r work: tests/test_nystrom.py (torch's eigh checks its status on the host)."""
+    spec = INITIALIZERS[name]
+    g = torch.Generator().manual_seed(4)
+    ws = [(torch.randn(o, k, generator=g) @ torch.randn(k, i, generator=g)).to(dtype)
+          for o, i, k in ((40, 30, 30), (30, 40, 3), (40, 30, 0), (25, 25, 25), (40, 30, 6))]
+    ranks, scalings = [8, 8, 5, 8, 8], [2.0, 2.0, 1.0, 0.5, 2.0]
+    opts = {"rcond": 1e-3} if name == "nystrom-optimal" else {}  # rank-deficient slices: compare at a real cutoff
+    got = spec.many([w.cuda() for w in ws], ranks, scalings=scalings, generators=[None] * len(ws), **opts)
+    for w, k, s, f in zip(ws, ranks, scalings, got):
+        want = spec.fn(w, k, scaling=s, **opts)
+        assert torch.equal(f.A.cpu(), want.A) and torch.equal(f.B.cpu(), want.B) and torch.isfinite(f.N).all()
+
+        def delta(fac):  # what the core is for: C and R cancel its rounding along their null directions
+            return s * (fac.B.double().cpu() @ fac.N.double().cpu() @ fac.A.double().cpu())
+
+        assert float((delta(f) - delta(want)).norm()) <= 1e-3 * (float(w.double().norm()) + 1e-30)
+
+
 @pytest.mark.parametrize("init", ["nystrom", "slora", "nystrom-optimal", "pissa"])
-def test_fused_forward_on_cuda_matches_float64(init):
+def test_forward_and_gradients_on_cuda_match_float64(init):
     layer = NLoRALinear(_linear(torch.float32), rank=8, alpha=16, init=init)
     with torch.no_grad():
         for p in layer.adapters.parameters():
             p.normal_(0, 0.2)
+    ad = layer.adapters["default"]
     x = torch.randn(4, 32, 64, device="cuda", requires_grad=True)
     y = layer(x)
-    a = layer.adapters["default"]
-    w = layer.base.weight.double() + a.delta_weight().double()
-    ref = x.double() @ w.T + layer.base.bias.double()
-    torch.testing.assert_close(y.double(), ref, rtol=2e-3, atol=2e-3)  # tf32 may be on for matmuls
-    y.sum().backward()
-    assert a.lora_A.grad is not None and torch.isfinite(a.lora_A.grad).all()
+    torch.testing.assert_close(y.double(), _reference(layer, x.detach()), rtol=2e-3, atol=2e-3)  # tf32 may be on
+    g = torch.randn_like(y)
+    y.backward(g)
+    xd, a, n, b = (t.detach().double().requires_grad_(True) for t in (x, ad.lora_A, ad.lora_N, ad.lora_B))
+    yd = xd @ layer.weight.double().T + ad.scaling * ((xd @ a.T) @ n.T) @ b.T
+    yd.backward(g.double())
+    for got, want in ((x.grad, xd.grad), (ad.lora_A.grad, a.grad), (ad.lora_N.grad, n.grad), (ad.lora_B.grad, b.grad)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=3e-3, atol=3e-3 * float(want.abs().max()))
 
 
-def test_bf16_model_keeps_fp32_masters_and_bf16_compute_on_cuda():
-    layer = NLoRALinear(_linear(torch.bfloat16), rank=8, init="nystrom")
-    x = torch.randn(2, 16, 64, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("train", ["all", "middle"])
+def test_bf16_model_keeps_fp32_masters_bf16_compute_fp32_grads_on_cuda(train):
+    layer = NLoRALinear(_linear(torch.bfloat16), rank=8, init="nystrom", train=train)
+    with torch.no_grad():
+        layer.lora_N.normal_(std=0.3)
+    x = torch.randn(4, 32, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     y = layer(x)
-    assert y.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
-    y.float().square().mean().backward()
-    assert layer.lora_N.grad.dtype == torch.float32
-    ref = NLoRALinear(_linear(torch.bfloat16), rank=8, init="nystrom", compute_dtype=torch.float32)
+    assert y.dtype == torch.bfloat16 and layer.lora_N.dtype == torch.float32
+    y.float().pow(2).mean().backward()
+    params = layer.adapters["default"].trainable_parameters()
+    assert params and all(p.dtype == p.grad.dtype == torch.float32 for p in params)
+    assert x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), _reference(layer, x.detach()), rtol=3e-2, atol=3e-2)
+    ref = NLoRALinear(_linear(torch.bfloat16), rank=8, init="nystrom", compute_dtype=torch.float32, train=train)
+    with torch.no_grad():
+        ref.lora_N.copy_(layer.lora_N)
     torch.testing.assert_close(ref(x).float(), y.float(), rtol=5e-2, atol=5e-2)
+
+
+def test_inttune_on_cuda_reads_a_and_b_as_views_of_the_base_weight():
+    layer = NLoRALinear(_linear(torch.bfloat16), rank=8, init="nystrom", train="middle")
+    w = layer.base.weight
+    assert layer.adapters["default"].lora_A is None and layer.lora_A._base is w and layer.lora_B._base is w
+    assert layer.lora_A.data_ptr() == w.data_ptr() and layer.lora_B.data_ptr() == w.data_ptr()
 
 
 def test_merge_unmerge_and_disable_on_cuda():
     model = nn.Sequential(_linear(torch.float32), nn.GELU(), _linear(torch.float32, 32, 96))
     x = torch.randn(8, 64, device="cuda")
-    y0 = model(x)
+    y0 = model(x).detach()
     nlora.inject(model, ["0", "2"], rank=8, init="nystrom-pinv")
     torch.testing.assert_close(model(x), y0, rtol=1e-4, atol=1e-4)  # preserve_output by default
     with torch.no_grad():
         model[0].lora_B.normal_(0, 0.1)
-    y = model(x)
+    y = model(x).detach()
     nlora.merge(model)
     torch.testing.assert_close(model(x), y, rtol=1e-4, atol=1e-4)
     with nlora.disable_adapter(model):
@@ -70,7 +118,7 @@ def test_merge_unmerge_and_disable_on_cuda():
 
 def test_seeded_random_inits_are_reproducible_on_cuda():
     a, b = (nlora.inject(nn.Sequential(_linear(torch.float32)), ["0"], rank=8, init="slora", seed=3) for _ in range(2))
-    assert torch.equal(a[0].lora_A, b[0].lora_A) and torch.equal(a[0].lora_N, b[0].lora_N)
+    assert a[0].lora_A.is_cuda and torch.equal(a[0].lora_A, b[0].lora_A) and torch.equal(a[0].lora_N, b[0].lora_N)
 
 
 @pytest.mark.parametrize("train", ["all", "middle"])
@@ -113,6 +161,7 @@ def test_a_training_step_captured_in_a_cuda_graph_replays_like_eager_steps(train
         graph.replay()
     torch.cuda.synchronize()
     assert all(p.dtype == torch.float32 for p in params) and len(params) == len(eager_params)
+    assert len(params) == (6 if train == "all" else 2)  # IntTune on the paper's init: only N exists
     for p, q in zip(params, eager_params):
         torch.testing.assert_close(p, q, rtol=1e-2, atol=1e-4)
     moved = [float((p - p0).abs().max()) for p, p0 in zip(params, build()[1])]
@@ -122,9 +171,11 @@ def test_a_training_step_captured_in_a_cuda_graph_replays_like_eager_steps(train
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_ct_w_of_a_low_precision_weight_multiplies_in_its_dtype_with_fp32_accuracy(dtype):
     """The optimal core's ``Cᵀ W``: C holds W's own columns (exact in W's dtype), so the bf16/fp16 GEMM with fp32
-    accumulation gives the fp32 product to fp32 rounding, without an fp32 copy of W."""
-    from nlora.nystrom import _ct_w
+    accumulation (aten::mm.dtype, torch >= 2.8) gives the fp32 product to fp32 rounding, without an fp32 copy of W."""
+    from nlora.nystrom import _ct_w, mm_out_dtype_works
 
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    assert mm_out_dtype_works(torch.device("cuda"), dtype) == ((major, minor) >= (2, 8))
     w = torch.randn(300, 200, device="cuda").to(dtype)
     c = w[:, torch.randperm(200, device="cuda")[:16]].float()
     want = c.double().mT @ w.double()
