@@ -312,7 +312,7 @@ def _plan_module(name: str, rec: Any, default: dict, tensors: dict[str, Tensor],
     """Check one module against the file: ``(config, initial factors, current factors)``, or ``_Refused``."""
     config, _ = _check_record(name, rec, default)
     w = _check_base(name, rec, module, adapter)
-    own = {k: tensors[f"{name}.{k}"] for k in rec["stored"] if f"{name}.{k}" in tensors}
+    own = {k: tensors[f"{name}.{k}"].to(w.device) for k in rec["stored"] if f"{name}.{k}" in tensors}
     rows, cols = _check_tensors(name, own, config, w)
     now = weight_sample(w) if check_base and "base_sample" in own else None
     if now is not None and not same_sample(own["base_sample"], now):
