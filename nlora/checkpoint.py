@@ -37,7 +37,7 @@ _OTHER_MODEL = "an adapter saved from another model? load it into the model (arc
 def same_sample(saved: Tensor, current: Tensor) -> bool:
     """Whether two samples agree exactly once rounded to the less precise of their dtypes."""
     low = saved.dtype if torch.finfo(saved.dtype).eps >= torch.finfo(current.dtype).eps else current.dtype
-    a, b = saved.to(low), current.to("cpu", low)
+    a, b = saved.to("cpu", low), current.to("cpu", low)
     return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
