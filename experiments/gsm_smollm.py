@@ -194,7 +194,7 @@ def build(method: Method, model: nn.Module, *, rank: int, seed: int) -> tuple[nn
 @torch.no_grad()
 def init_change(model: nn.Module, data: Encoded, device: torch.device) -> float:
     """Relative change of the logits on 16 validation problems caused by the adapters at init."""
-    if not nlora.model.adapter_layers(model):
+    if not nlora.adapter_layers(model):
         return 0.0
     ids, mask, _ = data.batch(torch.arange(min(16, len(data))), device)
     h = model(input_ids=ids, attention_mask=mask).logits.float()
@@ -305,7 +305,7 @@ class Task:
             return {**row, "val_acc": float("nan"), "test_acc": float("nan")}
         t0 = time.perf_counter()
         model.eval()
-        if nlora.model.adapter_layers(model):
+        if nlora.adapter_layers(model):
             nlora.merge(model)  # merged weights: generation at the plain model's speed, same outputs
         everything = [p for ps in self.problems.values() for p in ps]  # one decode loop for all splits
         _, outs = exact_match(model, self.tok, everything, self.device, max_new_tokens=self.max_new_tokens)

@@ -55,7 +55,7 @@ def init_change(model: rt.SentimentModel, data: rt.Encoded, device: torch.device
     ids, mask, _ = data.batch(torch.arange(min(64, len(data))), device)
     with torch.no_grad():
         h = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-        if not rt.nlora.model.adapter_layers(model):  # head-only: no adapters
+        if not rt.nlora.adapter_layers(model):  # head-only: no adapters
             return 0.0
         with rt.nlora.disable_adapter(model):
             h0 = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()

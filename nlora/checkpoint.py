@@ -128,8 +128,8 @@ def _module_record(layer: NLoRALinear, adapter: Adapter, default: dict, compact:
         tensors.update(init_A=adapter.init_A, init_N=adapter.init_N, init_B=adapter.init_B)
     tensors = {k: v for k, v in tensors.items() if v is not None and k not in from_base}
     if adapter.rows is not None:
-        tensors["index"] = torch.stack([adapter.rows, adapter.cols]).to("cpu", torch.int64)
-    if getattr(adapter, "base_sample", None) is not None:
+        tensors["index"] = torch.stack([adapter.rows, adapter.cols]).to("cpu", torch.int32)  # dims < 2^31
+    if getattr(adapter, "base_sample", None) is not None and not from_base:  # else the slices' digest checks the base
         tensors["base_sample"] = adapter.base_sample
     config = adapter.config.to_dict()
     record = {"kind": "Conv1D" if is_conv1d(layer.base) else "Linear", "shape": list(w.shape),
@@ -289,10 +289,10 @@ def _check_tensors(name: str, own: dict[str, Tensor], config: AdapterConfig, w: 
     index = own.get("index")
     if index is None:
         return None, None
-    if index.dtype != torch.int64 or (index < 0).any() or (index[0] >= w.shape[0]).any() or (
+    if index.dtype not in (torch.int32, torch.int64) or (index < 0).any() or (index[0] >= w.shape[0]).any() or (
             index[1] >= w.shape[1]).any():
         raise _Refused("has invalid index sets", name)
-    return index[0].to(w.device), index[1].to(w.device)
+    return index[0].to(w.device, torch.int64), index[1].to(w.device, torch.int64)
 
 
 def _slices_from_base(name: str, rec: dict, config: AdapterConfig, w: Tensor, rows: Tensor | None,

@@ -15,6 +15,7 @@ from .config import AdapterConfig
 from .inits import Factors, get_init
 
 Term = tuple  # (x or None, A, N or None, B, scale): one low-rank product added to a layer's output
+_OLD_COMPILE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 12)
 SAMPLE_SIZE = 16  # entries of the base weight recorded with each adapter (load_adapter checks them)
 
 
@@ -406,6 +407,9 @@ class NLoRALinear(nn.Module):
         terms = self.terms(x2)
         if not terms:
             return self.base(x)
+        if _OLD_COMPILE and torch.is_grad_enabled() and torch.compiler.is_compiling():
+            raise RuntimeError("torch.compile before torch 2.12 gives nlora's adapters zero gradients (measured on "
+                               "2.11); train eagerly, or upgrade torch (compiled inference is fine)")
         flat = [t for x_k, a, n, b, _ in terms for t in (x_k, a, n, b)]
         compute_dtype = next(iter(self.adapters.values())).config.compute_dtype
         y = _AdaptedLinear.apply(x2, self.base, self.weight, self.base.bias, compute_dtype, tuple(t[4] for t in terms),

@@ -84,7 +84,6 @@ def _cutoff(rows: int, cols: int, rcond: float | None, dtype: torch.dtype) -> fl
 
 
 _SQUARINGS = 8  # λ_max bound tr(G^256)^(1/256): never below λ_max, at most k^(1/256) above it (< 2% at k = 128)
-_SIGN_STEPS = 72  # Newton-Schulz steps: classifies every eigenvalue more than ~1e-12 λ_max away from the cutoff
 
 
 def _lambda_max_bound(g: Tensor) -> Tensor:
@@ -113,7 +112,9 @@ def _gram_pinv(gram: Tensor, cuts: Sequence[tuple[int, float]]) -> Tensor:
     top = _lambda_max_bound(g).split([count for count, _ in cuts])
     tau = torch.cat([t * cut for t, (_, cut) in zip(top, cuts)])[:, None, None]
     x = (g - tau * eye) / torch.maximum(torch.cat(top)[:, None, None], tau)  # eigenvalues in [-1, 1]
-    for _ in range(_SIGN_STEPS):
+    # Newton-Schulz grows |x| by 1.5 a step while it is small: enough steps that every eigenvalue more than 2.5% of
+    # the cutoff away from it (a zero one included) is classified, then six more to converge to machine precision
+    for _ in range(math.ceil(math.log(20 / min(cut for _, cut in cuts)) / math.log(1.5)) + 6):
         x = 1.5 * x - 0.5 * (x @ x @ x)
     p = (eye + (x + x.mT) / 2) / 2  # (I + X) / 2, symmetrised
     m = p @ g @ p + eye - p

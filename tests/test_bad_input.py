@@ -371,8 +371,8 @@ FILE_ROWS = [
             r"base checkpoint it was trained on, or pass check_base=False"),
     BadFile("compact_adapter_for_another_checkpoint",
             "the same, for a compact IntTune file (A, B re-sliced from the base)", saved("nystrom", "middle"),
-            other_checkpoint, r"base weight differs from the one the adapter was saved on.*: layers\.0\.fc, "
-                              r"layers\.1\.fc -> load the base checkpoint it was trained on"),
+            other_checkpoint, r"base weight slices differ from the ones saved.*: layers\.0\.fc, "
+                              r"layers\.1\.fc -> load the base checkpoint \(and dtype\) it was saved on"),
     BadFile("peft_directory_given_to_load_adapter", "a PEFT export given to `load_adapter`", peft_export, mlp,
             r"adapter_config\.json is a PEFT adapter \(load it with peft\)"),
     BadFile("checkpoint_missing_keys", "a checkpoint with a missing key (a consistent file, checksum fixed)",

@@ -105,7 +105,7 @@ def test_build_train_and_score_a_tiny_llama(name):
     elif name == "inttune":
         assert trainable and all(n.endswith("lora_N") for n in trainable)
     else:
-        assert len(nlora.model.adapter_layers(model)) == 2 * 7
+        assert len(nlora.adapter_layers(model)) == 2 * 7
     data = gsm.encode(tok, PROBLEMS, max_len=64)
     dev = torch.device("cpu")
     steps = 0 if name == "zero-shot" else 3
