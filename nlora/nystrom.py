@@ -167,7 +167,7 @@ def left_multiply(m: Tensor, weight: Tensor, chunk: int = 4096) -> Tensor:
     weight is multiplied shard by shard and only the ``(k, in)`` result is communicated.
     """
     if sharded.is_dtensor(weight):
-        return sharded.left_matmul(m, weight, left_multiply)
+        return sharded.left_matmul(m, weight)
     if weight.dtype == m.dtype:
         return m @ weight
     blocks = [m @ weight[:, j : j + chunk].to(m.dtype) for j in range(0, weight.shape[1], chunk)]

@@ -64,6 +64,11 @@ def _check_trainable(model: nn.Module, modules: list[str], adapted: list[str], s
     if suffix:
         raise ValueError(f"trainable module {suffix[0]!r}: PEFT's modules_to_save matching (suffix) would also pick "
                          f"other modules; rename it or leave it out")
+    _refuse_tied(model, modules, saved)
+
+
+def _refuse_tied(model: nn.Module, modules: list[str], saved: dict) -> None:
+    """Refuse trainable weights that are tied to weights outside the trainable modules."""
     ids = {id(p) for p in saved.values()}
     tied = sorted({n.replace(".base.", ".") for n, p in model.named_parameters(remove_duplicate=False)
                    if id(p) in ids and not any(n.startswith(m + ".") for m in modules)})

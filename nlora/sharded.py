@@ -10,7 +10,6 @@ On plain tensors every helper is the ordinary operation.
 
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -88,46 +87,17 @@ def take(w: Tensor, index: Tensor, dim: int) -> Tensor:
 
 
 def sq_norms(w: Tensor, dim: int) -> Tensor:
-    """Squared L2 norms (fp32, fp64 for fp64 weights) of ``w``'s slices along ``dim``: ``dim=0`` per row, ``1`` per column."""
-    reduce = 1 - dim
-    acc = torch.promote_types(w.dtype, torch.float32)
-    if not is_dtensor(w):
-        return torch.linalg.vector_norm(w, dim=reduce, dtype=acc).square()
-    try:
-        shard = _single_shard(w)
-    except NotImplementedError:
-        return sq_norms(w.full_tensor(), dim)
-    part = torch.linalg.vector_norm(w.to_local(), dim=reduce, dtype=acc).square()
-    if shard is None:
-        return part
-    mesh_dim, sharded_dim = shard
-    if sharded_dim == reduce:  # each rank summed part of every slice: add the parts
-        return _replicated(w, part.unsqueeze(dim), mesh_dim, Partial()).squeeze(dim)
-    start, stop = local_range(w, mesh_dim, dim)  # each rank owns some slices: place them
-    out = torch.zeros(w.shape[dim], dtype=part.dtype, device=part.device)
-    out[start:stop] = part
-    return _replicated(w, out.unsqueeze(reduce), mesh_dim, Partial()).squeeze(reduce)
+    """Squared L2 norms (fp32, fp64 for fp64 weights) of ``w``'s slices along ``dim``: ``dim=0`` per row, ``1`` per
+    column, as a plain tensor; a DTensor reduces its shards itself and only the norms travel."""
+    norms = torch.linalg.vector_norm(w, dim=1 - dim, dtype=torch.promote_types(w.dtype, torch.float32))
+    return full(norms).square()
 
 
-def left_matmul(m: Tensor, w: Tensor, matmul: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """``matmul(m, w)`` for a plain ``m (k, out)`` and a (possibly sharded) ``w (out, in)``: a plain ``(k, in)``.
-
-    A row-sharded ``w`` contributes ``m[:, rows] @ w_local`` from each rank (summed); only ``k x in`` travels.
-    """
-    if not is_dtensor(w):
-        return matmul(m, w)
-    try:
-        shard = _single_shard(w)
-    except NotImplementedError:
-        return matmul(m, w.full_tensor())
-    local = w.to_local()
-    if shard is None:
-        return matmul(m, local)
-    mesh_dim, sharded_dim = shard
-    if sharded_dim == 0:
-        start, stop = local_range(w, mesh_dim, 0)
-        return _replicated(w, matmul(m[:, start:stop], local).contiguous(), mesh_dim, Partial())
-    return _replicated(w, matmul(m, local).contiguous(), mesh_dim, Shard(1))
+def left_matmul(m: Tensor, w: Tensor) -> Tensor:
+    """``m @ w`` in ``m``'s dtype for a plain ``m (k, out)`` and a sharded ``w (out, in)``, as a plain ``(k, in)``:
+    DTensor multiplies shard by shard, so only ``k x in`` partial results travel."""
+    replicated = DTensor.from_local(m, w.device_mesh, [Replicate()] * w.device_mesh.ndim, run_check=False)
+    return (replicated @ w.to(m.dtype)).full_tensor()
 
 
 def full(t: Tensor) -> Tensor:

@@ -268,7 +268,7 @@ def check_helpers(device, mesh) -> dict[str, bool]:
         ok[name] = (torch.equal(sharded.take(d, rows, 0), w[rows]) and torch.equal(sharded.take(d, cols, 1), w[:, cols])
                     and torch.allclose(sharded.sq_norms(d, 0), w.square().sum(1), rtol=1e-5)
                     and torch.allclose(sharded.sq_norms(d, 1), w.square().sum(0), rtol=1e-5)
-                    and torch.allclose(sharded.left_matmul(m, d, torch.matmul), m @ w, rtol=1e-5, atol=1e-6)
+                    and torch.allclose(sharded.left_matmul(m, d), m @ w, rtol=1e-5, atol=1e-6)
                     and torch.equal(sharded.full(d), w)
                     and torch.equal(sharded.local_part(w, d), d.to_local())
                     and sharded.all_ranks_true(True, d) and not sharded.all_ranks_true(dist.get_rank() == 0, d))
