@@ -13,8 +13,9 @@ from typing import Mapping
 from torch import Tensor, nn
 
 from . import sharded
+from .factors import compute_factors, module_generator
 from .layer import weight_sample
-from .model import _generator, adapter_layers, compute_factors
+from .model import adapter_layers
 
 
 def pending_adapters(model: nn.Module) -> list[tuple[str, str]]:
@@ -40,7 +41,7 @@ def initialize_adapters(model: nn.Module) -> list[tuple[str, str]]:
         if on_meta:
             raise ValueError(f"{name}: {', '.join(on_meta)} still on the meta device; call model.to_empty(device=...) "
                              f"and load the base weights before initialize_adapters")
-        generator = _generator(adapter.config.seed, name, sharded.local_view(w).device)
+        generator = module_generator(adapter.config.seed, name, sharded.local_view(w).device)
         factors = compute_factors({name: w}, {name: adapter.config}, {name: generator})[name]
         plans.append((name, adapter_name, layer, adapter, factors))
     for name, adapter_name, layer, adapter, factors in plans:

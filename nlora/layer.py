@@ -12,7 +12,8 @@ from torch.autograd.function import once_differentiable
 
 from . import sharded
 from .config import AdapterConfig
-from .inits import Factors, get_init
+from .factors import check_layer, compute_factors, module_generator
+from .inits import Factors
 
 Term = tuple  # (x or None, A, N or None, B, scale): one low-rank product added to a layer's output
 _OLD_COMPILE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 12)
@@ -49,14 +50,6 @@ def sample_positions(numel: int) -> list[int]:
     """One flat position in each of ``SAMPLE_SIZE`` equal blocks of the weight, at a scrambled offset."""
     block = max(1, numel // SAMPLE_SIZE)
     return [min(i * block + i * 2654435761 % block, numel - 1) for i in range(SAMPLE_SIZE)]
-
-
-def meta_factors(shape: torch.Size, config: AdapterConfig) -> Factors:
-    """Factors of the right shapes on the meta device: an adapter that waits for ``nlora.initialize_adapters``."""
-    (out_features, in_features), r = shape, config.rank
-    meta = dict(device="meta")
-    return Factors(torch.empty(r, in_features, **meta), torch.empty(r, r, **meta) if get_init(config.init).has_middle
-                   else None, torch.empty(out_features, r, **meta))
 
 
 class Adapter(nn.Module):
@@ -242,6 +235,14 @@ class _AdaptedLinear(torch.autograd.Function):
         return gx, None, gw, g.sum(0) if needs[3] else None, None, None, *grads
 
 
+def build_adapter(base: nn.Module, config: AdapterConfig, label: str,
+                  generator: torch.Generator | None = None) -> Adapter:
+    """The ``Adapter`` for one layer (checked and initialised; ``base`` is not changed)."""
+    w = check_layer(weight_view(base), config, label)
+    generator = generator if generator is not None else module_generator(config.seed, label, w.device)
+    return Adapter(config, compute_factors({label: w}, {label: config}, {label: generator})[label])
+
+
 class NLoRALinear(nn.Module):
     """A frozen ``nn.Linear`` (or HF ``Conv1D``) with named adapters:
     ``y = base(x) + Σ_active s · B(N(A(dropout(x))))``, ``s = alpha / rank``.
@@ -257,8 +258,6 @@ class NLoRALinear(nn.Module):
     def __init__(self, base: nn.Module, rank: int = 8, alpha: float | None = None, init: str = "nystrom", *,
                  adapter: str = "default", name: str = "", generator: torch.Generator | None = None,
                  **kwargs) -> None:
-        from .model import build_adapter  # the layer is the unit, model.py the tree: one builder for both
-
         if not is_adaptable(base):
             raise TypeError(f"{name or type(base).__name__}: NLoRALinear wraps nn.Linear or HF Conv1D, "
                             f"got {type(base).__name__}; target its Linear sub-modules instead")

@@ -5,22 +5,20 @@ from __future__ import annotations
 import difflib
 import re
 import warnings
-import zlib
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from . import sharded
 from .config import AdapterConfig
-from .inits import Factors, get_init
-from .layer import Adapter, NLoRALinear, is_adaptable, meta_factors, weight_view
+from .factors import check_layer, compute_factors, module_generator, warn_if_moved
+from .inits import get_init
+from .layer import Adapter, NLoRALinear, is_adaptable, weight_view
 
 Targets = str | Sequence[str]
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 _TRAINABLE = "_nlora_trainable"  # marks a module trained in full (inject's ``trainable``)
-MOVED_A_LOT = 0.2  # median ||s B N A|| / ||W|| above which inject warns that the init changes the model's outputs
 
 
 def adapter_layers(model: nn.Module) -> dict[str, NLoRALinear]:
@@ -118,125 +116,9 @@ def select_targets(model: nn.Module, targets: Targets, exclude: Targets | None =
     return chosen
 
 
-def _generator(seed: int | None, name: str, device: torch.device) -> torch.Generator | None:
-    """A per-module generator (seed mixed with the module name): a layer's draws do not depend on how many layers,
-    ranks or processes there are."""
-    if seed is None or device.type == "meta":
-        return None
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-
-
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def check_layer(base: nn.Module, config: AdapterConfig, label: str) -> Tensor:
-    """The ``(out, in)`` weight of ``base`` after checking that ``config`` fits it (raises, changes nothing)."""
-    w = weight_view(base)
-    if not w.is_floating_point() or w.dtype.itemsize < 2:
-        raise TypeError(f"{label}: weight dtype {w.dtype} is not a 16/32/64-bit float (quantised, fp8 or integer "
-                        f"weights are not supported); dequantise the model first")
-    out_features, in_features = w.shape
-    if config.rank > min(out_features, in_features):
-        raise ValueError(f"{label}: rank={config.rank} is larger than min(out, in) = {min(out_features, in_features)} "
-                         f"of this ({out_features}, {in_features}) layer; lower it or use rank_pattern")
-    return w
-
-
-def _all_true(flags: list[Tensor]) -> list[bool]:
-    """Host values of many 0-d bool tensors with one device-to-host copy (not one synchronisation per tensor)."""
-    return torch.stack([f.to(flags[0].device) for f in flags]).tolist() if flags else []
-
-
-def _max_abs(t: Tensor) -> Tensor:
-    """``max |t|`` in one pass; NaN and Inf propagate."""
-    return torch.linalg.vector_norm(t, float("inf"))
-
-
-def _refuse_nonfinite(weights: dict[str, Tensor], init: str) -> None:
-    plain = {n: w for n, w in weights.items() if not sharded.is_dtensor(w)}
-    ok = dict(zip(plain, _all_true([_max_abs(w).isfinite() for w in plain.values()])))
-    for name, w in weights.items():
-        if not ok.get(name, True) or (name not in plain and not sharded.all_ranks_true(
-                bool(_max_abs(w.to_local()).isfinite()), w)):
-            raise ValueError(f"{name}: weight has NaN/Inf, so the data-driven init {init!r} cannot use it; fix the "
-                             f"checkpoint or pick a random init (lora/slora)")
-
-
-def _refuse_overflow(factors: dict[str, Factors], dtype: torch.dtype, init: str) -> None:
-    """Data-driven factors must be finite in the adapter dtype (an ill-conditioned core can overflow fp16)."""
-    flags = [torch.stack([_max_abs(t) for t in (f.A, f.N, f.B) if t is not None]).max().to(dtype).isfinite()
-             for f in factors.values()]
-    for name, ok in zip(factors, _all_true(flags)):
-        if not ok:
-            raise ValueError(f"{name}: init {init!r} gives factors that are not finite in {dtype} (an ill-conditioned "
-                             f"Nyström core overflows); nothing was changed. Use adapter_dtype=torch.float32, "
-                             f"init='nystrom-optimal', or a larger rcond")
-
-
-def _initialise(weights: dict[str, Tensor], configs: dict[str, AdapterConfig],
-                generators: dict[str, torch.Generator | None]) -> dict[str, Factors]:
-    """The init's factors of real (not meta) weights, through its batched form where it has one."""
-    if not weights:
-        return {}
-    spec, options = get_init(configs[next(iter(weights))].init), configs[next(iter(weights))].options
-    names = list(weights)
-    ranks, scalings = [configs[n].rank for n in names], [configs[n].scaling for n in names]
-    gens = [generators[n] for n in names]
-    made = (spec.many([weights[n] for n in names], ranks, scalings=scalings, generators=gens, **options)
-            if spec.many is not None else
-            [spec.fn(weights[n], k, scaling=s, generator=g, **options) for n, k, s, g in zip(names, ranks, scalings, gens)])
-    out = dict(zip(names, made))
-    for n in (n for n in names if sharded.is_dtensor(weights[n]) and generators[n] is None):
-        out[n] = Factors(*(None if t is None else sharded.broadcast(t, weights[n]) for t in vars(out[n]).values()))
-    return out  # unseeded draws on sharded weights may differ by rank: rank 0's were taken
-
-
-def compute_factors(weights: dict[str, Tensor], configs: dict[str, AdapterConfig],
-                    generators: dict[str, torch.Generator | None]) -> dict[str, Factors]:
-    """Every layer's initial factors (all configs share one init and its options); meta weights get meta factors.
-    Refuses non-finite weights (data-driven inits) and factors that overflow the adapter dtype; changes nothing."""
-    config = next(iter(configs.values()))
-    data_driven = get_init(config.init).data_driven
-    real = {n: w for n, w in weights.items() if not sharded.is_meta(w)}
-    if data_driven:
-        _refuse_nonfinite(real, config.init)
-    out = {n: meta_factors(w.shape, configs[n]) for n, w in weights.items() if n not in real}
-    made = _initialise(real, configs, generators)
-    if data_driven:
-        _refuse_overflow(made, config.adapter_dtype, config.init)
-    return {**out, **made}
-
-
-def build_adapter(base: nn.Module, config: AdapterConfig, label: str,
-                  generator: torch.Generator | None = None) -> Adapter:
-    """The ``Adapter`` for one layer (checked and initialised; ``base`` is not changed)."""
-    w = check_layer(base, config, label)
-    generator = generator if generator is not None else _generator(config.seed, label, w.device)
-    return Adapter(config, compute_factors({label: w}, {label: config}, {label: generator})[label])
-
-
-def _warn_if_moved(factors: dict[str, Factors], weights: dict[str, Tensor], configs: dict[str, AdapterConfig]) -> None:
-    """Warn once when an init that keeps the base weight moves the layers a lot: the median ||s B N A|| / ||W|| over
-    the layers is above ``MOVED_A_LOT``. For iid entries of std σ it is about r·σ², which the message reports too."""
-    ratios, rule = [], []
-    names = list(factors)
-    for name in names[:: max(1, len(names) // 16)]:  # a spread sample of at most ~16 layers is enough for a median
-        f = factors[name]
-        w = weights[name]
-        if f.N is None or f.A.is_meta or sharded.is_dtensor(w):
-            continue
-        na = f.N.double() @ f.A.double()
-        delta = ((f.B.double().T @ f.B.double()) * (na @ na.T)).sum().sqrt()  # ||B N A||_F from r x r products
-        norm = torch.linalg.vector_norm(w, dtype=torch.float64)
-        ratios.append(configs[name].scaling * delta / norm)
-        rule.append(configs[name].rank * norm.square() / w.numel())  # r·σ², σ² = mean of the squared entries
-    if ratios and (median := torch.stack(ratios).median().item()) > MOVED_A_LOT:
-        warnings.warn(f"init {next(iter(configs.values())).init!r} keeps the base weights, so at init it changes the "
-                      f"adapted layers by a median ||s*B N A|| / ||W|| = {median:.2f} (r*sigma^2 = "
-                      f"{torch.stack(rule).median().item():.2f}, sigma = the weights' entry std): the model's outputs "
-                      f"move a lot before training. Pass preserve_output=True to keep them", stacklevel=3)
 
 
 def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | None = None, init: str = "nystrom", *,
@@ -256,15 +138,15 @@ def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | Non
     chosen, extra = _chosen_and_trainable(model, targets, exclude, layers, trainable)
     configs = {n: _layer_config(config, n, _pattern_value(n, rank_pattern, rank),
                                 _pattern_value(n, alpha_pattern, alpha)) for n in chosen}
-    weights = {n: check_layer(getattr(m, "base", m), configs[n], n) for n, m in chosen.items()}
+    weights = {n: check_layer(weight_view(getattr(m, "base", m)), configs[n], n) for n, m in chosen.items()}
     taken = [n for n, m in chosen.items() if isinstance(m, NLoRALinear) and adapter in m.adapters]
     if taken:
         raise ValueError(f"{taken[0]}: already has an adapter named {adapter!r}; pass adapter='<new name>' to add "
                          f"another, or delete_adapter first")
-    generators = {n: _generator(config.seed, n, sharded.local_view(w).device) for n, w in weights.items()}
+    generators = {n: module_generator(config.seed, n, sharded.local_view(w).device) for n, w in weights.items()}
     factors = compute_factors(weights, configs, generators)
     if not config.preserve_output and get_init(config.init).data_driven:
-        _warn_if_moved(factors, weights, configs)
+        warn_if_moved(factors, weights, configs)
     for name, module in chosen.items():  # apply: nothing below can fail
         wrap_layer(model, name, module).add(adapter, Adapter(configs[name], factors[name]))
     for module in extra.values():

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import nlora
 from nlora import AdapterConfig, NLoRALinear
 from nlora.layer import is_conv1d
-from nlora.model import build_adapter
+from nlora.layer import build_adapter
 
 from .model_zoo import MODELS, one_thread  # noqa: F401 (autouse fixture)
 
