@@ -79,12 +79,9 @@ def dir_bytes(path: Path) -> dict[str, int]:
 
 
 def stored_values(path: Path) -> int:
-    file = path / "adapter_model.safetensors"
-    if file.exists():
-        from safetensors.torch import load_file
+    from safetensors.torch import load_file
 
-        return sum(t.numel() for t in load_file(file).values())
-    return sum(t.numel() for t in torch.load(path / "adapter_model.pt", weights_only=True).values())
+    return sum(t.numel() for t in load_file(path / "adapter_model.safetensors").values())
 
 
 def median_time(fn, repeats: int = 3) -> float:
