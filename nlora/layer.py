@@ -40,7 +40,7 @@ def weight_view(base: nn.Module) -> Tensor:
 def weight_sample(weight: Tensor) -> Tensor | None:
     """``SAMPLE_SIZE`` entries of an ``(out, in)`` weight at positions fixed by its shape (spread over the matrix),
     on its own device and dtype; ``None`` for a weight without local data (meta, sharded)."""
-    if weight.is_meta or type(weight).__name__ == "DTensor":
+    if weight.is_meta or sharded.is_dtensor(weight):
         return None
     with torch.no_grad():
         return torch.take(weight, torch.tensor(sample_positions(weight.numel()), device=weight.device))

@@ -566,9 +566,9 @@ def test_a_base_weight_or_bias_set_to_require_grad_gets_its_gradient(train):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: _AdaptedLinear runs base(x) inside its forward and returns "
-                   "g W as the input gradient, so a forward hook that changes the base's output is applied in forward "
-                   "but not differentiated (x.grad silently wrong)")
+@pytest.mark.xfail(strict=True, reason="documented limit (NLoRALinear's docstring, docs/design.md): the adapters' "
+                   "node runs base(x) and takes g W as its input gradient, so a forward hook on the wrapped layer that "
+                   "changes its output is applied in forward but not differentiated; hook the NLoRALinear instead")
 def test_a_forward_hook_that_changes_the_base_output_is_differentiated():
     base = make_linear(out_f=4, in_f=6)
     layer = NLoRALinear(base, rank=2, init="slora")
