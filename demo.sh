@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job (README command 1): install what is missing, then fine-tune MiniLM-L6 on Rotten Tomatoes with
-# LoRA, SLoRA, NLoRA, IntTune and the head-only control (demo.py; < 5 minutes on 2 CPU cores). Prints the
+# LoRA, SLoRA, NLoRA, IntTune and the head-only control (demo.py; about 4.5 minutes on 2 CPU cores). Prints the
 # results table; writes out/demo.json and out/demo_loss.png (out/ is untracked).
 # Extra arguments go to the demo, e.g. `bash demo.sh --steps 300`.
 set -euo pipefail
