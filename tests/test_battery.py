@@ -1,4 +1,4 @@
-"""The behaviour battery (issue 8): every behaviour x every model x every variant x train mode.
+"""The behaviour battery: every behaviour x every model x every variant x train mode.
 
 The table is ``MODELS`` (tests/model_zoo.py: MLP, tiny Llama, tiny BERT, tiny GPT-2 with Conv1D) x ``VARIANTS``
 (below) x train mode ("all", and "middle" = IntTune where the variant has a trainable middle with a non-zero B).

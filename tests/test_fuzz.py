@@ -1,4 +1,4 @@
-"""Property-based fuzzing (issue 8): what the behaviour battery (tests/test_battery.py, four real architectures at fixed
+"""Property-based fuzzing: what the behaviour battery (tests/test_battery.py, four real architectures at fixed
 shapes, fp32 references) cannot reach. Random layer shapes (out != in, tiny, odd), ranks 1..min(out, in), base dtypes
 fp32/fp64/bf16/fp16, bias on/off, alpha, every init and index method, IntTune (train="middle"; with init="nystrom"
 its A and B are read from the base weight):
