@@ -34,6 +34,9 @@ def meta_factors(shape: torch.Size, config: AdapterConfig) -> Factors:
 
 def check_layer(w: Tensor, config: AdapterConfig, label: str) -> Tensor:
     """``w``, the ``(out, in)`` weight of a layer, after checking that ``config`` fits it (raises, changes nothing)."""
+    if type(w) not in (Tensor, torch.nn.Parameter) and not sharded.is_dtensor(w):  # before anything reads its shape
+        raise TypeError(f"{label}: the weight is a {type(w).__name__} (a quantised or wrapped tensor), not a plain float "
+                        f"tensor; dequantise the layer first")
     if not w.is_floating_point() or w.dtype.itemsize < 2:
         raise TypeError(f"{label}: weight dtype {w.dtype} is not a 16/32/64-bit float (quantised, fp8 or integer "
                         f"weights are not supported); dequantise the model first")

@@ -47,9 +47,12 @@ def _matches(name: str, pattern: Targets) -> bool:
 
 
 def output_head_names(model: nn.Module) -> set[str]:
-    """The output head that ``"all-linear"`` leaves alone: ``model.get_output_embeddings()`` (HF models) and any
-    module named ``lm_head``."""
-    heads = {name for name, _ in model.named_modules() if name.split(".")[-1] == "lm_head"}
+    """The output heads that ``"all-linear"`` leaves alone, as PEFT does: ``model.get_output_embeddings()`` (HF
+    models), any module named ``lm_head``, and the ``classifier`` / ``score`` of ``*For{Sequence,Token}Classification``
+    models (train those with ``inject(trainable=[...])``)."""
+    classifier = type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification"))
+    heads = {name for name, _ in model.named_modules()
+             if name.split(".")[-1] == "lm_head" or (classifier and name.split(".")[-1] in ("classifier", "score"))}
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
     return heads | {name for name, m in model.named_modules() if head is not None and m is head}

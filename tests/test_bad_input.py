@@ -63,6 +63,17 @@ def int8_mlp() -> nn.Module:
     return model
 
 
+class Wrapped(torch.Tensor):
+    """A tensor subclass, as torchao and bitsandbytes weights are."""
+
+
+def wrapped_mlp() -> nn.Module:
+    model = mlp()
+    model.layers[1].fc.weight = nn.Parameter(model.layers[1].fc.weight.detach().as_subclass(Wrapped),
+                                             requires_grad=False)
+    return model
+
+
 def fp8_mlp() -> nn.Module:
     model = mlp()
     model.layers[1].fc.weight = nn.Parameter(model.layers[1].fc.weight.detach().to(torch.float8_e4m3fn),
@@ -187,6 +198,10 @@ ROWS = [
         r"layers\.1\.fc: weight dtype torch\.int8 is not a 16/32/64-bit float.*dequantise the model first"),
     Bad("fp8_weight", "fp8 weights", fp8_mlp, inj(init="nystrom"), TypeError,
         r"layers\.1\.fc: weight dtype torch\.float8_e4m3fn .*dequantise"),
+    Bad("wrapped_weight", "a quantised or wrapped weight (a tensor subclass, e.g. torchao or bitsandbytes)",
+        wrapped_mlp, inj(init="nystrom"), TypeError,
+        r"^layers\.1\.fc: the weight is a Wrapped \(a quantised or wrapped tensor\), not a plain float tensor; "
+        r"dequantise the layer first$"),
     Bad("meta_weights_initialised_too_early", "`initialize_adapters` before the meta model has real weights",
         lambda: nlora.inject(meta_mlp(), ["fc"], rank=4, init="nystrom"), lambda m: nlora.initialize_adapters(m),
         ValueError, r"layers\.0\.fc: .*meta.*model\.to_empty\(device=\.\.\.\) and load the base weights before "

@@ -417,3 +417,27 @@ def test_trainable_summary_table():
 def test_core_never_imports_transformers():
     code = "import sys, nlora; assert 'transformers' not in sys.modules, 'nlora imported transformers'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_all_linear_leaves_classification_heads_out():
+    """Like PEFT: the classifier of a *ForSequenceClassification model is not adapted; trainable=[...] trains it."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=24, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config)
+    nlora.inject(model, "all-linear", rank=4, init="slora", trainable=["classifier"])
+    layers = nlora.adapter_layers(model)
+    assert "classifier" not in layers and "bert.pooler.dense" in layers
+    assert all(p.requires_grad for p in model.classifier.parameters())
+
+
+def test_a_quantised_or_wrapped_weight_is_refused_before_anything_reads_it():
+    class Wrapped(torch.Tensor):  # stands for torchao / bitsandbytes weight subclasses
+        pass
+
+    model = nn.Sequential(nn.Linear(8, 6))
+    model[0].weight = nn.Parameter(torch.randn(6, 8).as_subclass(Wrapped), requires_grad=False)
+    with pytest.raises(TypeError, match=r"^0: the weight is a Wrapped \(a quantised or wrapped tensor\).*dequantise"):
+        nlora.inject(model, ["0"], rank=2, init="nystrom")
+    assert not nlora.adapter_layers(model)
