@@ -188,7 +188,28 @@ def main(argv: list[str] | None = None) -> None:
     print(table(result))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "adapter_size.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out / 'adapter_size.json'}", file=sys.stderr)
+    plot(result, args.out / "adapter_size.png")
+    print(f"\nwrote {args.out / 'adapter_size.json'} and .png", file=sys.stderr)
+
+
+def plot(result: dict, path: Path) -> None:
+    """File bytes per variant and rank, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1))
+    bars = ax.barh([f"r={r['rank']}  {r['variant']}" for r in rows], [r["total_bytes"] for r in rows], color="#55A868")
+    ax.bar_label(bars, labels=[f"{r['smaller_than_lora_x']}x" for r in rows], padding=3, fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("file bytes (tensors + config); label: smaller than LoRA at that rank")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -125,7 +125,26 @@ def main():
               f"{r['x_peft_lora']:>12.3f}  " + " ".join(f"{v:.1f}" for v in r["ms_per_step_rounds"]))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cpu_step.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\nwrote {args.out / 'cpu_step.json'}")
+    plot(rows, args.out / "cpu_step.png", result["model"])
+    print(f"\nwrote {args.out / 'cpu_step.json'} and .png")
+
+
+def plot(rows: list[dict], path, title: str) -> None:
+    """Bars of ms/step per variant, each labelled with its ratio to PEFT LoRA."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    bars = ax.barh([r["variant"] for r in rows], [r["ms_per_step"] for r in rows], color="#4C72B0")
+    ax.bar_label(bars, labels=[f"{r['x_peft_lora']:.2f}x PEFT" for r in rows], padding=3, fontsize=8)
+    ax.set_xlabel("ms per training step (median of rounds)")
+    ax.set_title(f"CPU step, {title}", fontsize=8)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
