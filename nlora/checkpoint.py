@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from .config import AdapterConfig
 from .inits import Factors, get_init, nystrom_slices
 from .layer import SAMPLE_SIZE, Adapter, NLoRALinear, is_adaptable, is_conv1d, weight_sample, weight_view
-from .model import _TRAINABLE, _candidates, adapter_layers, adapter_names, set_adapter, wrap_layer
+from .model import (_TRAINABLE, _candidates, adapter_layers, adapter_names, set_adapter, trainable_module_names,
+                    unwrap, wrap_layer)
 
 CONFIG_NAME = "adapter_config.json"
 TENSOR_NAME = "adapter_model.safetensors"
@@ -69,16 +70,12 @@ def _resolve(model: nn.Module, adapter: str | None, action: str) -> tuple[str, d
     return name, layers
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    return module.base if isinstance(module, NLoRALinear) else module
-
-
 def trainable_params(model: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters of the modules trained in full (``inject(trainable=...)``) by their wrapper-free names."""
     found: dict[str, nn.Parameter] = {}
     for name, module in model.named_modules():
         if getattr(module, _TRAINABLE, False):
-            for pname, p in _unwrap(module).named_parameters():
+            for pname, p in unwrap(module).named_parameters():
                 if ".adapters." not in f".{pname}":
                     found[f"{name}.{pname}".replace(".base.", ".").lstrip(".")] = p
     return found
@@ -165,8 +162,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
     tensors.update({_TRAINABLE_PREFIX + k: p for k, p in extra.items()})
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "nlora_version": __version__, "adapter_name": name,
               "model_class": type(model).__name__, "config": default, "modules": modules,
-              "trainable_modules": sorted(n for n, m in model.named_modules() if getattr(m, _TRAINABLE, False))
-              if include_trainable else [], "trainable_params": {k: list(p.shape) for k, p in extra.items()}}
+              "trainable_modules": trainable_module_names(model) if include_trainable else [], "trainable_params": {k: list(p.shape) for k, p in extra.items()}}
     return write_files(path, tensors, config)
 
 
@@ -266,7 +262,7 @@ def _check_base(name: str, rec: dict, module: nn.Module, adapter: str) -> Tensor
     if isinstance(module, NLoRALinear) and adapter in module.adapters:
         raise _Refused("already has an adapter of that name", name,
                        "pass adapter='<new name>' to load it under another name, or nlora.delete_adapter first")
-    base = _unwrap(module)
+    base = unwrap(module)
     if not is_adaptable(base):
         raise _Refused("is not a Linear/Conv1D in this model", f"{name} ({type(module).__name__})", _OTHER_MODEL)
     w, kind = weight_view(base), "Conv1D" if is_conv1d(base) else "Linear"

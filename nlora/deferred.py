@@ -14,7 +14,6 @@ from torch import Tensor, nn
 
 from . import sharded
 from .factors import compute_factors, module_generator
-from .layer import weight_sample
 from .model import adapter_layers
 
 
@@ -46,9 +45,7 @@ def initialize_adapters(model: nn.Module) -> list[tuple[str, str]]:
         plans.append((name, adapter_name, layer, adapter, factors))
     for name, adapter_name, layer, adapter, factors in plans:
         adapter.fill(factors)
-        adapter.base_sample = weight_sample(layer.weight)
-        if adapter.config.preserve_output:
-            layer.add_to_weight([adapter.term(None, layer.weight, -1.0, initial=True)])
+        layer.settle(adapter)
     return [(name, adapter_name) for name, adapter_name, *_ in plans]
 
 

@@ -307,11 +307,16 @@ class NLoRALinear(nn.Module):
 
     # -- adapters ------------------------------------------------------------------------------------------------
     def add(self, adapter_name: str, adapter: Adapter) -> None:
-        """Register ``adapter``; an init that preserves the output subtracts its initial delta from the weight."""
-        adapter.base_sample = weight_sample(self.weight)  # the weight it sits on, before any residual update
+        """Register ``adapter`` and settle it on the weight (see ``settle``)."""
+        self.settle(adapter)
+        self.adapters[adapter_name] = adapter
+
+    def settle(self, adapter: Adapter) -> None:
+        """Record a sample of the weight ``adapter`` sits on (``load_adapter`` checks it), then, for an initialised
+        adapter whose init preserves the output, subtract its initial delta from that weight."""
+        adapter.base_sample = weight_sample(self.weight)
         if adapter.config.preserve_output and not adapter.pending:
             self.add_to_weight([adapter.term(None, self.weight, -1.0, initial=True)])
-        self.adapters[adapter_name] = adapter
 
     def set_active(self, names: Iterable[str]) -> None:
         """Choose which of this layer's adapters run in forward (names it does not hold are ignored)."""
@@ -333,11 +338,9 @@ class NLoRALinear(nn.Module):
         w = self.weight
         dt = torch.promote_types(w.dtype, torch.float32)
         acc = sharded.local_view(w).to(dt, copy=True)
-        if sharded.is_dtensor(w):
-            return acc.add_(sharded.local_part(delta_weight(terms, dt), w))
-        for _, a, n, b, s in terms:
-            acc.addmm_(b.to(dt), a.to(dt) if n is None else n.to(dt) @ a.to(dt), alpha=s)
-        return acc
+        if sharded.is_dtensor(w):  # each rank adds its block of the full delta
+            return acc.add_(sharded.local_part(_add_terms(torch.zeros(w.shape, dtype=dt, device=acc.device), terms), w))
+        return _add_terms(acc, terms)
 
     def add_to_weight(self, terms: list[Term], safe: bool = False) -> None:
         """``W += Σ s B N A``, rounded once into the weight's dtype; ``safe`` refuses a non-finite result."""
@@ -388,8 +391,9 @@ class NLoRALinear(nn.Module):
     def delta_weight(self, adapter_name: str | None = None, initial: bool = False) -> Tensor:
         """An adapter's ``s · B N A`` (``initial``: its init's ``s · B0 N0 A0``) as an fp32 ``(out, in)`` tensor."""
         adapter = self.active() if adapter_name is None else self.adapters[adapter_name]
-        dtype = torch.promote_types(self.weight.dtype, torch.float32)
-        return delta_weight([adapter.term(None, self.weight, initial=initial)], dtype)
+        w = sharded.local_view(self.weight)
+        delta = torch.zeros(self.weight.shape, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device)
+        return _add_terms(delta, [adapter.term(None, self.weight, initial=initial)])
 
     # -- forward ---------------------------------------------------------------------------------------------------
     def terms(self, x: Tensor) -> list[Term]:
@@ -421,11 +425,10 @@ class NLoRALinear(nn.Module):
                 f"merged={list(self.merged_adapters)}")
 
 
-def delta_weight(terms: list[Term], dtype: torch.dtype) -> Tensor:
-    """``Σ s B N A`` as a full ``(out, in)`` tensor in ``dtype`` (sharded factors gathered)."""
-    out = None
+def _add_terms(acc: Tensor, terms: list[Term]) -> Tensor:
+    """``acc += Σ s B N A`` in place, in ``acc``'s dtype, one ``addmm_`` per term (sharded factors gathered)."""
+    dt = acc.dtype
     for _, a, n, b, s in terms:
-        a, b = sharded.full(a).to(dtype), sharded.full(b).to(dtype)
-        a = a if n is None else sharded.full(n).to(dtype) @ a
-        out = torch.mm(b, a).mul_(s) if out is None else out.addmm_(b, a, alpha=s)
-    return out
+        a, b = sharded.full(a).to(dt), sharded.full(b).to(dt)
+        acc.addmm_(b, a if n is None else sharded.full(n).to(dt) @ a, alpha=s)
+    return acc

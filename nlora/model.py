@@ -39,6 +39,16 @@ def _candidates(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
+def unwrap(module: nn.Module) -> nn.Module:
+    """The wrapped base of an ``NLoRALinear``; any other module itself."""
+    return module.base if isinstance(module, NLoRALinear) else module
+
+
+def trainable_module_names(model: nn.Module) -> list[str]:
+    """The names of the modules trained in full (``inject(trainable=...)``), sorted."""
+    return sorted(n for n, m in model.named_modules() if getattr(m, _TRAINABLE, False))
+
+
 def _matches(name: str, pattern: Targets) -> bool:
     """PEFT's rule: a string is a regex that must fullmatch; a list entry matches ``name`` or ``*.entry``."""
     if isinstance(pattern, str):
@@ -141,7 +151,7 @@ def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | Non
     chosen, extra = _chosen_and_trainable(model, targets, exclude, layers, trainable)
     configs = {n: _layer_config(config, n, _pattern_value(n, rank_pattern, rank),
                                 _pattern_value(n, alpha_pattern, alpha)) for n in chosen}
-    weights = {n: check_layer(weight_view(getattr(m, "base", m)), configs[n], n) for n, m in chosen.items()}
+    weights = {n: check_layer(weight_view(unwrap(m)), configs[n], n) for n, m in chosen.items()}
     taken = [n for n, m in chosen.items() if isinstance(m, NLoRALinear) and adapter in m.adapters]
     if taken:
         raise ValueError(f"{taken[0]}: already has an adapter named {adapter!r}; pass adapter='<new name>' to add "
@@ -350,7 +360,7 @@ def trainable_summary(model: nn.Module) -> str:
         for k, (n, sh, rk, it, tr) in groups.items()]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    extra = [n for n, m in model.named_modules() if getattr(m, _TRAINABLE, False)]
+    extra = trainable_module_names(model)
     if extra:
         lines.append(f"fully trained modules: {', '.join(extra)}")
     trainable, total = count_parameters(model)

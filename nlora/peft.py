@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .checkpoint import _resolve, trainable_params, write_files
 from .layer import Adapter, is_conv1d
-from .model import _TRAINABLE, _candidates, adapter_layers
+from .model import _candidates, adapter_layers, trainable_module_names
 
 
 def _peft_pattern_key(keys: list[str], name: str) -> str:
@@ -105,7 +105,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter: str | None =
         tensors[f"base_model.model.{module_name}.lora_A.weight"] = a
         tensors[f"base_model.model.{module_name}.lora_B.weight"] = b
     saved = trainable_params(model) if include_trainable else {}
-    modules = sorted(n for n, m in model.named_modules() if getattr(m, _TRAINABLE, False)) if saved else []
+    modules = trainable_module_names(model) if saved else []
     _check_trainable(model, modules, list(layers), saved)
     tensors.update({f"base_model.model.{n}": p.detach().to(dtype if p.is_floating_point() else p.dtype)
                     for n, p in saved.items()})
