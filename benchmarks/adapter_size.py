@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import nlora  # noqa: E402
+from benchmarks.common import pyplot, save  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TARGETS = (r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|"
@@ -194,10 +195,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def plot(result: dict, path: Path) -> None:
     """File bytes per variant and rank, log scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1))
@@ -207,9 +205,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xlabel("file bytes (tensors + config); label: smaller than LoRA at that rank")
     ax.tick_params(axis="y", labelsize=7)
     ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 if __name__ == "__main__":

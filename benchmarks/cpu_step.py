@@ -11,13 +11,9 @@ ratio to PEFT LoRA. torch.set_num_threads(--threads, default 2).
 """
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -27,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import nlora  # noqa: E402
+from benchmarks.common import machine, pyplot, save  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from transformers/PEFT
 
@@ -39,26 +36,6 @@ VARIANTS = {  # name -> nlora.inject keyword arguments, or "peft"
 }
 RANK = 8
 
-
-def machine():
-    """Where and with what this ran: the command line, CPU, core count, library versions, git commit."""
-    def version(name):
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    cpu = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), cpu)
-    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-    return {"command": shlex.join(["python3", *sys.argv]),
-            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_avg_1m": os.getloadavg()[0],
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": version("transformers"), "peft": version("peft"), "nlora": nlora.__version__,
-            "nlora_commit": os.environ.get("NLORA_COMMIT") or git.stdout.strip() or None}
 
 
 def build(name):
@@ -93,7 +70,7 @@ def main():
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    info = machine()  # before the runs: its load_avg_1m is the load at the start
+    info = machine("cpu")  # before the runs: its load_avg_1m is the load at the start
     ids = torch.randint(0, 1000, (4, 128), generator=torch.Generator().manual_seed(1))
     models = {n: build(n) for n in VARIANTS}
     for model, opt in models.values():
@@ -131,10 +108,7 @@ def main():
 
 def plot(rows: list[dict], path, title: str) -> None:
     """Bars of ms/step per variant, each labelled with its ratio to PEFT LoRA."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 3.2))
     bars = ax.barh([r["variant"] for r in rows], [r["ms_per_step"] for r in rows], color="#4C72B0")
@@ -142,9 +116,7 @@ def plot(rows: list[dict], path, title: str) -> None:
     ax.set_xlabel("ms per training step (median of rounds)")
     ax.set_title(f"CPU step, {title}", fontsize=8)
     ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,8 @@ the median seconds and PEFT / method.
 import argparse
 import copy
 import gc
-import importlib.metadata
 import json
-import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -32,33 +27,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import nlora  # noqa: E402
+from benchmarks.common import machine, pyplot, save  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from transformers/PEFT
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ["nystrom", "nystrom-pinv", "nystrom-optimal", "lora", "slora", "peft"]
 
-
-def machine(device):
-    """Where and with what this ran: the command line, CPU, GPU, core count, library versions, git commit."""
-    def version(name):
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    cpu = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), cpu)
-    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-    return {"command": shlex.join(["python3", *sys.argv]),
-            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_avg_1m": os.getloadavg()[0],
-            "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None, "cuda": torch.version.cuda,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": version("transformers"), "peft": version("peft"), "nlora": nlora.__version__,
-            "nlora_commit": os.environ.get("NLORA_COMMIT") or git.stdout.strip() or None}
 
 
 class Block(nn.Module):
@@ -111,10 +86,7 @@ def sync(device):
 
 
 def plot(result, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(result["dtypes"])
@@ -126,8 +98,7 @@ def plot(result, path):
     ax.set_ylabel("init time, s (median, log scale)")
     ax.legend()
     ax.set_title(result["title"], fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 def main():

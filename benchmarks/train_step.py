@@ -11,13 +11,8 @@ a separate pass, one variant at a time. Details: docs/benchmarks.md.
 
 import argparse
 import gc
-import importlib.metadata
 import json
-import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -27,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import nlora  # noqa: E402
+from benchmarks.common import machine, pyplot, save  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from transformers/PEFT
 
@@ -42,27 +38,6 @@ VARIANTS = {  # name -> nlora.inject keyword arguments, "peft-bf16" / "peft-defa
     "PEFT default": "peft-default",
 }
 
-
-def machine(device):
-    """Where and with what this ran: the command line, CPU, GPU, core count, library versions, git commit."""
-    def version(name):
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    cpu = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), cpu)
-    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-    return {"command": shlex.join(["python3", *sys.argv]),
-            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_avg_1m": os.getloadavg()[0],
-            "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None, "cuda": torch.version.cuda,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": version("transformers"), "peft": version("peft"), "nlora": nlora.__version__,
-            "nlora_commit": os.environ.get("NLORA_COMMIT") or git.stdout.strip() or None}
 
 
 def build(name, cfg, rank, device, dtype):
@@ -154,10 +129,7 @@ def measure_shape(shape, names, cfg, args, device, dtype):
 
 
 def plot(result, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(result["shapes"]), figsize=(max(9, 6 * len(result["shapes"])), 4), squeeze=False)
     for ax, s in zip(axes[0], result["shapes"]):
@@ -168,8 +140,7 @@ def plot(result, path):
         ax.set_xlabel("training step time, x floor (frozen model, no adapters)")
         ax.set_title(f"{s['batch']} x {s['seq']} tokens")
     fig.suptitle(result["title"], fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 def main():

@@ -1,0 +1,56 @@
+"""What the benchmark scripts share: the record of the machine a run was on, and the plotting set-up."""
+
+import importlib.metadata
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import nlora  # noqa: E402
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine(device: str = "cpu") -> dict:
+    """Where and with what this ran: the command line, CPU, GPU, core count, load, library versions, git commit
+    (``$NLORA_COMMIT`` where the checkout's git metadata is not the code's, as on the GPU machine)."""
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), cpu)
+    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    return {"command": shlex.join(["python3", *sys.argv]),
+            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_avg_1m": os.getloadavg()[0],
+            "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None, "cuda": torch.version.cuda,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": _version("transformers"), "peft": _version("peft"), "nlora": nlora.__version__,
+            "nlora_commit": os.environ.get("NLORA_COMMIT") or git.stdout.strip() or None}
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (imported only when a script draws)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, path: Path) -> None:
+    """Lay out, write as PNG and close one figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
