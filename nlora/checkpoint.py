@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import AdapterConfig
-from .inits import Factors, get_init, nystrom_slices
+from .factors import meta_factors
+from .inits import Factors, nystrom_slices
 from .layer import SAMPLE_SIZE, Adapter, NLoRALinear, is_adaptable, is_conv1d, weight_sample, weight_view
 from .model import (_TRAINABLE, _candidates, adapter_layers, adapter_names, set_adapter, trainable_module_names,
                     unwrap, wrap_layer)
@@ -232,12 +233,11 @@ class _Problems(dict):
 
 
 def _expected_shapes(config: AdapterConfig, shape: list[int]) -> dict[str, tuple[int, ...]]:
-    (out_f, in_f), r = shape, config.rank
-    shapes = {"lora_A": (r, in_f), "lora_B": (out_f, r), "init_A": (r, in_f), "init_B": (out_f, r),
-              "index": (2, r), "base_sample": (SAMPLE_SIZE,)}
-    if get_init(config.init).has_middle:
-        shapes.update(lora_N=(r, r), init_N=(r, r))
-    return shapes
+    """The shape of every tensor a module's entry may store: its factors' (from ``meta_factors``) and the rest."""
+    f = meta_factors(torch.Size(shape), config)
+    factors = {k: tuple(t.shape) for k, t in (("A", f.A), ("N", f.N), ("B", f.B)) if t is not None}
+    return {**{p + k: v for p in ("lora_", "init_") for k, v in factors.items()},
+            "index": (2, config.rank), "base_sample": (SAMPLE_SIZE,)}
 
 
 def _check_record(name: str, rec: Any, default: dict) -> tuple[AdapterConfig, list[int]]:

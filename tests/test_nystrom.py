@@ -191,14 +191,18 @@ def test_pinv_and_optimal_cores_reproduce_an_exact_rank_r_weight_to_fp32_roundin
         assert float(torch.linalg.matrix_norm(recon.double() - w64) / torch.linalg.matrix_norm(w64)) < 1e-5
 
 
-@given(st.integers(1, 14), st.integers(1, 14), st.data())
-def test_eq6_sampled_rows_and_columns_are_reproduced(out_f, in_f, data):
-    """Paper Eq. 6: with an invertible U, rows I of C U⁺ R are R and columns J are C (U U⁺ = U⁺ U = I)."""
+def gaussian_case(out_f: int, in_f: int, data) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A float64 Gaussian ``(out_f, in_f)`` weight and random row / column index sets of a drawn rank."""
     rank = data.draw(st.integers(1, min(out_f, in_f)))
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
     w = torch.randn(out_f, in_f, generator=g, dtype=F64)
-    rows = torch.randperm(out_f, generator=g)[:rank]
-    cols = torch.randperm(in_f, generator=g)[:rank]
+    return w, torch.randperm(out_f, generator=g)[:rank], torch.randperm(in_f, generator=g)[:rank]
+
+
+@given(st.integers(1, 14), st.integers(1, 14), st.data())
+def test_eq6_sampled_rows_and_columns_are_reproduced(out_f, in_f, data):
+    """Paper Eq. 6: with an invertible U, rows I of C U⁺ R are R and columns J are C (U U⁺ = U⁺ U = I)."""
+    w, rows, cols = gaussian_case(out_f, in_f, data)
     c, u, r = w[:, cols], w[rows][:, cols], w[rows]
     cond = float(torch.linalg.cond(u))
     assume(cond < 1e3)
@@ -222,11 +226,7 @@ def eq6_block_form(w, rows, cols):
 
 @given(st.integers(1, 14), st.integers(1, 14), st.data())
 def test_three_matrix_reconstruction_equals_eq6_block_form(out_f, in_f, data):
-    rank = data.draw(st.integers(1, min(out_f, in_f)))
-    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
-    w = torch.randn(out_f, in_f, generator=g, dtype=F64)
-    rows = torch.randperm(out_f, generator=g)[:rank]
-    cols = torch.randperm(in_f, generator=g)[:rank]
+    w, rows, cols = gaussian_case(out_f, in_f, data)
     u = w[rows][:, cols]
     assume(torch.linalg.cond(u) < 1e6)  # Eq. 6's exact top blocks need an invertible core
     blocks, perm_r, perm_c = eq6_block_form(w, rows, cols)
@@ -285,11 +285,7 @@ def test_optimal_core_matches_the_float64_truncated_formula(out_f, in_f, data):
 
 @given(st.integers(1, 14), st.integers(1, 14), st.data())
 def test_optimal_core_never_worse_than_pinv_core(out_f, in_f, data):
-    rank = data.draw(st.integers(1, min(out_f, in_f)))
-    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
-    w = torch.randn(out_f, in_f, generator=g, dtype=F64)
-    rows = torch.randperm(out_f, generator=g)[:rank]
-    cols = torch.randperm(in_f, generator=g)[:rank]
+    w, rows, cols = gaussian_case(out_f, in_f, data)
     c, r = w[:, cols], w[rows, :]
     err_opt = torch.linalg.matrix_norm(w - c @ optimal_core(w, rows, cols).double() @ r)
     err_pinv = torch.linalg.matrix_norm(w - c @ torch.linalg.pinv(w[rows][:, cols]) @ r)
