@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import json
 import os
 import platform
 import shlex
@@ -31,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import nlora  # noqa: E402
-from benchmarks.common import pyplot, save  # noqa: E402
+from benchmarks.common import pyplot, save, write  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TARGETS = (r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|"
@@ -187,10 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args.ranks)
     print()
     print(table(result))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "adapter_size.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, args.out / "adapter_size.png")
-    print(f"\nwrote {args.out / 'adapter_size.json'} and .png", file=sys.stderr)
+    write(result, args.out, "adapter_size", plot)
 
 
 def plot(result: dict, path: Path) -> None:

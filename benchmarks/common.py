@@ -1,6 +1,7 @@
 """What the benchmark scripts share: the record of the machine a run was on, and the plotting set-up."""
 
 import importlib.metadata
+import json
 import os
 import platform
 import shlex
@@ -54,3 +55,11 @@ def save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     pyplot().close(fig)
+
+
+def write(result: dict, out: Path, name: str, plot) -> None:
+    """Write ``<name>.json`` and, by ``plot(result, path)``, ``<name>.png`` into the directory ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out / f"{name}.png")
+    print(f"\nwrote {out / name}.json and .png")

@@ -11,7 +11,6 @@ ratio to PEFT LoRA. torch.set_num_threads(--threads, default 2).
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import nlora  # noqa: E402
-from benchmarks.common import machine, pyplot, save  # noqa: E402
+from benchmarks.common import machine, pyplot, save, write  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from transformers/PEFT
 
@@ -100,14 +99,12 @@ def main():
     for r in rows:
         print(f"{r['variant']:<30} {r['trainable_params']:>10,} {r['ms_per_step']:>9.2f} "
               f"{r['x_peft_lora']:>12.3f}  " + " ".join(f"{v:.1f}" for v in r["ms_per_step_rounds"]))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cpu_step.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(rows, args.out / "cpu_step.png", result["model"])
-    print(f"\nwrote {args.out / 'cpu_step.json'} and .png")
+    write(result, args.out, "cpu_step", plot)
 
 
-def plot(rows: list[dict], path, title: str) -> None:
+def plot(result: dict, path) -> None:
     """Bars of ms/step per variant, each labelled with its ratio to PEFT LoRA."""
+    rows, title = result["rows"], result["model"]
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 3.2))

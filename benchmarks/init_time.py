@@ -15,7 +15,6 @@ the median seconds and PEFT / method.
 import argparse
 import copy
 import gc
-import json
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import nlora  # noqa: E402
-from benchmarks.common import machine, pyplot, save  # noqa: E402
+from benchmarks.common import machine, pyplot, save, write  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from transformers/PEFT
 
@@ -140,10 +139,7 @@ def main():
             ratio = "-" if r["peft_over_method"] is None else f"{r['peft_over_method']:.2f}"
             print(f"{r['method']:<16} {r['seconds']:>9.3f} {ratio:>14}  "
                   + " ".join(f"{s:.3f}" for s in r["seconds_repeats"]))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, args.out / f"{name}.png")
-    print(f"\nwrote {args.out / name}.json and .png")
+    write(result, args.out, name, plot)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ a separate pass, one variant at a time. Details: docs/benchmarks.md.
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import nlora  # noqa: E402
-from benchmarks.common import machine, pyplot, save  # noqa: E402
+from benchmarks.common import machine, pyplot, save, write  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from transformers/PEFT
 
@@ -184,10 +183,7 @@ def main():
                                          for k in ("x_floor", "x_peft_bf16", "peak_gib", "peak_x_floor"))
             print(f"{r['variant']:<18} {r['trainable_params']:>11,} {r['ms_per_step']:>9.2f} {x_floor:>8} "
                   f"{x_peft:>11} {gib:>9} {mem:>11}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, args.out / f"{name}.png")
-    print(f"\nwrote {args.out / name}.json and .png")
+    write(result, args.out, name, plot)
 
 
 if __name__ == "__main__":
