@@ -163,13 +163,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
     tensors.update({_TRAINABLE_PREFIX + k: p for k, p in extra.items()})
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "nlora_version": __version__, "adapter_name": name,
               "model_class": type(model).__name__, "config": default, "modules": modules,
-              "trainable_modules": trainable_module_names(model) if include_trainable else [], "trainable_params": {k: list(p.shape) for k, p in extra.items()}}
+              "trainable_modules": trainable_module_names(model) if include_trainable else [],
+              "trainable_params": {k: list(p.shape) for k, p in extra.items()}}
     return write_files(path, tensors, config)
 
 
 # ---------------------------------------------------------------------------------------------------- loading
 _TRAINABLE_FIX = "load it into the model it was saved from, or save it with include_trainable=False"
-_OTHER_CHECKPOINT = "load the base checkpoint it was trained on, or pass check_base=False to put it on this one on purpose"
+_OTHER_CHECKPOINT = ("load the base checkpoint it was trained on, or pass check_base=False to put it on this one on "
+                     "purpose")
 
 
 class _Refused(Exception):
@@ -186,7 +188,8 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory; save_adapter writes a directory")
     if not file.is_file():
-        raise ValueError(f"{path} has no {CONFIG_NAME}: not an adapter directory; pass the directory save_adapter wrote")
+        raise ValueError(f"{path} has no {CONFIG_NAME}: not an adapter directory; pass the directory save_adapter "
+                         f"wrote")
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -349,7 +352,8 @@ def _plan_trainable(model: nn.Module, config: dict, tensors: dict[str, Tensor],
         if p is None:
             problems.add("trainable parameter missing from the model", pname, _TRAINABLE_FIX)
         elif t is not None and (tuple(t.shape) != tuple(p.shape) or list(t.shape) != list(shape)):
-            problems.add("trainable parameter shape mismatch", f"{pname}: saved {tuple(t.shape)}, model {tuple(p.shape)}",
+            problems.add("trainable parameter shape mismatch",
+                         f"{pname}: saved {tuple(t.shape)}, model {tuple(p.shape)}",
                          _TRAINABLE_FIX)
         elif t is not None:
             values.append((p, t))

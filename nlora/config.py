@@ -86,11 +86,9 @@ class AdapterConfig:
         extra = {k: kwargs.pop(k) for k in list(kwargs) if k not in names}
         return cls(**kwargs, options={**(options or {}), **extra})
 
-    def replace(self, **changes: Any) -> "AdapterConfig":
-        return dataclasses.replace(self, **changes)
-
     @property
     def scaling(self) -> float:
+        """``s = alpha / rank`` (``alpha = rank`` when ``alpha`` is ``None``)."""
         return float(self.rank if self.alpha is None else self.alpha) / self.rank
 
     @property
@@ -106,6 +104,7 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+        """The config ``to_dict`` gave (dtypes by name), validated again."""
         dtypes = {k: getattr(torch, str(data[k]), data[k]) for k in ("adapter_dtype", "compute_dtype") if data.get(k)}
         return cls(**{**data, **dtypes})  # __post_init__ refuses what is not a dtype
 

@@ -27,16 +27,16 @@ def module_generator(seed: int | None, name: str, device: torch.device) -> torch
 def meta_factors(shape: torch.Size, config: AdapterConfig) -> Factors:
     """Factors of the right shapes on the meta device: an adapter that waits for ``nlora.initialize_adapters``."""
     (out_features, in_features), r = shape, config.rank
-    meta = dict(device="meta")
-    return Factors(torch.empty(r, in_features, **meta), torch.empty(r, r, **meta) if get_init(config.init).has_middle
-                   else None, torch.empty(out_features, r, **meta))
+    return Factors(torch.empty(r, in_features, device="meta"),
+                   torch.empty(r, r, device="meta") if get_init(config.init).has_middle else None,
+                   torch.empty(out_features, r, device="meta"))
 
 
 def check_layer(w: Tensor, config: AdapterConfig, label: str) -> Tensor:
     """``w``, the ``(out, in)`` weight of a layer, after checking that ``config`` fits it (raises, changes nothing)."""
     if type(w) not in (Tensor, torch.nn.Parameter) and not sharded.is_dtensor(w):  # before anything reads its shape
-        raise TypeError(f"{label}: the weight is a {type(w).__name__} (a quantised or wrapped tensor), not a plain float "
-                        f"tensor; dequantise the layer first")
+        raise TypeError(f"{label}: the weight is a {type(w).__name__} (a quantised or wrapped tensor), not a "
+                        f"plain float tensor; dequantise the layer first")
     if not w.is_floating_point() or w.dtype.itemsize < 2:
         raise TypeError(f"{label}: weight dtype {w.dtype} is not a 16/32/64-bit float (quantised, fp8 or integer "
                         f"weights are not supported); dequantise the model first")
@@ -89,7 +89,8 @@ def _initialise(weights: dict[str, Tensor], configs: dict[str, AdapterConfig],
     gens = [generators[n] for n in names]
     made = (spec.many([weights[n] for n in names], ranks, scalings=scalings, generators=gens, **options)
             if spec.many is not None else
-            [spec.fn(weights[n], k, scaling=s, generator=g, **options) for n, k, s, g in zip(names, ranks, scalings, gens)])
+            [spec.fn(weights[n], k, scaling=s, generator=g, **options)
+             for n, k, s, g in zip(names, ranks, scalings, gens)])
     out = dict(zip(names, made))
     for n in (n for n in names if sharded.is_dtensor(weights[n]) and generators[n] is None):
         out[n] = Factors(*(None if t is None else sharded.broadcast(t, weights[n]) for t in vars(out[n]).values()))

@@ -53,7 +53,7 @@ INITIALIZERS: dict[str, InitSpec] = {}
 
 def register_init(name: str, *, data_driven: bool, has_middle: bool, preserve_default: bool = False,
                   preserve_fixed: bool = False, zero_delta: bool = False) -> Callable:
-    """Decorator: add an initialiser ``fn(weight, rank, *, scaling, generator, **options) -> Factors`` under ``name``."""
+    """Decorator: register ``fn(weight, rank, *, scaling, generator, **options) -> Factors`` as ``name``."""
 
     def wrap(fn: Callable[..., Factors]) -> Callable[..., Factors]:
         params = inspect.signature(fn).parameters.values()
@@ -134,7 +134,7 @@ def nystrom_slices(weight: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, 
 
 
 def _nystrom(weight: Tensor, rank: int, index: str, generator: torch.Generator | None) -> Factors:
-    """``Factors(R, U, C)``: the sampled rows ``R = W[I, :]``, their core ``U = W[I, J]`` and columns ``C = W[:, J]``."""
+    """``Factors(R, U, C)``: sampled rows ``R = W[I, :]``, their core ``U = W[I, J]``, columns ``C = W[:, J]``."""
     if index not in INDEX_METHODS:
         raise ValueError(f"index={index!r}: choose one of {INDEX_METHODS}")
     rows, cols = select_indices(weight, rank, index, generator)

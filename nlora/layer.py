@@ -108,12 +108,6 @@ class Adapter(nn.Module):
         for name, t in (("rows", factors.rows), ("cols", factors.cols)):
             self.register_buffer(name, None if t is None else t.to(device), persistent=False)
 
-    def check_ready(self) -> None:
-        if self.pending:
-            raise RuntimeError(f"adapter (init={self.config.init!r}) was injected on the meta device and has no values "
-                               f"yet; materialise the model (to_empty), load the base weights, then call "
-                               f"nlora.initialize_adapters(model)")
-
     def factors(self, weight: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
         """The current ``(A, N, B)``; an adapter that reads the base takes A and B from ``weight`` (out, in)."""
         if not self.reads_base:
@@ -143,14 +137,17 @@ class Adapter(nn.Module):
 
     def term(self, x: Tensor | None, weight: Tensor, sign: float = 1.0, initial: bool = False) -> Term:
         """This adapter's ``(x, A, N, B, scale)`` (``initial``: the init's factors); ``x`` is ``None`` for the layer's
-        own input."""
-        self.check_ready()
+        own input. A pending (meta-injected) adapter refuses."""
+        if self.pending:
+            raise RuntimeError(f"adapter (init={self.config.init!r}) was injected on the meta device and has no values "
+                               f"yet; materialise the model (to_empty), load the base weights, then call "
+                               f"nlora.initialize_adapters(model)")
         a, n, b = (self.init_A, self.init_N, self.init_B) if initial else self.factors(weight)
         return x, a, n, b, sign * self.scaling
 
     def extra_repr(self) -> str:
-        c = self.config
-        return f"rank={c.rank}, alpha={c.alpha}, init={c.init!r}, train={c.train!r}"
+        return (f"rank={self.config.rank}, alpha={self.config.alpha}, init={self.config.init!r}, "
+                f"train={self.config.train!r}")
 
 
 def _copy(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -264,11 +261,11 @@ class NLoRALinear(nn.Module):
         config = AdapterConfig.build(rank=rank, alpha=alpha, init=init, **kwargs)
         module = build_adapter(base, config, name or type(base).__name__, generator)
         super().__init__()
-        self.wrap(base, name)
+        self._wrap(base, name)
         self.add(adapter, module)
         self.active_adapters = (adapter,)
 
-    def wrap(self, base: nn.Module, name: str) -> "NLoRALinear":
+    def _wrap(self, base: nn.Module, name: str) -> "NLoRALinear":
         self.base = base
         self.adapters = nn.ModuleDict()
         self.active_adapters: tuple[str, ...] = ()
@@ -283,7 +280,7 @@ class NLoRALinear(nn.Module):
         """An ``NLoRALinear`` around ``base`` that holds no adapter yet."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        return layer.wrap(base, name)
+        return layer._wrap(base, name)
 
     @property
     def weight(self) -> Tensor:
@@ -294,6 +291,7 @@ class NLoRALinear(nn.Module):
     out_features = property(lambda self: self.weight.shape[0])
 
     def active(self) -> Adapter:
+        """The only active adapter (the single-adapter accessors ``lora_A`` ... read it); refuses none or several."""
         if len(self.active_adapters) != 1:
             raise RuntimeError(f"{self.module_name}: {len(self.active_adapters)} adapters are active "
                                f"({self.active_adapters}); use .adapters[name] to pick one")
@@ -353,9 +351,11 @@ class NLoRALinear(nn.Module):
             sharded.local_view(self.weight).copy_(new)
 
     def unmerged_active(self) -> list[str]:
+        """The names of the active adapters not yet merged into the weight: what ``merge`` would fold in."""
         return [n for n in self.active_adapters if n not in self.merged_adapters]
 
     def merge_terms(self) -> list[Term]:
+        """The terms ``merge`` adds to the weight: every active, unmerged adapter's ``s · B N A``."""
         return [self.adapters[n].term(None, self.weight) for n in self.unmerged_active()]
 
     def merge(self, safe: bool = False) -> None:

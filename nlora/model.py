@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 import warnings
@@ -98,7 +99,8 @@ def _matching(model: nn.Module, candidates: dict[str, nn.Module], targets: Targe
         return {n: m for n, m in candidates.items() if _targetable(m) and n not in heads}
     if not isinstance(targets, str):
         if isinstance(targets, (bytes, dict)) or not targets or not all(isinstance(t, str) for t in targets):
-            raise TypeError(f"targets must be a regex string, 'all-linear' or a non-empty list of names, got {targets!r}")
+            raise TypeError(f"targets must be a regex string, 'all-linear' or a non-empty list of names, got "
+                            f"{targets!r}")
         _unmatched(list(candidates), list(targets), f"targets={list(targets)!r}:", model)
     return {n: m for n, m in candidates.items() if _matches(n, targets)}
 
@@ -108,7 +110,8 @@ def _kept(name: str, exclude: Targets | None, layers: Sequence[int] | int | None
     if exclude is not None and _matches(name, exclude):
         return False
     hit = _LAYER_INDEX.search(name)
-    return layers is None or (hit is not None and int(hit.group(1)) in ({layers} if isinstance(layers, int) else layers))
+    return layers is None or (hit is not None and int(hit.group(1)) in (
+        {layers} if isinstance(layers, int) else layers))
 
 
 def select_targets(model: nn.Module, targets: Targets, exclude: Targets | None = None,
@@ -171,7 +174,7 @@ def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | Non
 def _layer_config(config: AdapterConfig, name: str, rank: int, alpha: float | None) -> AdapterConfig:
     """``config`` with one module's rank and alpha (from the patterns); an error names the module."""
     try:
-        return config.replace(rank=rank, alpha=alpha)
+        return dataclasses.replace(config, rank=rank, alpha=alpha)
     except (TypeError, ValueError) as err:
         raise type(err)(f"{name}: {err} (from rank_pattern/alpha_pattern)") from None
 

@@ -103,7 +103,8 @@ def _gram_pinv(gram: Tensor, cuts: Sequence[tuple[int, float]]) -> Tensor:
     the rest exactly, from GEMMs and one batched Cholesky (no eigh, no host synchronisation).
 
     The projector onto the kept eigenvalues is ``P = (I + sign(G - τI)) / 2``, the sign by Newton-Schulz
-    (``X <- 1.5 X - 0.5 X³``); then ``G⁺ = P (P G P + I - P)⁻¹ P``, whose middle matrix is positive definite. ``cuts``: runs
+    (``X <- 1.5 X - 0.5 X³``); then ``G⁺ = P (P G P + I - P)⁻¹ P``, whose middle matrix is positive definite.
+    ``cuts``: runs
     ``(count, cut)`` along the batch, Python floats (no host values copied to the device).
     """
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)

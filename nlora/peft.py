@@ -94,9 +94,9 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter: str | None =
     others = sorted({n for layer in adapter_layers(model).values() for n, a in layer.adapters.items()
                      if n != name and a.config.preserve_output})
     if others:
-        raise ValueError(f"adapters {others} also rewrote base weights (preserve_output): a PEFT file of {name!r} alone "
-                         f"cannot reproduce this model; delete_adapter them (or export from a model holding only "
-                         f"{name!r})")
+        raise ValueError(f"adapters {others} also rewrote base weights (preserve_output): a PEFT file of {name!r} "
+                         f"alone cannot reproduce this model; delete_adapter them (or export from a model holding "
+                         f"only {name!r})")
     tensors, ranks, alphas = {}, {}, {}
     for module_name, layer in layers.items():
         ad = layer.adapters[name]
