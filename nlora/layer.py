@@ -15,7 +15,8 @@ from .config import AdapterConfig
 from .factors import check_layer, compute_factors, module_generator
 from .inits import Factors
 
-Term = tuple  # (x or None, A, N or None, B, scale): one low-rank product added to a layer's output
+Term = tuple  # (x or None, A, N or None, B, scale, head): one low-rank product added to a layer's output; head: A, B
+#              are the weight's first r rows and columns (then x Aᵀ and g B come with the base's own products)
 _OLD_COMPILE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 12)
 SAMPLE_SIZE = 16  # entries of the base weight recorded with each adapter (load_adapter checks them)
 
@@ -143,7 +144,8 @@ class Adapter(nn.Module):
                                f"yet; materialise the model (to_empty), load the base weights, then call "
                                f"nlora.initialize_adapters(model)")
         a, n, b = (self.init_A, self.init_N, self.init_B) if initial else self.factors(weight)
-        return x, a, n, b, sign * self.scaling
+        head = self.reads_base and not initial and self.config.options.get("index", "first") == "first"
+        return x, a, n, b, sign * self.scaling, head
 
     def extra_repr(self) -> str:
         return (f"rank={self.config.rank}, alpha={self.config.alpha}, init={self.config.init!r}, "
@@ -156,13 +158,13 @@ def _copy(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.detach().to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
 
 
-def _add_term(y: Tensor, x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, s: float,
-              need: tuple[bool, ...]) -> list[Tensor | None]:
-    """``y += s B N A x`` in place, in ``y``'s dtype; returns what the backward needs of ``(x, A, N, B, h1, h2)``
-    (``need``: whether ``x, A, N, B`` want gradients), ``None`` for the rest."""
+def _add_term(y: Tensor, x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, s: float, need: tuple[bool, ...],
+              h1: Tensor | None = None) -> list[Tensor | None]:
+    """``y += s B N A x`` in place, in ``y``'s dtype (``h1``: ``x Aᵀ`` if known); returns what the backward needs of
+    ``(x, A, N, B, h1, h2)`` (``need``: whether ``x, A, N, B`` want gradients), ``None`` for the rest."""
     dt = y.dtype
     x, a, b, n = x.to(dt), a.to(dt), b.to(dt), None if n is None else n.to(dt)
-    h1 = F.linear(x, a)
+    h1 = F.linear(x, a) if h1 is None else h1
     h2 = h1 if n is None else F.linear(h1, n)
     y.addmm_(h2, b.t(), alpha=s)
     need_x, need_a, need_n, need_b = need
@@ -171,18 +173,21 @@ def _add_term(y: Tensor, x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, s: f
             h1 if need_n else None, h2 if need_b else None]
 
 
-def _term_grads(g: Tensor, saved: list[Tensor | None], s: float, need: tuple[bool, ...]) -> tuple:
-    """The gradients of one term ``s B N A x`` from the output gradient ``g``: ``((v, A) or None, dA, dN, dB)``,
-    where ``v @ A`` is the input gradient (left to the caller, which may accumulate it in place)."""
+def _term_grads(g: Tensor, saved: list[Tensor | None], s: float, need: tuple[bool, ...],
+                gb: Tensor | None = None) -> tuple:
+    """The gradients of one term ``s B N A x`` from the output gradient ``g`` (``gb``: ``g B`` if known):
+    ``((v, A) or None, dA, dN, dB)``, where ``v @ A`` is the input gradient (left to the caller, which may
+    accumulate it in place)."""
     x, a, n, b, h1, h2 = saved
     need_x, need_a, need_n, need_b = need
-    gb = (torch.mm(g.t(), h2) * s if s != 1 else torch.mm(g.t(), h2)) if need_b else None
+    grad_b = (torch.mm(g.t(), h2) * s if s != 1 else torch.mm(g.t(), h2)) if need_b else None
     if not (need_x or need_a or need_n):
-        return None, None, None, gb
-    u = torch.mm(g, b) * s if s != 1 else torch.mm(g, b)  # dL/dh2
+        return None, None, None, grad_b
+    u = torch.mm(g, b) if gb is None else gb
+    u = u * s if s != 1 else u  # dL/dh2
     v = u if n is None else torch.mm(u, n)  # dL/dh1
     return ((v, a) if need_x else None, torch.mm(v.t(), x) if need_a else None,
-            torch.mm(u.t(), h1) if need_n else None, gb)
+            torch.mm(u.t(), h1) if need_n else None, grad_b)
 
 
 class _AdaptedLinear(torch.autograd.Function):
@@ -196,7 +201,7 @@ class _AdaptedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, base: nn.Module, w: Tensor, bias: Tensor | None, dtype: torch.dtype | None,
-                scales: tuple[float, ...], *flat: Tensor | None) -> Tensor:
+                scales: tuple[float, ...], heads: tuple[int, ...], *flat: Tensor | None) -> Tensor:
         y = base(x)
         ctx.out_dtype, ctx.dt, ctx.scales = y.dtype, dtype or y.dtype, scales
         # ``_base`` is torch's documented test for a view: HF Conv1D returns one, which a custom Function may not
@@ -210,9 +215,13 @@ class _AdaptedLinear(torch.autograd.Function):
         ctx.tied = [flat[4 * k] is None for k in range(len(scales))]
         ctx.needs = [(needs[0] if ctx.tied[k] else needs[6 + 4 * k], *needs[7 + 4 * k: 10 + 4 * k])
                      for k in range(len(scales))]
-        for k, s in enumerate(scales):
-            xk, a, n, b = flat[4 * k: 4 * k + 4]
-            saved += _add_term(y, x if xk is None else xk, a, n, b, s, ctx.needs[k])
+        # heads[k] = r where A = W[:r], B = W[:, :r] (IntTune on the paper's init): x Aᵀ is the first r columns of
+        # x Wᵀ (read here when the base has no bias and runs in the compute dtype), g B those of g W (backward)
+        ctx.heads = heads
+        top = y[:, :max(heads)].clone() if max(heads) and bias is None and ctx.dt == w.dtype else None
+        for k, (s, (xk, a, n, b)) in enumerate(zip(scales, _chunks(flat))):
+            h1 = top[:, :heads[k]] if top is not None and heads[k] and xk is None else None
+            saved += _add_term(y, x if xk is None else xk, a, n, b, s, ctx.needs[k], h1)
         ctx.save_for_backward(x if needs[2] else None, w if needs[0] else None, *saved)
         return y.to(ctx.out_dtype)
 
@@ -223,13 +232,20 @@ class _AdaptedLinear(torch.autograd.Function):
         needs, g = ctx.base_needs, g.to(ctx.dt)
         gx = torch.mm(g, w.to(g.dtype)) if needs[0] else None
         gw = torch.mm(g.t(), x.to(g.dtype)) if needs[2] else None  # only if the user unfroze the base weight
+        top = gx[:, :max(ctx.heads)].clone() if gx is not None and max(ctx.heads) else None
         grads = []
         for k, s in enumerate(ctx.scales):
-            vx, ga, gn, gb = _term_grads(g, saved[6 * k: 6 * k + 6], s, ctx.needs[k])
+            gbk = top[:, :ctx.heads[k]] if top is not None and ctx.heads[k] else None
+            vx, ga, gn, gb = _term_grads(g, saved[6 * k: 6 * k + 6], s, ctx.needs[k], gbk)
             if vx is not None and ctx.tied[k]:
                 gx.addmm_(*vx)
             grads += [torch.mm(*vx) if vx is not None and not ctx.tied[k] else None, ga, gn, gb]
-        return gx, None, gw, g.sum(0) if needs[3] else None, None, None, *grads
+        return gx, None, gw, g.sum(0) if needs[3] else None, None, None, None, *grads
+
+
+def _chunks(flat: tuple) -> list[tuple]:
+    """``(x_k, A_k, N_k, B_k)`` per term from the flat argument list."""
+    return [tuple(flat[i: i + 4]) for i in range(0, len(flat), 4)]
 
 
 def build_adapter(base: nn.Module, config: AdapterConfig, label: str,
@@ -249,7 +265,8 @@ class NLoRALinear(nn.Module):
     The keyword arguments are ``AdapterConfig``'s fields and the init's options. With ``init="nystrom"`` (the
     paper's NLoRA) the base weight is not touched, so the output changes at init; ``preserve_output=True`` subtracts
     the initial delta from the base weight instead. The wrapped layer's forward hooks run, but its gradient is that of
-    ``x Wᵀ + b``: a hook that changes its output is not differentiated (hook the ``NLoRALinear`` instead).
+    ``x Wᵀ + b``: a hook that changes its output is not differentiated (hook the ``NLoRALinear`` instead), and IntTune
+    on the paper's init reads ``x Aᵀ = (x Wᵀ)[:, :r]`` from that output.
     """
 
     def __init__(self, base: nn.Module, rank: int = 8, alpha: float | None = None, init: str = "nystrom", *,
@@ -413,10 +430,10 @@ class NLoRALinear(nn.Module):
         if _OLD_COMPILE and torch.is_grad_enabled() and torch.compiler.is_compiling():
             raise RuntimeError("torch.compile before torch 2.12 gives nlora's adapters zero gradients (measured on "
                                "2.11); train eagerly, or upgrade torch (compiled inference is fine)")
-        flat = [t for x_k, a, n, b, _ in terms for t in (x_k, a, n, b)]
+        flat = [t for x_k, a, n, b, *_ in terms for t in (x_k, a, n, b)]
+        scales, heads = tuple(t[4] for t in terms), tuple(t[1].shape[0] if t[5] else 0 for t in terms)
         compute_dtype = next(iter(self.adapters.values())).config.compute_dtype
-        y = _AdaptedLinear.apply(x2, self.base, self.weight, self.base.bias, compute_dtype, tuple(t[4] for t in terms),
-                                 *flat)
+        y = _AdaptedLinear.apply(x2, self.base, self.weight, self.base.bias, compute_dtype, scales, heads, *flat)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:
@@ -428,7 +445,7 @@ class NLoRALinear(nn.Module):
 def _add_terms(acc: Tensor, terms: list[Term]) -> Tensor:
     """``acc += Σ s B N A`` in place, in ``acc``'s dtype, one ``addmm_`` per term (sharded factors gathered)."""
     dt = acc.dtype
-    for _, a, n, b, s in terms:
+    for _, a, n, b, s, _ in terms:
         a, b = sharded.full(a).to(dt), sharded.full(b).to(dt)
         acc.addmm_(b, a if n is None else sharded.full(n).to(dt) @ a, alpha=s)
     return acc

@@ -132,23 +132,31 @@ def test_dropout_acts_on_the_adapter_input_only_in_training(init):
 
 
 # -- gradcheck of the autograd node in float64 -------------------------------------------------------------------
-def _f64_layer(init="slora", **kwargs) -> NLoRALinear:
+def _f64_layer(init="slora", bias=True, **kwargs) -> NLoRALinear:
     torch.manual_seed(0)
-    layer = NLoRALinear(nn.Linear(5, 4).double(), rank=2, alpha=1.4, init=init, adapter_dtype=F64, **kwargs)
+    layer = NLoRALinear(nn.Linear(5, 4, bias=bias).double(), rank=2, alpha=1.4, init=init, adapter_dtype=F64, **kwargs)
     perturb(layer, std=0.7)
     return layer
 
 
-@pytest.mark.parametrize("case", ["all", "middle", "dropout", "two-adapters"])
+@pytest.mark.parametrize("case", ["all", "middle", "middle-no-bias", "two-middle", "dropout", "two-adapters"])
 def test_gradcheck_x_a_n_b_float64(case):
     """``torch.autograd.gradcheck`` through the layer, with the factors passed in as the parameters.
 
-    middle: IntTune on the paper's init reads A and B from the base weight, so W is checked (A, B, base paths).
-    dropout: the mask is re-drawn from the same seed at every call. two-adapters: the second one has dropout, the
-    first reads x itself: their input gradients are summed inside the node."""
-    if case == "middle":
-        layer = _f64_layer("nystrom", train="middle")
+    middle: IntTune on the paper's init reads A and B from the base weight, so W is checked (A, B, base paths); its
+    g B is read from the base's g W, and without a bias its x Aᵀ from the base output (two-middle: two such adapters
+    of ranks 2 and 3 and a third with dropout, which reads its own x Aᵀ). dropout: the mask is re-drawn from the same
+    seed at every call. two-adapters: the second one has dropout, the first reads x itself: their input gradients are
+    summed inside the node."""
+    if case.endswith("middle") or case == "middle-no-bias":
+        layer = _f64_layer("nystrom", bias=case == "middle", train="middle")
         names = ["base.weight", "adapters.default.lora_N"]
+        if case == "two-middle":
+            add_adapter(layer, "other", rank=3, alpha=2.0, init="nystrom", train="middle", adapter_dtype=F64)
+            add_adapter(layer, "third", rank=2, init="nystrom", train="middle", dropout=0.5, adapter_dtype=F64)
+            layer.set_active(["default", "other", "third"])
+            perturb(layer, std=0.7)
+            names += ["adapters.other.lora_N", "adapters.third.lora_N"]
     else:
         layer = _f64_layer(dropout=0.3 if case == "dropout" else 0.0)
         names = [f"adapters.default.lora_{m}" for m in "ANB"]
