@@ -9,6 +9,7 @@ from .model import (adapter_layers, adapter_names, count_parameters, delete_adap
                     merge_and_unload, select_targets, set_adapter, trainable_summary, unload, unmerge)
 from .nystrom import nystrom_reconstruct, optimal_core, regularised_pinv, select_indices, truncated_pinv
 from .peft import export_peft
+from .route import route
 
 __version__ = "0.2.0"
 
@@ -16,6 +17,7 @@ __all__ = [
     "Adapter", "AdapterConfig", "Factors", "INITIALIZERS", "NLoRALinear", "adapter_layers", "adapter_names",
     "count_parameters", "delete_adapter", "disable_adapter", "export_peft", "get_init", "initialize_adapters",
     "inject", "load_adapter", "merge", "merge_and_unload", "nystrom_reconstruct", "optimal_core", "pending_adapters",
-    "read_adapter_config", "register_init", "register_many", "regularised_pinv", "remap_base_keys", "save_adapter",
-    "select_indices", "select_targets", "set_adapter", "trainable_summary", "truncated_pinv", "unload", "unmerge",
+    "read_adapter_config", "register_init", "register_many", "regularised_pinv", "remap_base_keys", "route",
+    "save_adapter", "select_indices", "select_targets", "set_adapter", "trainable_summary", "truncated_pinv", "unload",
+    "unmerge",
 ]

@@ -152,6 +152,12 @@ class Adapter(nn.Module):
                 f"train={self.config.train!r}")
 
 
+def _same(a: Tensor | None, b: Tensor | None) -> bool:
+    """Two tensors of the same shape, dtype and device with equal values."""
+    return (a is not None and b is not None and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+            and bool(torch.equal(a, b)))
+
+
 def _copy(t: Tensor, dtype: torch.dtype) -> Tensor:
     """A contiguous copy in ``dtype``: Nyström slices of a Conv1D weight are transposed views, and a factor's memory
     layout changes matmul rounding."""
@@ -288,6 +294,7 @@ class NLoRALinear(nn.Module):
         self.active_adapters: tuple[str, ...] = ()
         self.merged_adapters: tuple[str, ...] = ()
         self.disabled = False
+        self.routing = None  # set by nlora.route: each batch row through its own adapter
         self.module_name = name
         base.requires_grad_(False)
         return self
@@ -330,6 +337,11 @@ class NLoRALinear(nn.Module):
         """Record a sample of the weight ``adapter`` sits on (``load_adapter`` checks it), then, for an initialised
         adapter whose init preserves the output, subtract its initial delta from that weight."""
         adapter.base_sample = weight_sample(self.weight)
+        last = next(reversed(self.adapters.values()), None)
+        for name in ("base_sample", "rows", "cols") if last is not None and not adapter.pending else ():
+            mine, theirs = getattr(adapter, name), getattr(last, name, None)  # share equal small tensors: K IntTune
+            if _same(mine, theirs):  # adapters of a layer then cost K r² numbers and nothing else
+                setattr(adapter, name, theirs)
         if adapter.config.preserve_output and not adapter.pending:
             self.add_to_weight([adapter.term(None, self.weight, -1.0, initial=True)])
 
@@ -423,6 +435,8 @@ class NLoRALinear(nn.Module):
         return [a(x, w) for a in active] + [a(None, w, initial=True) for a in inactive]  # each relative to W0
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.routing is not None:
+            return self.routing(self, x)
         x2 = x.reshape(-1, x.shape[-1])
         terms = self.terms(x2)
         if not terms:

@@ -8,6 +8,7 @@ when the two drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -125,6 +126,15 @@ class Bad:
     match: str  # must name the module (where one is at fault) and say what to do
 
 
+def routed(names, rows: int = 2, grad: bool = False, disabled: bool = False) -> Callable[[nn.Module], object]:
+    """A forward of ``rows`` rows inside ``nlora.route(model, names)`` (``disabled``: inside disable_adapter)."""
+    def call(model: nn.Module) -> None:
+        with nlora.disable_adapter(model) if disabled else contextlib.nullcontext():
+            with nlora.route(model, names), torch.set_grad_enabled(grad):
+                model(torch.zeros(rows, 24))
+    return call
+
+
 def inj(targets=("fc",), **kwargs) -> Callable[[nn.Module], object]:
     kwargs.setdefault("rank", 4)
     return lambda model: nlora.inject(model, list(targets) if not isinstance(targets, str) else targets, **kwargs)
@@ -235,6 +245,20 @@ ROWS = [
         lambda: (lambda m: (nlora.set_adapter(m, "other"), nlora.merge(m), m)[-1])(two_adapters()),
         lambda m: nlora.set_adapter(m, "default"), ValueError,
         r"layers\.0\.fc: adapters \['other'\] are merged; unmerge before switching"),
+    Bad("route_length_differs", "a route whose length differs from the batch", two_adapters,
+        routed(["default", "other", None]), ValueError,
+        r"^layers\.0\.fc: the route has 3 entries but the batch has 2 rows; pass one adapter name \(or None\) per "
+        r"row$"),
+    Bad("route_unknown_adapter", "a route naming an unknown adapter", two_adapters, routed(["default", "othr"]),
+        ValueError, r"^route: no adapter named \['othr'\]; the model has \['default', 'other'\]$"),
+    Bad("route_while_merged", "routing while adapters are merged", merged, routed(["default", None]), RuntimeError,
+        r"^layers\.0\.fc: cannot route while adapters are merged, disabled \(disable_adapter\) or already routed"),
+    Bad("route_inside_disable", "routing inside disable_adapter", two_adapters,
+        routed(["default", None], disabled=True), RuntimeError, r"cannot route while adapters are merged, disabled"),
+    Bad("route_training", "training through a route (autograd recording)", two_adapters,
+        routed(["default", "other"], grad=True), RuntimeError,
+        r"^layers\.0\.fc: nlora\.route is for inference; run the routed model under torch\.no_grad\(\) or "
+        r"torch\.inference_mode\(\) \(to train one adapter, use set_adapter\)$"),
     Bad("no_adapters_yet", "merge/unmerge/... on a model without adapters", mlp, lambda m: nlora.merge(m), ValueError,
         r"MLP has no nlora adapters; call nlora\.inject first"),
 ]
@@ -259,6 +283,7 @@ def test_bad_input_raises_clearly_and_changes_nothing(row):
     else:
         assert_same_state(before, model)
     assert wrappers(model) == wrapped
+    assert all(getattr(m, "routing", None) is None for m in model.modules())  # no route left behind
 
 
 # -- adapter files (nlora.load_adapter): damaged files, another model's adapter, missing or extra keys --------------

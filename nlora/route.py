@@ -1,0 +1,117 @@
+"""Per-row adapter routing: one batch, each row through its own adapter (or the base model), for inference."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layer import Adapter, NLoRALinear
+from .model import _require_adapters, adapter_names
+
+
+class _LayerRoute:
+    """One layer's routing for a batch. Row ``i`` gets ``W0 x + s B N A x`` of its adapter (``W0``: the original
+    weight, so every output-preserving adapter's initial delta is given back on the rows it does not serve), or
+    ``W0 x`` for ``None``. Adapters that read A and B from the base weight with the same rank and index sets (IntTune
+    on the paper's init) share A and B: they run as one ``x Aᵀ``, a batched product with each row's own ``s N`` and
+    one ``B``. Every other adapter runs on its own rows."""
+
+    def __init__(self, layer: NLoRALinear, names: Sequence[str | None]) -> None:
+        device = layer.weight.device
+        self.rows = len(names)
+        self.preserving = [a for a in layer.adapters.values() if a.config.preserve_output]
+        used = [n for n in dict.fromkeys(names) if n is not None and n in layer.adapters]
+        family = [n for n in used if layer.adapters[n].reads_base]
+        shared = [n for n in family if _shares_base(layer.adapters[n], layer.adapters[family[0]])]
+        self.shared = None
+        if shared:  # middle matrices in the compute dtype: zero for rows outside the family, then s_k N_k
+            first = layer.adapters[shared[0]]
+            dt = first.config.compute_dtype or layer.weight.dtype
+            bank = [torch.zeros_like(first.lora_N)] + [layer.adapters[n].scaling * layer.adapters[n].lora_N
+                                                       for n in shared]
+            index = {n: i + 1 for i, n in enumerate(shared)}
+            ids = torch.tensor([index.get(n, 0) for n in names], device=device)
+            self.shared = (first, torch.stack(bank).detach().to(dt), ids)
+        self.groups = [(layer.adapters[n], torch.tensor([i for i, m in enumerate(names) if m == n], device=device))
+                       for n in used if n not in shared]
+
+    def __call__(self, layer: NLoRALinear, x: Tensor) -> Tensor:
+        if x.shape[0] != self.rows:
+            raise ValueError(f"{layer.module_name}: the route has {self.rows} entries but the batch has {x.shape[0]} "
+                             f"rows; pass one adapter name (or None) per row")
+        if torch.is_grad_enabled():
+            raise RuntimeError(f"{layer.module_name}: nlora.route is for inference; run the routed model under "
+                               f"torch.no_grad() or torch.inference_mode() (to train one adapter, use set_adapter)")
+        if layer.disabled or layer.merged_adapters:
+            raise RuntimeError(f"{layer.module_name}: routing needs every adapter unmerged and enabled; leave "
+                               f"disable_adapter / call nlora.unmerge(model) first")
+        w, y = layer.weight, layer.base(x)
+        dt = layer_dtype(layer, y)
+        x3, out = x.reshape(self.rows, -1, x.shape[-1]), y.reshape(self.rows, -1, y.shape[-1]).to(dt)
+        flat = out.view(-1, out.shape[-1])
+        for a in self.preserving:  # the original weight on every row
+            _add(flat, a.term(None, w, initial=True), x3.view(-1, x3.shape[-1]))
+        if self.shared is not None:
+            first, bank, ids = self.shared
+            a, _, b = first.factors(w)
+            h = torch.bmm(F.linear(x3.to(dt), a.to(dt)), bank.to(dt)[ids].transpose(1, 2))
+            flat.addmm_(h.view(-1, h.shape[-1]), b.to(dt).t())
+        for adapter, rows in self.groups:
+            xs = x3.index_select(0, rows)
+            part = torch.zeros(xs.shape[0] * xs.shape[1], flat.shape[-1], dtype=dt, device=flat.device)
+            _add(part, adapter(xs, w), xs.reshape(-1, xs.shape[-1]))
+            if adapter.config.preserve_output:  # its own initial delta is in the weight already
+                _add(part, adapter.term(None, w, -1.0, initial=True), xs.reshape(-1, xs.shape[-1]))
+            out.index_add_(0, rows, part.view(xs.shape[0], xs.shape[1], -1))
+        return out.to(y.dtype).view(*x.shape[:-1], out.shape[-1])
+
+
+def layer_dtype(layer: NLoRALinear, y: Tensor) -> torch.dtype:
+    """The dtype the layer's adapters compute in: ``compute_dtype`` if set, else the base output's."""
+    return next(iter(layer.adapters.values())).config.compute_dtype or y.dtype
+
+
+def _add(out: Tensor, term: tuple, x: Tensor) -> None:
+    """``out += s B N A x`` for one term (its own input if it has one, e.g. after dropout), in ``out``'s dtype."""
+    xk, a, n, b, s, _ = term
+    dt = out.dtype
+    h = F.linear((x if xk is None else xk.reshape(x.shape)).to(dt), a.to(dt))
+    out.addmm_(h if n is None else F.linear(h, n.to(dt)), b.to(dt).t(), alpha=s)
+
+
+def _shares_base(adapter: Adapter, first: Adapter) -> bool:
+    """Whether ``adapter`` reads the same A and B from the base weight as ``first`` (same rank and index sets)."""
+    return (adapter.config.rank == first.config.rank
+            and (adapter.rows is first.rows or torch.equal(adapter.rows, first.rows))
+            and (adapter.cols is first.cols or torch.equal(adapter.cols, first.cols))
+            and (adapter.dropout is None or not adapter.training))
+
+
+@contextmanager
+def route(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Inside the block, row ``i`` of every batch runs through adapter ``adapters[i]`` (``None``: the original base
+    model, as under ``disable_adapter``): one adapter name, or ``None``, per batch row. For inference (refused while
+    autograd records); every forward inside, ``generate()`` with a KV cache included, is routed. IntTune adapters on
+    the paper's init share A and B, so a batch mixing K of them costs about one adapter."""
+    layers = _require_adapters(model)
+    known = adapter_names(model)
+    names = list(adapters)
+    unknown = sorted({n for n in names if n is not None and n not in known}, key=str)
+    if unknown:
+        raise ValueError(f"route: no adapter named {unknown}; the model has {known}")
+    for layer in layers.values():
+        if getattr(layer, "routing", None) is not None or layer.disabled or layer.merged_adapters:
+            raise RuntimeError(f"{layer.module_name}: cannot route while adapters are merged, disabled "
+                               f"(disable_adapter) or already routed; unmerge / leave that block first")
+    routes = {name: _LayerRoute(layer, names) for name, layer in layers.items()}
+    for name, layer in layers.items():
+        layer.routing = routes[name]
+    try:
+        yield model
+    finally:
+        for layer in layers.values():
+            layer.routing = None
