@@ -182,3 +182,25 @@ def test_ct_w_of_a_low_precision_weight_multiplies_in_its_dtype_with_fp32_accura
     got = _ct_w(c, w)
     assert got.dtype == torch.float32
     assert float((got.double() - want).norm() / want.norm()) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_route_on_cuda_matches_per_row_runs(dtype):
+    """nlora.route on the GPU (IntTune adapters sharing A/B through the batched path, a LoRA on its own rows, None
+    rows) against each row alone; the bf16 case against an fp32 run of the same rows."""
+    from .model_zoo import MODELS
+    from .test_route import many_adapters, per_row
+
+    spec = MODELS["llama"]
+    adapters = [("t0", dict(init="nystrom", rank=4, train="middle")), ("t1", dict(init="nystrom", rank=4,
+                train="middle")), ("lora", dict(init="lora", rank=4))]
+    model = many_adapters(spec, adapters).to("cuda", dtype)
+    names = ["t1", None, "t0", "lora", "t1", None]
+    ids = torch.randint(3, 64, (len(names), 6), generator=torch.Generator().manual_seed(0)).cuda()
+    with nlora.route(model, names):
+        assert model.model.layers[0].self_attn.q_proj.routing.shared is not None
+        routed = spec.run(model, {"input_ids": ids})
+    want = per_row(spec, model, {"input_ids": ids}, names)
+    tol = 1e-4 if dtype == torch.float32 else 6e-2
+    torch.testing.assert_close(routed.float(), want.float(), rtol=tol, atol=tol)
