@@ -3,7 +3,8 @@
 8 LLaMA-2-7B-shaped layers, r = 128 on all 7 projections, bf16 weights and adapters, inference mode. Each row of a
 batch uses one of K adapters (row i -> adapter i mod K). Every figure is a ratio to the same library's forward of the
 same batch with ONE adapter active (set_adapter, no routing), and nlora's routed time is also compared with PEFT's
-mixed batch at the same K. Prefill: 64 sequences x 128 tokens. Decode: one new token for each of 1,024 sequences
+mixed batch at the same K. nlora's route is entered once per batch (its entry time is reported on its own), as
+around a generate() call. Prefill: 64 sequences x 128 tokens. Decode: one new token for each of 1,024 sequences
 with a KV cache of 64 tokens. Medians of --rounds interleaved rounds of --reps forwards.
 
   python3 benchmarks/route_gpu.py [--rounds 3] [--reps 10] [--out DIR]
@@ -13,6 +14,7 @@ with a KV cache of 64 tokens. Medians of --rounds interleaved rounds of --reps f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import sys
@@ -81,16 +83,11 @@ def timed(fn, reps, device):
 
 
 def runner(lib, model, names, ids, cache_len):
-    """A zero-argument function running one forward of ``ids`` (routed over ``names``; None = one adapter). With
-    ``cache_len``, a decode step: the KV cache of a ``cache_len``-token prefill is built once (outside the timing)
-    and the new token is cropped off after each step."""
+    """A zero-argument function running one forward of ``ids`` (PEFT: with ``adapter_names=names``; nlora: called
+    inside ``nlora.route(model, names)``, entered by the caller). With ``cache_len``, a decode step: the KV cache of
+    a ``cache_len``-token prefill is built once and the new token is cropped off after each step."""
     def forward(x, **kw):
-        if lib == "peft":
-            return model(input_ids=x, adapter_names=names, **kw) if names else model(input_ids=x, **kw)
-        if names:
-            with nlora.route(model, names):
-                return model(input_ids=x, **kw)
-        return model(input_ids=x, **kw)
+        return model(input_ids=x, adapter_names=names, **kw) if lib == "peft" and names else model(input_ids=x, **kw)
 
     if not cache_len:
         return lambda: forward(ids, use_cache=False)
@@ -104,25 +101,42 @@ def runner(lib, model, names, ids, cache_len):
     return step
 
 
+def routed(lib, model, names):
+    """nlora's route for ``names`` (nothing for PEFT or one adapter)."""
+    return nlora.route(model, names) if lib == "nlora" and names else contextlib.nullcontext()
+
+
 def measure(case, lib, k_values, cfg, args, device, dtype):
-    """ms per forward for one adapter and for each K of ``k_values``, interleaved over rounds."""
+    """ms per forward for one adapter and for each K of ``k_values`` (interleaved over rounds), and ms to enter
+    each route (once per batch: before its prefill and all its decode steps)."""
     batch, seq, cache_len = case
     model = (peft_model if lib == "peft" else nlora_model)(cfg, max(k_values), args.rank, device, dtype)
     ids = torch.randint(0, 256, (batch, seq), device=device, generator=torch.Generator(device).manual_seed(3))
-    ms = {}
+    routes = {"one adapter": None} | {f"K={k}": [f"t{i % k}" for i in range(batch)] for k in k_values}
+    ms, enter = {}, {}
     with torch.inference_mode():
-        fns = {"one adapter": runner(lib, model, None, ids, cache_len)}
-        for k in k_values:
-            fns[f"K={k}"] = runner(lib, model, [f"t{i % k}" for i in range(batch)], ids, cache_len)
-        for fn in fns.values():
-            fn()
+        fns = {}
+        for key, names in routes.items():
+            with routed(lib, model, names):
+                fns[key] = runner(lib, model, names, ids, cache_len)
+                fns[key]()
         for _ in range(args.rounds):
-            for name, fn in fns.items():
-                ms.setdefault(name, []).append(timed(fn, args.reps, device))
+            for key, names in routes.items():
+                sync(device)
+                t0 = time.perf_counter()
+                with routed(lib, model, names):
+                    sync(device)
+                    enter.setdefault(key, []).append((time.perf_counter() - t0) * 1e3)
+                    ms.setdefault(key, []).append(timed(fns[key], args.reps, device))
     del model, fns
     if device == "cuda":
         torch.cuda.empty_cache()
-    return ms
+    return ms, {k: statistics.median(v) for k, v in enter.items()}
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def plot(result, path):
@@ -171,8 +185,9 @@ def main():
         batch, seq, cache_len = shape
         label = (f"{case_name}: {batch} x {seq} tokens" if not cache_len
                  else f"{case_name}: {batch} sequences x 1 token, KV cache {cache_len}")
-        ms = {"nlora": measure(shape, "nlora", k_nlora, cfg, args, device, dtype),
-              "peft": measure(shape, "peft", k_peft, cfg, args, device, dtype)}
+        ms, enter = {}, {}
+        for lib, ks in (("nlora", k_nlora), ("peft", k_peft)):
+            ms[lib], enter[lib] = measure(shape, lib, ks, cfg, args, device, dtype)
         rows = []
         for lib, runs in ms.items():
             for key, values in runs.items():
@@ -181,12 +196,15 @@ def main():
                 peft_k = ms["peft"].get(key) if lib == "nlora" and k else None
                 vs_peft = statistics.median(b / a for a, b in zip(values, peft_k)) if peft_k else None
                 rows.append({"library": lib, "K": k, "ms": statistics.median(values), "ms_rounds": values,
-                             "x_one_adapter": ratio, "peft_mixed_over_nlora": vs_peft})
+                             "x_one_adapter": ratio, "peft_mixed_over_nlora": vs_peft,
+                             "route_entry_ms": enter[lib][key] if lib == "nlora" and k else None})
         result["cases"].append({"name": label, "batch": batch, "seq": seq, "cache": cache_len, "rows": rows})
-        print(f"\n{label}\n{'library':<7} {'K':>5} {'ms':>9} {'x one adapter':>14} {'PEFT mixed / nlora':>19}")
+        print(f"\n{label}\n{'library':<7} {'K':>5} {'ms':>9} {'x one adapter':>14} {'PEFT mixed / nlora':>19} "
+              f"{'route entry ms':>15}")
         for r in rows:
-            vs = "-" if r["peft_mixed_over_nlora"] is None else f"{r['peft_mixed_over_nlora']:.2f}"
-            print(f"{r['library']:<7} {r['K'] or 'one':>5} {r['ms']:>9.2f} {r['x_one_adapter']:>14.3f} {vs:>19}")
+            vs, entry = ("-" if r[k] is None else f"{r[k]:.2f}" for k in ("peft_mixed_over_nlora", "route_entry_ms"))
+            print(f"{r['library']:<7} {r['K'] or 'one':>5} {r['ms']:>9.2f} {r['x_one_adapter']:>14.3f} {vs:>19} "
+                  f"{entry:>15}")
     write(result, args.out, name, plot)
 
 

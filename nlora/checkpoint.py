@@ -340,6 +340,8 @@ def _check_keys(config: dict, tensors: dict[str, Tensor], problems: _Problems) -
 def _plan_trainable(model: nn.Module, config: dict, tensors: dict[str, Tensor],
                     problems: _Problems) -> tuple[list[nn.Module], list[tuple[nn.Parameter, Tensor]]]:
     """The modules trained in full that the file names, and their parameters with the saved values."""
+    if not config.get("trainable_modules") and not config.get("trainable_params"):
+        return [], []
     modules = {n.replace(".base.", ".").removesuffix(".base"): m for n, m in model.named_modules()}
     params = {n.replace(".base.", "."): p for n, p in model.named_parameters(remove_duplicate=False)}
     found = [modules[n] for n in config.get("trainable_modules", []) if n in modules]

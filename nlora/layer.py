@@ -295,6 +295,7 @@ class NLoRALinear(nn.Module):
         self.merged_adapters: tuple[str, ...] = ()
         self.disabled = False
         self.routing = None  # set by nlora.route: each batch row through its own adapter
+        self.preserving: tuple[str, ...] = ()  # adapters whose init rewrote the weight (a forward gives them back)
         self.module_name = name
         base.requires_grad_(False)
         return self
@@ -332,6 +333,7 @@ class NLoRALinear(nn.Module):
         """Register ``adapter`` and settle it on the weight (see ``settle``)."""
         self.settle(adapter)
         self.adapters[adapter_name] = adapter
+        self.preserving += (adapter_name,) if adapter.config.preserve_output else ()
 
     def settle(self, adapter: Adapter) -> None:
         """Record a sample of the weight ``adapter`` sits on (``load_adapter`` checks it), then, for an initialised
@@ -357,6 +359,7 @@ class NLoRALinear(nn.Module):
         if adapter.config.preserve_output and not adapter.pending:
             self.add_to_weight([adapter.term(None, self.weight, initial=True)])
         del self.adapters[adapter_name]
+        self.preserving = tuple(n for n in self.preserving if n != adapter_name)
         self.set_active(self.active_adapters)
 
     # -- merging ---------------------------------------------------------------------------------------------------
@@ -408,7 +411,7 @@ class NLoRALinear(nn.Module):
         """What turns the stored weight back into the original pretrained one: merges undone, residuals given back."""
         w = self.weight
         return ([self.adapters[n].term(None, w, -1.0) for n in self.merged_adapters]
-                + [a.term(None, w, initial=True) for a in self.adapters.values() if a.config.preserve_output])
+                + [self.adapters[n].term(None, w, initial=True) for n in self.preserving])
 
     def restore_base(self) -> nn.Module:
         """The base module holding the original pretrained weight again (merges and residuals undone)."""
@@ -431,7 +434,7 @@ class NLoRALinear(nn.Module):
         if self.disabled:
             return self.original_terms()
         active = [self.adapters[n] for n in self.unmerged_active()]
-        inactive = [a for n, a in self.adapters.items() if a.config.preserve_output and n not in self.active_adapters]
+        inactive = [self.adapters[n] for n in self.preserving if n not in self.active_adapters]
         return [a(x, w) for a in active] + [a(None, w, initial=True) for a in inactive]  # each relative to W0
 
     def forward(self, x: Tensor) -> Tensor:

@@ -18,30 +18,34 @@ class _LayerRoute:
     weight, so every output-preserving adapter's initial delta is given back on the rows it does not serve), or
     ``W0 x`` for ``None``. Adapters that read A and B from the base weight with the same rank and index sets (IntTune
     on the paper's init) share A and B: they run as one ``x Aᵀ``, a batched product with each row's own ``s N`` and
-    one ``B``. Every other adapter runs on its own rows."""
+    one ``B``. Every other adapter runs on its own rows.
 
-    def __init__(self, layer: NLoRALinear, names: Sequence[str | None]) -> None:
-        device = layer.weight.device
-        self.rows = len(names)
-        self.preserving = [a for a in layer.adapters.values() if a.config.preserve_output]
-        used = [n for n in dict.fromkeys(names) if n is not None and n in layer.adapters]
-        family = [n for n in used if layer.adapters[n].reads_base]
-        shared = [n for n in family if _shares_base(layer.adapters[n], layer.adapters[family[0]])]
+    ``names``: the route's distinct adapter names; ``rows(device, j)``: the batch rows routed to ``names[j - 1]``
+    (``j = 0``: every row, by its name's position, 0 for ``None``), made once per route and device."""
+
+    def __init__(self, layer: NLoRALinear, names: list[str], rows) -> None:
+        adapters, device = layer.adapters, layer.weight.device
+        self.size = len(rows(torch.device("cpu"), 0))
+        self.preserving = [adapters[n] for n in layer.preserving]
+        held = [n for n in names if n in adapters]
+        family = [n for n in held if adapters[n].reads_base]
+        shared = {n for n in family if _shares_base(adapters[n], adapters[family[0]])}
         self.shared = None
-        if shared:  # middle matrices in the compute dtype: zero for rows outside the family, then s_k N_k
-            first = layer.adapters[shared[0]]
-            dt = first.config.compute_dtype or layer.weight.dtype
-            bank = [torch.zeros_like(first.lora_N)] + [layer.adapters[n].scaling * layer.adapters[n].lora_N
-                                                       for n in shared]
-            index = {n: i + 1 for i, n in enumerate(shared)}
-            ids = torch.tensor([index.get(n, 0) for n in names], device=device)
-            self.shared = (first, torch.stack(bank).detach().to(dt), ids)
-        self.groups = [(layer.adapters[n], torch.tensor([i for i, m in enumerate(names) if m == n], device=device))
-                       for n in used if n not in shared]
+        if shared:  # each row's s N in the compute dtype, indexed by its name's position (zero: not in the family)
+            first = adapters[family[0]]
+            zero = torch.zeros_like(first.lora_N)
+            bank = torch.stack([zero] + [adapters[n].lora_N if n in shared else zero for n in names]).detach()
+            scales = [adapters[n].scaling if n in shared else 0.0 for n in names]
+            if len(set(scales)) == 1:
+                bank = bank * scales[0]
+            else:
+                bank = bank * torch.tensor([0.0] + scales, dtype=bank.dtype).to(device)[:, None, None]
+            self.shared = (first, bank.to(first.config.compute_dtype or layer.weight.dtype), rows(device, 0))
+        self.groups = [(adapters[n], rows(device, j + 1)) for j, n in enumerate(names) if n in held and n not in shared]
 
     def __call__(self, layer: NLoRALinear, x: Tensor) -> Tensor:
-        if x.shape[0] != self.rows:
-            raise ValueError(f"{layer.module_name}: the route has {self.rows} entries but the batch has {x.shape[0]} "
+        if x.shape[0] != self.size:
+            raise ValueError(f"{layer.module_name}: the route has {self.size} entries but the batch has {x.shape[0]} "
                              f"rows; pass one adapter name (or None) per row")
         if torch.is_grad_enabled():
             raise RuntimeError(f"{layer.module_name}: nlora.route is for inference; run the routed model under "
@@ -51,7 +55,7 @@ class _LayerRoute:
                                f"disable_adapter / call nlora.unmerge(model) first")
         w, y = layer.weight, layer.base(x)
         dt = layer_dtype(layer, y)
-        x3, out = x.reshape(self.rows, -1, x.shape[-1]), y.reshape(self.rows, -1, y.shape[-1]).to(dt)
+        x3, out = x.reshape(self.size, -1, x.shape[-1]), y.reshape(self.size, -1, y.shape[-1]).to(dt)
         flat = out.view(-1, out.shape[-1])
         for a in self.preserving:  # the original weight on every row
             _add(flat, a.term(None, w, initial=True), x3.view(-1, x3.shape[-1]))
@@ -107,7 +111,17 @@ def route(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn.Modul
         if getattr(layer, "routing", None) is not None or layer.disabled or layer.merged_adapters:
             raise RuntimeError(f"{layer.module_name}: cannot route while adapters are merged, disabled "
                                f"(disable_adapter) or already routed; unmerge / leave that block first")
-    routes = {name: _LayerRoute(layer, names) for name, layer in layers.items()}
+    distinct = list(dict.fromkeys(n for n in names if n is not None))
+    position = {n: j + 1 for j, n in enumerate(distinct)}
+    ids = torch.tensor([position.get(n, 0) for n in names])  # None: 0
+    made: dict = {}
+
+    def rows(device: torch.device, j: int) -> Tensor:
+        if (device, j) not in made:
+            made[device, j] = (ids if j == 0 else (ids == j).nonzero().squeeze(1)).to(device)
+        return made[device, j]
+
+    routes = {name: _LayerRoute(layer, distinct, rows) for name, layer in layers.items()}
     for name, layer in layers.items():
         layer.routing = routes[name]
     try:
