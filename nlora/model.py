@@ -22,22 +22,28 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|
 _TRAINABLE = "_nlora_trainable"  # marks a module trained in full (inject's ``trainable``)
 
 
+def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules()`` without what sits inside an ``NLoRALinear`` (its base and adapters): same order, each
+    module once, and a cost that does not grow with the number of adapters."""
+    seen, todo = set(), [("", model)]
+    while todo:
+        name, module = todo.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield name, module
+        if not isinstance(module, NLoRALinear):
+            todo += reversed([(f"{name}.{n}" if name else n, child) for n, child in module.named_children()])
+
+
 def adapter_layers(model: nn.Module) -> dict[str, NLoRALinear]:
     """Every ``NLoRALinear`` in the model by its (original) module name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, NLoRALinear)}
+    return {name: m for name, m in _walk(model) if isinstance(m, NLoRALinear)}
 
 
 def _candidates(model: nn.Module) -> dict[str, nn.Module]:
     """All named modules except the model itself and what sits inside an ``NLoRALinear``."""
-    found: dict[str, nn.Module] = {}
-    inside: list[str] = []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(p + ".") for p in inside):
-            continue
-        if isinstance(module, NLoRALinear):
-            inside.append(name)
-        found[name] = module
-    return found
+    return {name: m for name, m in _walk(model) if name}
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -104,7 +104,7 @@ def route(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn.Modul
     layers = _require_adapters(model)
     known = adapter_names(model)
     names = list(adapters)
-    unknown = sorted({n for n in names if n is not None and n not in known}, key=str)
+    unknown = sorted(set(names) - set(known) - {None}, key=str)
     if unknown:
         raise ValueError(f"route: no adapter named {unknown}; the model has {known}")
     for layer in layers.values():
