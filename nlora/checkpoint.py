@@ -195,7 +195,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{file} is corrupted (not valid JSON: {err}); {_SAVE_AGAIN}") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        kind = ("a PEFT adapter (load it with peft)" if isinstance(config, dict) and "peft_type" in config
+        kind = ("a PEFT adapter (import it with nlora.import_peft)" if isinstance(config, dict) and "peft_type" in config
                 else "not an nlora adapter")
         raise ValueError(f"{file} is {kind}; expected format {FORMAT!r}")
     if config.get("format_version") != FORMAT_VERSION:
@@ -227,11 +227,11 @@ class _Problems(dict):
     def add(self, kind: str, item: str, fix: str = _SAVE_AGAIN) -> None:
         self.setdefault((kind, fix), []).append(item)
 
-    def raise_if_any(self, name: str, path: Path, model: nn.Module) -> None:
+    def raise_if_any(self, name: str, path: Path, model: nn.Module, verb: str = "load") -> None:
         if self:
             lines = [f"  {kind}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''} -> {fix}"
                      for (kind, fix), items in self.items()]
-            raise ValueError(f"cannot load adapter {name!r} from {path} into {type(model).__name__}; nothing was "
+            raise ValueError(f"cannot {verb} adapter {name!r} from {path} into {type(model).__name__}; nothing was "
                              f"changed:\n" + "\n".join(lines))
 
 

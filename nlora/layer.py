@@ -298,6 +298,7 @@ class NLoRALinear(nn.Module):
         self.preserving: tuple[str, ...] = ()  # adapters whose init rewrote the weight (a forward gives them back)
         self.module_name = name
         base.requires_grad_(False)
+        self.training = base.training  # a wrapper (and its adapters) starts in the mode of the layer it wraps
         return self
 
     @classmethod
@@ -330,7 +331,8 @@ class NLoRALinear(nn.Module):
 
     # -- adapters ------------------------------------------------------------------------------------------------
     def add(self, adapter_name: str, adapter: Adapter) -> None:
-        """Register ``adapter`` and settle it on the weight (see ``settle``)."""
+        """Register ``adapter`` (in this layer's train/eval mode) and settle it on the weight (see ``settle``)."""
+        adapter.train(self.training)
         self.settle(adapter)
         self.adapters[adapter_name] = adapter
         self.preserving += (adapter_name,) if adapter.config.preserve_output else ()

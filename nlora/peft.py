@@ -1,7 +1,9 @@
-"""Export an nlora adapter as a plain HF PEFT LoRA that ``PeftModel.from_pretrained(original_base, path)`` loads."""
+"""HF PEFT LoRA files: export an nlora adapter that ``PeftModel.from_pretrained(original_base, path)`` loads, and
+import a PEFT LoRA adapter as nlora ``lora`` adapters."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections import Counter
@@ -10,9 +12,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import _resolve, trainable_params, write_files
-from .layer import Adapter, is_conv1d
-from .model import _candidates, adapter_layers, trainable_module_names
+import safetensors.torch
+
+from .checkpoint import _Problems, _resolve, trainable_params, write_files
+from .config import AdapterConfig
+from .inits import Factors
+from .layer import Adapter, is_adaptable, is_conv1d, weight_view
+from .model import (_TRAINABLE, _candidates, _matches, adapter_layers, set_adapter, trainable_module_names, unwrap,
+                    wrap_layer)
 
 
 def _peft_pattern_key(keys: list[str], name: str) -> str:
@@ -128,3 +135,94 @@ def _peft_config(model: nn.Module, layers: dict, name: str, ranks: dict, alphas:
         "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": _patterns(ranks, r, "rank"), "alpha_pattern": _patterns(alphas, alpha, "alpha"),
     }
+
+
+# PEFT LoRA features nlora does not have: config key -> what to call it (each refused by name)
+_PEFT_FEATURES = {"use_dora": "DoRA (use_dora)", "use_rslora": "rsLoRA (use_rslora)", "lora_bias": "LoRA bias "
+                  "(lora_bias)", "use_qalora": "QALoRA (use_qalora)", "target_parameters": "parameter targets "
+                  "(target_parameters)", "trainable_token_indices": "trainable tokens (trainable_token_indices)"}
+_PEFT_PREFIX = "base_model.model."
+
+
+def _read_peft(path: Path) -> tuple[dict, dict[str, Tensor]]:
+    """A PEFT adapter directory's config and tensors (``.safetensors``, or ``.bin`` read with ``weights_only``)."""
+    file = path / "adapter_config.json"
+    if not file.is_file():
+        raise ValueError(f"{path} has no adapter_config.json: not a PEFT adapter directory")
+    config = json.loads(file.read_text(encoding="utf-8"))
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not LoRA; nlora imports PEFT LoRA "
+                         f"adapters only; nothing was changed")
+    used = [name for key, name in _PEFT_FEATURES.items() if config.get(key)]
+    used += [f"bias={config['bias']!r}"] if config.get("bias", "none") != "none" else []
+    if used:
+        raise ValueError(f"{path}: the PEFT adapter uses {', '.join(used)}, which nlora does not have; nothing was "
+                         f"changed (retrain without it, or load it with peft)")
+    if (path / "adapter_model.safetensors").is_file():
+        return config, safetensors.torch.load_file(path / "adapter_model.safetensors")
+    if (path / "adapter_model.bin").is_file():
+        return config, torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+    raise ValueError(f"{path} has no adapter_model.safetensors or adapter_model.bin")
+
+
+def _plan_peft(model: nn.Module, config: dict, tensors: dict[str, Tensor], adapter: str,
+               problems: _Problems) -> dict[str, tuple[nn.Module, AdapterConfig, Factors]]:
+    """Every adapted module of the file, checked against the model: ``{name: (module, config, factors)}``."""
+    modules, plans = _candidates(model), {}
+    names = sorted(k[len(_PEFT_PREFIX):-len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight"))
+    alphas = config.get("alpha_pattern") or {}
+    for name in names:
+        module = modules.get(name)
+        a, b = tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"], tensors.get(f"{_PEFT_PREFIX}{name}.lora_B.weight")
+        if module is None or not is_adaptable(unwrap(module)):
+            problems.add("not a Linear / Conv1D of the model", name, "an adapter for another architecture? import "
+                         "it into the model it was trained on")
+            continue
+        out_f, in_f = weight_view(unwrap(module)).shape
+        if b is None or a.dim() != 2 or a.shape[1] != in_f or tuple(b.shape) != (out_f, a.shape[0]):
+            problems.add("lora_A/lora_B shapes do not fit the layer", f"{name} ({out_f} x {in_f})", "an adapter for "
+                         "another architecture (or size)? import it into the model it was trained on")
+            continue
+        if adapter in getattr(module, "adapters", {}):
+            problems.add("already holds an adapter of that name", name, "pass adapter='<new name>'")
+            continue
+        alpha = alphas.get(_peft_pattern_key(list(alphas), name), config.get("lora_alpha", 8))
+        adapter_config = AdapterConfig.build(rank=a.shape[0], alpha=float(alpha), init="lora",
+                                             dropout=float(config.get("lora_dropout") or 0.0))
+        plans[name] = (module, adapter_config, Factors(a, None, b))
+    if not names:
+        problems.add("no lora_A / lora_B tensors", "adapter_model", "pass a PEFT LoRA adapter directory")
+    return plans
+
+
+def import_peft(model: nn.Module, path: str | os.PathLike, adapter: str = "default") -> nn.Module:
+    """Load the PEFT LoRA adapter directory ``path`` (``adapter_config.json`` plus ``adapter_model.safetensors``, or
+    ``adapter_model.bin`` read with ``weights_only=True``) into ``model`` as nlora ``lora`` adapters named
+    ``adapter`` (no N; ``s = lora_alpha / r`` per module, ``alpha_pattern`` and ``lora_dropout`` honoured) and make
+    it active; returns ``model``. The adapted modules are the ones the file holds factors for (whatever
+    ``target_modules`` / ``rank_pattern`` said), so the outputs equal PEFT's; ``modules_to_save`` become nlora's
+    trainable modules with their saved weights. DoRA, rsLoRA, biases and non-LoRA types are refused by name.
+    All-or-nothing: every module is checked first, and a problem leaves the model unchanged.
+    """
+    path = Path(path)
+    config, tensors = _read_peft(path)
+    problems = _Problems()
+    plans = _plan_peft(model, config, tensors, adapter, problems)
+    saved = {k[len(_PEFT_PREFIX):]: t for k, t in tensors.items() if ".lora_" not in k}
+    params = {n.replace(".base.", "."): p for n, p in model.named_parameters(remove_duplicate=False)}
+    for name, t in saved.items():
+        if name not in params or params[name].shape != t.shape:
+            problems.add("modules_to_save weight missing from the model or of another shape", name,
+                         "import it into the model it was trained on")
+    problems.raise_if_any(adapter, path, model, verb="import")
+    for name, (module, adapter_config, factors) in plans.items():
+        wrap_layer(model, name, module).add(adapter, Adapter(adapter_config, factors))
+    with torch.no_grad():
+        for name, t in saved.items():
+            params[name].copy_(t)
+    kept = config.get("modules_to_save") or []
+    for name, module in _candidates(model).items() if saved else ():
+        if _matches(name, kept):
+            setattr(module, _TRAINABLE, True)
+    set_adapter(model, adapter)
+    return model

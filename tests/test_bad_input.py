@@ -135,6 +135,22 @@ def routed(names, rows: int = 2, grad: bool = False, disabled: bool = False) -> 
     return call
 
 
+def peft_import(edit: Callable[[dict], None] | None = None, source: Callable[[], nn.Module] = mlp,
+                targets=("fc",)) -> Callable[[nn.Module], object]:
+    """``import_peft`` of a PEFT LoRA exported from ``source()`` whose adapter_config.json ``edit`` changed."""
+    def call(model: nn.Module) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            other = source()
+            nlora.inject(other, list(targets), rank=2, init="lora")
+            path = nlora.export_peft(other, Path(tmp) / "peft")
+            if edit is not None:
+                config = json.loads((path / CONFIG_NAME).read_text())
+                edit(config)
+                (path / CONFIG_NAME).write_text(json.dumps(config))
+            nlora.import_peft(model, path)
+    return call
+
+
 def inj(targets=("fc",), **kwargs) -> Callable[[nn.Module], object]:
     kwargs.setdefault("rank", 4)
     return lambda model: nlora.inject(model, list(targets) if not isinstance(targets, str) else targets, **kwargs)
@@ -259,6 +275,20 @@ ROWS = [
         routed(["default", "other"], grad=True), RuntimeError,
         r"^layers\.0\.fc: nlora\.route is for inference; run the routed model under torch\.no_grad\(\) or "
         r"torch\.inference_mode\(\) \(to train one adapter, use set_adapter\)$"),
+    Bad("peft_import_dora", "a PEFT adapter using DoRA (also rsLoRA, LoRA biases, ...)", mlp,
+        peft_import(lambda c: c.update(use_dora=True)), ValueError,
+        r"peft: the PEFT adapter uses DoRA \(use_dora\), which nlora does not have; nothing was changed \(retrain "
+        r"without it, or load it with peft\)$"),
+    Bad("peft_import_bias", "a PEFT adapter that trains biases (bias='all')", mlp,
+        peft_import(lambda c: c.update(bias="all")), ValueError, r"uses bias='all', which nlora does not have"),
+    Bad("peft_import_not_lora", "a PEFT adapter of another type (IA3, prefix tuning, ...)", mlp,
+        peft_import(lambda c: c.update(peft_type="IA3")), ValueError,
+        r"peft: peft_type 'IA3' is not LoRA; nlora imports PEFT LoRA adapters only; nothing was changed$"),
+    Bad("peft_import_other_architecture", "a PEFT adapter trained on another architecture", mlp,
+        peft_import(source=llama, targets=("q_proj",)), ValueError,
+        r"cannot import adapter 'default' from .*peft into MLP; nothing was changed:\n  not a Linear / Conv1D of the "
+        r"model: model\.layers\.0\.self_attn\.q_proj, model\.layers\.1\.self_attn\.q_proj -> an adapter for "
+        r"another architecture\? import it into the model it was trained on$"),
     Bad("no_adapters_yet", "merge/unmerge/... on a model without adapters", mlp, lambda m: nlora.merge(m), ValueError,
         r"MLP has no nlora adapters; call nlora\.inject first"),
 ]
@@ -414,7 +444,7 @@ FILE_ROWS = [
             other_checkpoint, r"base weight slices differ from the ones saved.*: layers\.0\.fc, "
                               r"layers\.1\.fc -> load the base checkpoint \(and dtype\) it was saved on"),
     BadFile("peft_directory_given_to_load_adapter", "a PEFT export given to `load_adapter`", peft_export, mlp,
-            r"adapter_config\.json is a PEFT adapter \(load it with peft\)"),
+            r"adapter_config\.json is a PEFT adapter \(import it with nlora\.import_peft\)"),
     BadFile("checkpoint_missing_keys", "a checkpoint with a missing key (a consistent file, checksum fixed)",
             damaged(saved(), edit_tensors(lambda t: t.pop("layers.1.fc.lora_N"))), mlp,
             r"file lacks tensors the config lists: layers\.1\.fc\.lora_N -> " + SAVE_AGAIN),
@@ -512,11 +542,12 @@ def raised(row: Bad | BadFile, tmp: Path) -> BaseException:
 
 
 def excerpt(message: str, tmp: Path) -> str:
-    """The message on one line, ``tmp`` shown as ``<dir>``, load_adapter's header line dropped (the problem lines
+    """The message on one line, ``tmp`` (and import_peft's directory) shown as ``<dir>``, load_adapter's and
+    import_peft's header line dropped (the problem lines
     follow it), cut at a word to ``EXCERPT`` characters."""
-    message = message.replace(str(tmp / "adapter"), "<dir>")
+    message = re.sub(r"\S*/peft\b", "<dir>", message.replace(str(tmp / "adapter"), "<dir>"))
     lines = message.split("\n")
-    if len(lines) > 1 and lines[0].startswith("cannot load adapter"):
+    if len(lines) > 1 and lines[0].startswith(("cannot load adapter", "cannot import adapter")):
         lines = lines[1:]
     text = " ".join(line.strip() for line in lines)
     if len(text) > EXCERPT:

@@ -207,3 +207,55 @@ def test_cuda_export_matches_nlora(tmp_path, init, train):
     ids = torch.randint(0, 64, (2, 10), device="cuda")
     with torch.no_grad():
         torch.testing.assert_close(pm(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+# -- import_peft: PEFT LoRA directories in ---------------------------------------------------------------------------
+def peft_trained(base, path, safe=True, **lora):
+    """A real PEFT LoRA on ``base`` with random B (so the delta is not zero), saved to ``path``; the PeftModel."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**lora)).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "modules_to_save" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    model.save_pretrained(str(path), safe_serialization=safe)
+    return model
+
+
+@pytest.mark.parametrize("case", ["llama-list-patterns", "llama-regex-bin", "gpt2-conv1d", "bert-modules-to-save"])
+def test_import_peft_gives_peft_outputs(tmp_path, case):
+    from .model_zoo import MODELS
+
+    spec = MODELS[case.split("-")[0]]
+    base = spec.model()
+    lora = {"llama-list-patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                        rank_pattern={"down_proj": 2}, alpha_pattern={r"layers\.1\.self_attn\.q_proj": 3},
+                                        lora_dropout=0.1),
+            "llama-regex-bin": dict(r=3, lora_alpha=5, target_modules=r".*\.(k_proj|o_proj|up_proj)"),
+            "gpt2-conv1d": dict(r=4, lora_alpha=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+            "bert-modules-to-save": dict(r=2, lora_alpha=4, target_modules=["query", "value"],
+                                         modules_to_save=["classifier"])}[case]
+    peft_model = peft_trained(base, tmp_path, safe=case != "llama-regex-bin", **lora)
+    inputs = spec.inputs(torch.Generator().manual_seed(0))
+    want = spec.run(peft_model, inputs)
+    model = nlora.import_peft(spec.model(), tmp_path, adapter="imported")
+    torch.testing.assert_close(spec.run(model, inputs), want, rtol=1e-5, atol=1e-5)
+    peft_names = {n.rsplit(".", 1)[0] for n, _ in peft_model.named_modules() if n.endswith(".lora_A")}
+    assert {f"base_model.model.{n}" for n in nlora.adapter_layers(model)} == peft_names
+    if case == "bert-modules-to-save":
+        assert nlora.model.trainable_module_names(model) == ["classifier"]
+        assert model.classifier.weight.requires_grad
+
+
+def test_export_then_import_peft_round_trips(tmp_path):
+    model = tiny_llama()
+    nlora.inject(model, "all-linear", rank=4, init="nystrom", preserve_output=True)
+    fake_training(model)
+    x = torch.randint(0, 64, (2, 6))
+    want = model(x).logits
+    nlora.export_peft(model, tmp_path)
+    back = nlora.import_peft(tiny_llama(), tmp_path)
+    torch.testing.assert_close(back(x).logits, want, rtol=1e-5, atol=1e-5)
+    assert {a.config.init for layer in nlora.adapter_layers(back).values() for a in layer.adapters.values()} == \
+        {"lora"}
