@@ -28,6 +28,7 @@ from .model import (_TRAINABLE, _candidates, adapter_layers, adapter_names, set_
                     unwrap, wrap_layer)
 
 CONFIG_NAME = "adapter_config.json"
+_LOW = (torch.bfloat16, torch.float16)  # compact files also record their slices' digests at these precisions
 TENSOR_NAME = "adapter_model.safetensors"
 FORMAT, FORMAT_VERSION = "nlora-adapter", 2
 _TRAINABLE_PREFIX = "trainable:"
@@ -136,6 +137,8 @@ def _module_record(layer: NLoRALinear, adapter: Adapter, default: dict, compact:
     if from_base:
         slices = (adapter.init_A, adapter.init_B) if adapter.config.preserve_output else (a, b)
         record["slice_digest"] = _digest(*(t.to(adapter.config.adapter_dtype) for t in slices))
+        low = [d for d in _LOW if torch.finfo(d).eps > torch.finfo(w.dtype).eps]  # a lower-precision copy of the base
+        record["slice_digest_low"] = {str(d)[6:]: _digest(*(t.to(w.dtype).to(d) for t in slices)) for d in low}
     return record, tensors
 
 
@@ -295,14 +298,17 @@ def _check_tensors(name: str, own: dict[str, Tensor], config: AdapterConfig, w: 
 
 
 def _slices_from_base(name: str, rec: dict, config: AdapterConfig, w: Tensor, rows: Tensor | None,
-                      cols: Tensor | None) -> dict[str, Tensor]:
+                      cols: Tensor | None, check_base: bool) -> dict[str, Tensor]:
     """The factors a compact file left out, sliced again from the base weight and checked against its digest."""
     if rows is None:
         raise _Refused("has invalid index sets", f"{name}: rebuilt from the base but no index stored")
     r, c = (t.to(w.dtype) for t in nystrom_slices(w, rows, cols))
-    if _digest(r.to(config.adapter_dtype), c.to(config.adapter_dtype)) != rec.get("slice_digest"):
+    same = _digest(r.to(config.adapter_dtype), c.to(config.adapter_dtype)) == rec.get("slice_digest")
+    low = (rec.get("slice_digest_low") or {}).get(str(w.dtype)[6:])  # the base cast to a lower precision
+    if check_base and not same and (low is None or _digest(r, c) != low):
         raise _Refused("base weight slices differ from the ones saved (wrong base model, or a different "
-                       "dtype/checkpoint)", name, "load the base checkpoint (and dtype) it was saved on")
+                       "checkpoint)", name, "load the base checkpoint it was saved on (in its dtype or a lower-precision cast of it), or "
+                       "pass check_base=False to put it on this one on purpose")
     return {k: (r if k.endswith("_A") else c) for k in rec["from_base"]}
 
 
@@ -318,7 +324,7 @@ def _plan_module(name: str, rec: Any, default: dict, tensors: dict[str, Tensor],
         raise _Refused("base weight differs from the one the adapter was saved on (wrong base model, or a different "
                        "checkpoint)", name, _OTHER_CHECKPOINT)
     if rec["from_base"]:
-        own.update(_slices_from_base(name, rec, config, w, rows, cols))
+        own.update(_slices_from_base(name, rec, config, w, rows, cols, check_base))
     prefix = "init_" if config.preserve_output else "lora_"
     if prefix + "A" not in own or prefix + "B" not in own:
         raise _Refused("file lacks tensors the config lists", f"{name}.{prefix}A/B")

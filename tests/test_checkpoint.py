@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -650,3 +651,52 @@ def test_cuda_round_trip_is_bit_exact(tmp_path, init, train):
     fresh = round_trip(original, model, tmp_path)
     assert fresh.model.layers[0].self_attn.q_proj.lora_A.device.type == "cuda"
     assert_same_model(model, fresh, torch.randint(0, 64, (2, 10), device="cuda"))
+
+
+# -- adapter files across the base's dtype --------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kwargs", [dict(init="nystrom", train="middle"), dict(init="nystrom-pinv"),
+                                    dict(init="nystrom-optimal", train="middle"),
+                                    dict(init="nystrom", preserve_output=True)], ids=["inttune", "pinv", "optimal",
+                                                                                      "preserve"])
+def test_compact_file_saved_on_fp32_loads_onto_a_lower_precision_cast(tmp_path, kwargs, dtype):
+    """Train in fp32, serve in bf16/fp16: compact factors are re-sliced from the cast base and compared with the
+    digests of the saved slices rounded to that dtype; outputs equal the fp32 model's, cast, to rounding."""
+    from .model_zoo import MODELS, fp16_supported
+
+    spec = MODELS["llama"]
+    model = spec.model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nlora.inject(model, "all-linear", rank=4, **kwargs)
+    fake_training(model)
+    nlora.save_adapter(model, tmp_path / "a")
+    low = nlora.load_adapter(spec.model().to(dtype), tmp_path / "a")
+    if dtype == torch.float16 and not fp16_supported("llama"):
+        return
+    inputs = spec.inputs(torch.Generator().manual_seed(0))
+    want = spec.run(copy.deepcopy(model).to(dtype), inputs).float()
+    torch.testing.assert_close(spec.run(low, inputs).float(), want, rtol=0.05, atol=0.02)
+
+
+def test_a_lower_precision_cast_of_another_checkpoint_is_still_refused_and_check_base_false_loads_it(tmp_path):
+    from .model_zoo import MODELS
+
+    spec = MODELS["llama"]
+    model = spec.model()
+    nlora.inject(model, "all-linear", rank=4, init="nystrom", train="middle")
+    fake_training(model)
+    nlora.save_adapter(model, tmp_path / "a")
+    other = spec.model()
+    with torch.no_grad():
+        other.model.layers[1].mlp.up_proj.weight[0, 0] += 0.5  # inside the sampled rows: another checkpoint
+    other = other.to(torch.bfloat16)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"base weight slices differ[^\n]*: model\.layers\.1\.mlp\.up_proj -> "
+                                         r"load the base checkpoint it was saved on"):
+        nlora.load_adapter(other, tmp_path / "a")
+    assert other.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    nlora.load_adapter(other, tmp_path / "a", check_base=False)  # on purpose: A, B from this checkpoint, N from the file
+    layer = other.model.layers[1].mlp.up_proj
+    assert torch.equal(layer.lora_A, layer.weight[:4]) and layer.lora_A[0, 0] == layer.weight[0, 0]
