@@ -198,8 +198,8 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{file} is corrupted (not valid JSON: {err}); {_SAVE_AGAIN}") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        kind = ("a PEFT adapter (import it with nlora.import_peft)" if isinstance(config, dict) and "peft_type" in config
-                else "not an nlora adapter")
+        peft = isinstance(config, dict) and "peft_type" in config
+        kind = "a PEFT adapter (import it with nlora.import_peft)" if peft else "not an nlora adapter"
         raise ValueError(f"{file} is {kind}; expected format {FORMAT!r}")
     if config.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{file} has format_version {config.get('format_version')!r}; this nlora reads "
@@ -307,8 +307,8 @@ def _slices_from_base(name: str, rec: dict, config: AdapterConfig, w: Tensor, ro
     low = (rec.get("slice_digest_low") or {}).get(str(w.dtype)[6:])  # the base cast to a lower precision
     if check_base and not same and (low is None or _digest(r, c) != low):
         raise _Refused("base weight slices differ from the ones saved (wrong base model, or a different "
-                       "checkpoint)", name, "load the base checkpoint it was saved on (in its dtype or a lower-precision cast of it), or "
-                       "pass check_base=False to put it on this one on purpose")
+                       "checkpoint)", name, "load the base checkpoint it was saved on (in its dtype or a "
+                       "lower-precision cast of it), or pass check_base=False to put it on this one on purpose")
     return {k: (r if k.endswith("_A") else c) for k in rec["from_base"]}
 
 

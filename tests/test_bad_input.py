@@ -442,7 +442,8 @@ FILE_ROWS = [
     BadFile("compact_adapter_for_another_checkpoint",
             "the same, for a compact IntTune file (A, B re-sliced from the base)", saved("nystrom", "middle"),
             other_checkpoint, r"base weight slices differ from the ones saved.*: layers\.0\.fc, "
-                              r"layers\.1\.fc -> load the base checkpoint it was saved on \(in its dtype or a lower-precision cast of it\)"),
+                              r"layers\.1\.fc -> load the base checkpoint it was saved on \(in its dtype or a "
+                              r"lower-precision cast of it\)"),
     BadFile("peft_directory_given_to_load_adapter", "a PEFT export given to `load_adapter`", peft_export, mlp,
             r"adapter_config\.json is a PEFT adapter \(import it with nlora\.import_peft\)"),
     BadFile("checkpoint_missing_keys", "a checkpoint with a missing key (a consistent file, checksum fixed)",

@@ -700,6 +700,6 @@ def test_a_lower_precision_cast_of_another_checkpoint_is_still_refused_and_check
         nlora.load_adapter(other, tmp_path / "a")
     assert other.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
-    nlora.load_adapter(other, tmp_path / "a", check_base=False)  # on purpose: A, B from this checkpoint, N from the file
+    nlora.load_adapter(other, tmp_path / "a", check_base=False)  # on purpose: A, B from this checkpoint, N from file
     layer = other.model.layers[1].mlp.up_proj
     assert torch.equal(layer.lora_A, layer.weight[:4]) and layer.lora_A[0, 0] == layer.weight[0, 0]

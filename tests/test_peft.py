@@ -230,7 +230,8 @@ def test_import_peft_gives_peft_outputs(tmp_path, case):
     spec = MODELS[case.split("-")[0]]
     base = spec.model()
     lora = {"llama-list-patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                        rank_pattern={"down_proj": 2}, alpha_pattern={r"layers\.1\.self_attn\.q_proj": 3},
+                                        rank_pattern={"down_proj": 2},
+                                        alpha_pattern={r"layers\.1\.self_attn\.q_proj": 3},
                                         lora_dropout=0.1),
             "llama-regex-bin": dict(r=3, lora_alpha=5, target_modules=r".*\.(k_proj|o_proj|up_proj)"),
             "gpt2-conv1d": dict(r=4, lora_alpha=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
