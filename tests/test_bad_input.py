@@ -289,6 +289,10 @@ ROWS = [
         r"cannot import adapter 'default' from .*peft into MLP; nothing was changed:\n  not a Linear / Conv1D of the "
         r"model: model\.layers\.0\.self_attn\.q_proj, model\.layers\.1\.self_attn\.q_proj -> an adapter for "
         r"another architecture\? import it into the model it was trained on$"),
+    Bad("save_adapter_callback_without_adapters", "`nlora.hf.SaveAdapterCallback` on a model without adapters", mlp,
+        lambda m: __import__("nlora.hf").hf.SaveAdapterCallback().on_train_begin(None, None, None, model=m),
+        ValueError, r"^SaveAdapterCallback: MLP has no nlora adapters; call nlora\.inject \(or nlora\.load_adapter\) "
+                    r"on the model before building the Trainer$"),
     Bad("no_adapters_yet", "merge/unmerge/... on a model without adapters", mlp, lambda m: nlora.merge(m), ValueError,
         r"MLP has no nlora adapters; call nlora\.inject first"),
 ]

@@ -1,0 +1,39 @@
+"""HF ``transformers.Trainer`` / TRL integration. Importing this module imports transformers; ``import nlora`` does
+not import it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from .checkpoint import save_adapter
+from .model import adapter_names
+
+
+class SaveAdapterCallback(TrainerCallback):
+    """Writes the nlora adapter next to the Trainer's own files: into every ``checkpoint-N`` directory it saves, and
+    into ``output_dir`` at the end of training. ``nlora.load_adapter(base_model, output_dir)`` (or a checkpoint
+    directory) then restores the trained model; ``resume_from_checkpoint`` works as without it.
+
+    ``adapter``: which adapter to write when the model holds several (default: its only one). Only the main process
+    writes. A model without nlora adapters is refused when training begins.
+    """
+
+    def __init__(self, adapter: str | None = None) -> None:
+        self.adapter = adapter
+
+    def _write(self, model, path: Path, state) -> None:
+        if state is None or state.is_world_process_zero:
+            save_adapter(getattr(model, "module", model), path, adapter=self.adapter)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if not adapter_names(getattr(model, "module", model)):
+            raise ValueError(f"SaveAdapterCallback: {type(model).__name__} has no nlora adapters; call nlora.inject "
+                             f"(or nlora.load_adapter) on the model before building the Trainer")
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        self._write(model, Path(args.output_dir) / f"checkpoint-{state.global_step}", state)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._write(model, Path(args.output_dir), state)
