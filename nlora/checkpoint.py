@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .config import AdapterConfig
 from .factors import meta_factors
 from .inits import Factors, nystrom_slices
-from .layer import SAMPLE_SIZE, Adapter, NLoRALinear, is_adaptable, is_conv1d, weight_sample, weight_view
+from .layer import SAMPLE_SIZE, Adapter, NLoRALinear, dense_weight, is_adaptable, is_conv1d, weight_sample
 from .model import (_TRAINABLE, _candidates, adapter_layers, adapter_names, set_adapter, trainable_module_names,
                     unwrap, wrap_layer)
 
@@ -119,7 +119,7 @@ def _from_base(layer: NLoRALinear, adapter: Adapter, compact: bool) -> list[str]
 
 def _module_record(layer: NLoRALinear, adapter: Adapter, default: dict, compact: bool) -> tuple[dict, dict]:
     """One adapted module's config entry and its tensors (keys relative to the module)."""
-    w = layer.weight
+    w = dense_weight(layer.base)
     from_base = _from_base(layer, adapter, compact)
     a, n, b = adapter.factors(w)
     tensors = {"lora_A": a, "lora_N": n, "lora_B": b}
@@ -271,7 +271,7 @@ def _check_base(name: str, rec: dict, module: nn.Module, adapter: str) -> Tensor
     base = unwrap(module)
     if not is_adaptable(base):
         raise _Refused("is not a Linear/Conv1D in this model", f"{name} ({type(module).__name__})", _OTHER_MODEL)
-    w, kind = weight_view(base), "Conv1D" if is_conv1d(base) else "Linear"
+    w, kind = dense_weight(base), "Conv1D" if is_conv1d(base) else "Linear"
     if kind != rec["kind"] or list(w.shape) != rec["shape"]:
         raise _Refused("shape mismatch (wrong base model?)", f"{name}: saved {rec['kind']} (out, in) = "
                        f"{tuple(rec['shape'])}, model has {kind} {tuple(w.shape)}",

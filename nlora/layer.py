@@ -33,6 +33,22 @@ def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def is_4bit(base: nn.Module) -> bool:
+    """A 4-bit base (torchao ``NF4Tensor`` or bitsandbytes ``Params4bit`` weight): read dequantised, never written."""
+    return type(getattr(base, "weight", None)).__name__ in ("NF4Tensor", "Params4bit")
+
+
+def dense_weight(base: nn.Module) -> Tensor:
+    """The base weight as a plain ``(out, in)`` tensor: dequantised (a new tensor) for a 4-bit base."""
+    w = base.weight
+    if type(w).__name__ == "NF4Tensor":
+        return w.get_original_weight()
+    if type(w).__name__ == "Params4bit":
+        from bitsandbytes.functional import dequantize_4bit  # only reached with bitsandbytes installed
+        return dequantize_4bit(w.data, w.quant_state).to(w.quant_state.dtype)
+    return weight_view(base)
+
+
 def weight_view(base: nn.Module) -> Tensor:
     """The base weight as an ``(out, in)`` tensor (a transposed view for ``Conv1D``); writes reach the real weight."""
     return base.weight.T if is_conv1d(base) else base.weight
@@ -210,6 +226,7 @@ class _AdaptedLinear(torch.autograd.Function):
                 scales: tuple[float, ...], heads: tuple[int, ...], *flat: Tensor | None) -> Tensor:
         y = base(x)
         ctx.out_dtype, ctx.dt, ctx.scales = y.dtype, dtype or y.dtype, scales
+        ctx.four_bit = base if is_4bit(base) else None  # its input gradient needs the weight dequantised
         # ``_base`` is torch's documented test for a view: HF Conv1D returns one, which a custom Function may not
         # return for in-place use, so it is copied (as is an output cast to compute_dtype)
         if y._base is not None or ctx.dt != y.dtype:
@@ -236,6 +253,7 @@ class _AdaptedLinear(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         x, w, *saved = ctx.saved_tensors
         needs, g = ctx.base_needs, g.to(ctx.dt)
+        w = dense_weight(ctx.four_bit) if ctx.four_bit is not None and needs[0] else w
         gx = torch.mm(g, w.to(g.dtype)) if needs[0] else None
         gw = torch.mm(g.t(), x.to(g.dtype)) if needs[2] else None  # only if the user unfroze the base weight
         top = gx[:, :max(ctx.heads)].clone() if gx is not None and max(ctx.heads) else None
@@ -296,6 +314,7 @@ class NLoRALinear(nn.Module):
         self.disabled = False
         self.routing = None  # set by nlora.route: each batch row through its own adapter
         self.preserving: tuple[str, ...] = ()  # adapters whose init rewrote the weight (a forward gives them back)
+        self.four_bit = is_4bit(base)  # its weight is never written: preserve_output residuals run in the forward
         self.module_name = name
         base.requires_grad_(False)
         self.training = base.training  # a wrapper (and its adapters) starts in the mode of the layer it wraps
@@ -313,8 +332,8 @@ class NLoRALinear(nn.Module):
         """The base weight as ``(out, in)``."""
         return weight_view(self.base)
 
-    in_features = property(lambda self: self.weight.shape[1])
-    out_features = property(lambda self: self.weight.shape[0])
+    in_features = property(lambda self: self.base.in_features if self.four_bit else self.weight.shape[1])
+    out_features = property(lambda self: self.base.out_features if self.four_bit else self.weight.shape[0])
 
     def active(self) -> Adapter:
         """The only active adapter (the single-adapter accessors ``lora_A`` ... read it); refuses none or several."""
@@ -331,8 +350,11 @@ class NLoRALinear(nn.Module):
 
     # -- adapters ------------------------------------------------------------------------------------------------
     def add(self, adapter_name: str, adapter: Adapter) -> None:
-        """Register ``adapter`` (in this layer's train/eval mode) and settle it on the weight (see ``settle``)."""
+        """Register ``adapter`` (in this layer's train/eval mode) and settle it on the weight (see ``settle``); on a 4-bit
+        base an adapter that would read A and B from the weight keeps dequantised copies instead."""
         adapter.train(self.training)
+        if self.four_bit:
+            adapter.own_factors(dense_weight(self.base))
         self.settle(adapter)
         self.adapters[adapter_name] = adapter
         self.preserving += (adapter_name,) if adapter.config.preserve_output else ()
@@ -340,13 +362,13 @@ class NLoRALinear(nn.Module):
     def settle(self, adapter: Adapter) -> None:
         """Record a sample of the weight ``adapter`` sits on (``load_adapter`` checks it), then, for an initialised
         adapter whose init preserves the output, subtract its initial delta from that weight."""
-        adapter.base_sample = weight_sample(self.weight)
+        adapter.base_sample = weight_sample(dense_weight(self.base) if self.four_bit else self.weight)
         last = next(reversed(self.adapters.values()), None)
         for name in ("base_sample", "rows", "cols") if last is not None and not adapter.pending else ():
             mine, theirs = getattr(adapter, name), getattr(last, name, None)  # share equal small tensors: K IntTune
             if _same(mine, theirs):  # adapters of a layer then cost K r² numbers and nothing else
                 setattr(adapter, name, theirs)
-        if adapter.config.preserve_output and not adapter.pending:
+        if adapter.config.preserve_output and not adapter.pending and not self.four_bit:
             self.add_to_weight([adapter.term(None, self.weight, -1.0, initial=True)])
 
     def set_active(self, names: Iterable[str]) -> None:
@@ -358,7 +380,7 @@ class NLoRALinear(nn.Module):
         if adapter_name in self.merged_adapters:
             raise ValueError(f"{self.module_name}: adapter {adapter_name!r} is merged; unmerge it before deleting it")
         adapter = self.adapters[adapter_name]
-        if adapter.config.preserve_output and not adapter.pending:
+        if adapter.config.preserve_output and not adapter.pending and not self.four_bit:
             self.add_to_weight([adapter.term(None, self.weight, initial=True)])
         del self.adapters[adapter_name]
         self.preserving = tuple(n for n in self.preserving if n != adapter_name)
@@ -376,6 +398,10 @@ class NLoRALinear(nn.Module):
 
     def add_to_weight(self, terms: list[Term], safe: bool = False) -> None:
         """``W += Σ s B N A``, rounded once into the weight's dtype; ``safe`` refuses a non-finite result."""
+        if self.four_bit:
+            raise ValueError(f"{self.module_name}: the base weight is 4-bit ({type(self.base.weight).__name__}), which "
+                             f"nlora never writes (that would requantise it); use nlora.merge_and_unload(model) for "
+                             f"a dequantised merged model")
         new = self.weight_plus(terms)
         if safe and not sharded.all_ranks_true(bool(new.isfinite().all()), self.weight):
             raise ValueError(f"{self.module_name}: merging would put NaN/Inf into the weight; nothing was changed")
@@ -413,7 +439,7 @@ class NLoRALinear(nn.Module):
         """What turns the stored weight back into the original pretrained one: merges undone, residuals given back."""
         w = self.weight
         return ([self.adapters[n].term(None, w, -1.0) for n in self.merged_adapters]
-                + [self.adapters[n].term(None, w, initial=True) for n in self.preserving])
+                + [self.adapters[n].term(None, w, initial=True) for n in self.preserving if not self.four_bit])
 
     def restore_base(self) -> nn.Module:
         """The base module holding the original pretrained weight again (merges and residuals undone)."""
@@ -422,11 +448,26 @@ class NLoRALinear(nn.Module):
         self.merged_adapters = ()
         return self.base
 
+    def dequantise(self) -> None:
+        """Replace a 4-bit base by a plain ``nn.Linear`` holding its dequantised weight, minus the output-preserving
+        adapters' initial deltas (as a plain base stores them); merges then work."""
+        base, dense = self.base, dense_weight(self.base)
+        plain = nn.Linear(dense.shape[1], dense.shape[0], bias=base.bias is not None, device=dense.device,
+                          dtype=dense.dtype).requires_grad_(False)
+        with torch.no_grad():
+            plain.weight.copy_(dense)
+            if base.bias is not None:
+                plain.bias.copy_(base.bias)
+        self.base, self.four_bit = plain, False
+        if terms := [self.adapters[n].term(None, self.weight, -1.0, initial=True) for n in self.preserving]:
+            self.add_to_weight(terms)
+
     def delta_weight(self, adapter_name: str | None = None, initial: bool = False) -> Tensor:
         """An adapter's ``s · B N A`` (``initial``: its init's ``s · B0 N0 A0``) as an fp32 ``(out, in)`` tensor."""
         adapter = self.active() if adapter_name is None else self.adapters[adapter_name]
-        w = sharded.local_view(self.weight)
-        delta = torch.zeros(self.weight.shape, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device)
+        w = dense_weight(self.base) if self.four_bit else sharded.local_view(self.weight)
+        delta = torch.zeros((self.out_features, self.in_features), dtype=torch.promote_types(w.dtype, torch.float32),
+                            device=w.device)
         return _add_terms(delta, [adapter.term(None, self.weight, initial=initial)])
 
     # -- forward ---------------------------------------------------------------------------------------------------
@@ -436,6 +477,9 @@ class NLoRALinear(nn.Module):
         if self.disabled:
             return self.original_terms()
         active = [self.adapters[n] for n in self.unmerged_active()]
+        if self.four_bit:  # W is W0: an active output-preserving adapter's initial delta is subtracted here
+            return [a(x, w) for a in active] + [a(None, w, -1.0, initial=True) for a in active
+                                                 if a.config.preserve_output]
         inactive = [self.adapters[n] for n in self.preserving if n not in self.active_adapters]
         return [a(x, w) for a in active] + [a(None, w, initial=True) for a in inactive]  # each relative to W0
 

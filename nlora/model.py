@@ -15,7 +15,7 @@ from . import sharded
 from .config import AdapterConfig
 from .factors import check_layer, compute_factors, module_generator, warn_if_moved
 from .inits import get_init
-from .layer import Adapter, NLoRALinear, is_adaptable, weight_view
+from .layer import Adapter, NLoRALinear, dense_weight, is_4bit, is_adaptable, weight_view
 
 Targets = str | Sequence[str]
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
@@ -160,7 +160,8 @@ def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | Non
     chosen, extra = _chosen_and_trainable(model, targets, exclude, layers, trainable)
     configs = {n: _layer_config(config, n, _pattern_value(n, rank_pattern, rank),
                                 _pattern_value(n, alpha_pattern, alpha)) for n in chosen}
-    weights = {n: check_layer(weight_view(unwrap(m)), configs[n], n) for n, m in chosen.items()}
+    four_bit = [n for n, m in chosen.items() if is_4bit(unwrap(m))]  # dequantised one at a time, below
+    weights = {n: check_layer(weight_view(unwrap(m)), configs[n], n) for n, m in chosen.items() if n not in four_bit}
     taken = [n for n, m in chosen.items() if isinstance(m, NLoRALinear) and adapter in m.adapters]
     if taken:
         raise ValueError(f"{taken[0]}: already has an adapter named {adapter!r}; pass adapter='<new name>' to add "
@@ -169,6 +170,9 @@ def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | Non
     factors = compute_factors(weights, configs, generators)
     if not config.preserve_output and get_init(config.init).data_driven:
         warn_if_moved(factors, weights, configs)
+    for n in four_bit:
+        w = check_layer(dense_weight(unwrap(chosen[n])), configs[n], n)
+        factors[n] = compute_factors({n: w}, configs, {n: module_generator(config.seed, n, w.device)})[n]
     for name, module in chosen.items():  # apply: nothing below can fail
         wrap_layer(model, name, module).add(adapter, Adapter(configs[name], factors[name]))
     for module in extra.values():
@@ -281,6 +285,10 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     """Fold the active adapters into the base weights (delta in fp32, rounded once). ``safe=True`` checks every
     merged weight for NaN/Inf first and raises without changing anything."""
     layers = {n: layer for n, layer in _require_adapters(model).items() if layer.unmerged_active()}
+    four_bit = [n for n, layer in layers.items() if layer.four_bit]
+    if four_bit:
+        raise ValueError(f"{four_bit[:4]}: 4-bit base weights are never written (merging would requantise them); "
+                         f"use nlora.merge_and_unload(model) for a dequantised merged model; nothing was merged")
     if not layers:
         warnings.warn("every active adapter is already merged; merge did nothing", stacklevel=2)
         return model
@@ -306,6 +314,9 @@ def unmerge(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
     """Merge the active adapters and replace every wrapper by its base module: a plain model, no nlora inside."""
     layers = _require_adapters(model)
+    for layer in layers.values():
+        if layer.four_bit:  # a plain Linear of the dequantised weight: merged below in bf16 (its dtype)
+            layer.dequantise()
     if any(layer.unmerged_active() for layer in layers.values()):
         merge(model, safe=safe)
     for name, layer in layers.items():

@@ -26,7 +26,7 @@ class _LayerRoute:
     def __init__(self, layer: NLoRALinear, names: list[str], rows) -> None:
         adapters, device = layer.adapters, layer.weight.device
         self.size = len(rows(torch.device("cpu"), 0))
-        self.preserving = [adapters[n] for n in layer.preserving]
+        self.preserving = [] if layer.four_bit else [adapters[n] for n in layer.preserving]
         held = [n for n in names if n in adapters]
         family = [n for n in held if adapters[n].reads_base]
         shared = {n for n in family if _shares_base(adapters[n], adapters[family[0]])}

@@ -16,7 +16,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 def state_hash(model: torch.nn.Module) -> dict:
     """A bit-exact snapshot of every tensor in the model's state_dict (names, dtypes, values)."""
-    return {k: (v.dtype, v.shape, v.detach().clone()) for k, v in model.state_dict(keep_vars=False).items()}
+    plain = {k: v.get_original_weight() if type(v).__name__ == "NF4Tensor" else v  # torchao 4-bit: its values
+             for k, v in model.state_dict(keep_vars=False).items()}
+    return {k: (v.dtype, v.shape, v.detach().clone()) for k, v in plain.items()}
 
 
 def assert_same_state(before: dict, model: torch.nn.Module) -> None:

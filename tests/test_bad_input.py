@@ -87,6 +87,16 @@ def meta_mlp() -> nn.Module:
         return MLP()
 
 
+def nf4_mlp() -> nn.Module:
+    """Two bf16 Linears, (512, 256) and (256, 512), with torchao NF4 weights (4-bit)."""
+    nf4 = pytest.importorskip("torchao.quantization.quantize_.workflows.nf4.nf4_tensor")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).to(torch.bfloat16)
+    for i in (0, 2):
+        model[i].weight = nn.Parameter(nf4.to_nf4(model[i].weight.detach()), requires_grad=False)
+    return model
+
+
 def injected(**kwargs) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         model = mlp()
@@ -224,6 +234,9 @@ ROWS = [
         r"layers\.1\.fc: weight dtype torch\.int8 is not a 16/32/64-bit float.*dequantise the model first"),
     Bad("fp8_weight", "fp8 weights", fp8_mlp, inj(init="nystrom"), TypeError,
         r"layers\.1\.fc: weight dtype torch\.float8_e4m3fn .*dequantise"),
+    Bad("four_bit_rank_above_min", "rank > min(out, in) of a 4-bit (NF4 / bitsandbytes) layer", nf4_mlp,
+        inj(["0", "2"], rank=300), ValueError,
+        r"^0: rank=300 is larger than min\(out, in\) = 256 of this \(512, 256\) layer; lower it or use rank_pattern$"),
     Bad("wrapped_weight", "a quantised or wrapped weight (a tensor subclass, e.g. torchao or bitsandbytes)",
         wrapped_mlp, inj(init="nystrom"), TypeError,
         r"^layers\.1\.fc: the weight is a Wrapped \(a quantised or wrapped tensor\), not a plain float tensor; "
