@@ -17,7 +17,7 @@ import safetensors.torch
 from .checkpoint import _Problems, _resolve, trainable_params, write_files
 from .config import AdapterConfig
 from .inits import Factors
-from .layer import Adapter, is_adaptable, is_conv1d, weight_view
+from .layer import Adapter, dense_weight, is_adaptable, is_conv1d
 from .model import (_TRAINABLE, _candidates, _matches, adapter_layers, set_adapter, trainable_module_names, unwrap,
                     wrap_layer)
 
@@ -178,7 +178,7 @@ def _plan_peft(model: nn.Module, config: dict, tensors: dict[str, Tensor], adapt
             problems.add("not a Linear / Conv1D of the model", name, "an adapter for another architecture? import "
                          "it into the model it was trained on")
             continue
-        out_f, in_f = weight_view(unwrap(module)).shape
+        out_f, in_f = dense_weight(unwrap(module)).shape  # a 4-bit weight's real (out, in)
         if b is None or a.dim() != 2 or a.shape[1] != in_f or tuple(b.shape) != (out_f, a.shape[0]):
             problems.add("lora_A/lora_B shapes do not fit the layer", f"{name} ({out_f} x {in_f})", "an adapter for "
                          "another architecture (or size)? import it into the model it was trained on")

@@ -205,3 +205,15 @@ def test_a_rank_above_the_real_min_out_in_is_refused_with_the_real_shape(backend
                                          r"layer; lower it or use rank_pattern$"):
         nlora.inject(q, ["up", "down"], rank=300)
     assert same(values(q), before) and type(q.up) is not nlora.NLoRALinear
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_peft_lora_imports_onto_a_4bit_base(backend, tmp_path):
+    q, d = both(backend, INJECT["lora"])
+    with torch.no_grad():
+        d.up.adapters["default"].lora_B.normal_(0, 0.05)
+    nlora.export_peft(d, tmp_path / "peft")
+    fresh = nlora.import_peft(quantised(backend), tmp_path / "peft")
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x).float(), d(x).float(), rtol=2e-2, atol=2e-2)
