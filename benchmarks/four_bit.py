@@ -3,7 +3,8 @@
 Step and memory: 8 LLaMA-2-7B-shaped decoder layers (as train_step.py: random inputs_embeds with requires_grad, a
 plain eager AdamW loop), r = alpha = 128 on all 7 projections, their weights in NF4 (``to_nf4`` of the bf16 weights)
 or left in bf16. Variants: the frozen NF4 floor, NLoRA (``preserve_output=True``: the initial delta is subtracted
-in the forward, the 4-bit weight is never written) and IntTune on NF4, and NLoRA on the bf16 base; median of
+in the forward, the 4-bit weight is never written), NLoRA with the paper's init (no residual) and IntTune on NF4,
+and NLoRA (``preserve_output=True``) on the bf16 base; median of
 --rounds interleaved rounds of --steps steps. Peak memory: one variant at a time, 2 steps. Init: ``nlora.inject`` of
 ``nystrom`` (preserve_output) on a 32-block stack of LLaMA-2-7B-shaped NF4 Linears, median of 3.
 PEFT is not compared: it does not adapt torchao NF4 Linears.
@@ -33,8 +34,8 @@ from benchmarks.train_step import step  # noqa: E402
 warnings.filterwarnings("ignore")
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VARIANTS = {"NF4 floor": None, "NLoRA on NF4": dict(init="nystrom", preserve_output=True),
-            "IntTune on NF4": dict(init="nystrom", train="middle"), "NLoRA on bf16": dict(init="nystrom",
-                                                                                           preserve_output=True)}
+            "NLoRA, paper's init, on NF4": dict(init="nystrom"), "IntTune on NF4": dict(init="nystrom", train="middle"),
+            "NLoRA on bf16": dict(init="nystrom", preserve_output=True)}
 
 
 def to_nf4(model: nn.Module) -> nn.Module:
@@ -163,10 +164,10 @@ def main():
     result = {"benchmark": "four_bit", "title": title, "machine": machine(device), "rank": rank, "layers": layers,
               "shape": shape, "rows": rows, "init_blocks": blocks, "init_nystrom_preserve_s": init_s}
     print(title)
-    print(f"{'variant':<16} {'ms/step':>9} {'x NF4 floor':>12} {'peak GiB':>9} {'x bf16 NLoRA':>13}")
+    print(f"{'variant':<28} {'ms/step':>9} {'x NF4 floor':>12} {'peak GiB':>9} {'x bf16 NLoRA':>13}")
     for r in rows:
         gib, mem = ("-" if r[k] is None else f"{r[k]:.3f}" for k in ("peak_gib", "peak_x_nlora_bf16"))
-        print(f"{r['variant']:<16} {r['ms_per_step']:>9.2f} {r['x_nf4_floor']:>12.3f} {gib:>9} {mem:>13}")
+        print(f"{r['variant']:<28} {r['ms_per_step']:>9.2f} {r['x_nf4_floor']:>12.3f} {gib:>9} {mem:>13}")
     print(f"init: nlora.inject(nystrom, preserve_output) of {blocks} x 7 NF4 Linears: {init_s:.3f} s")
     write(result, args.out, name, plot)
 
