@@ -7,8 +7,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .checkpoint import save_adapter
-from .model import adapter_names
+from .checkpoint import _resolve, save_adapter
 
 
 class SaveAdapterCallback(TrainerCallback):
@@ -17,7 +16,7 @@ class SaveAdapterCallback(TrainerCallback):
     directory) then restores the trained model; ``resume_from_checkpoint`` works as without it.
 
     ``adapter``: which adapter to write when the model holds several (default: its only one). Only the main process
-    writes. A model without nlora adapters is refused when training begins.
+    writes. A model without nlora adapters, or an unclear or unknown ``adapter``, is refused when training begins.
     """
 
     def __init__(self, adapter: str | None = None) -> None:
@@ -28,9 +27,10 @@ class SaveAdapterCallback(TrainerCallback):
             save_adapter(getattr(model, "module", model), path, adapter=self.adapter)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if not adapter_names(getattr(model, "module", model)):
-            raise ValueError(f"SaveAdapterCallback: {type(model).__name__} has no nlora adapters; call nlora.inject "
-                             f"(or nlora.load_adapter) on the model before building the Trainer")
+        try:  # the adapter to write must be clear now, not at the first checkpoint
+            _resolve(getattr(model, "module", model), self.adapter, "save")
+        except ValueError as err:
+            raise ValueError(f"SaveAdapterCallback: {err} (before building the Trainer)") from None
 
     def on_save(self, args, state, control, model=None, **kwargs):
         self._write(model, Path(args.output_dir) / f"checkpoint-{state.global_step}", state)

@@ -391,7 +391,7 @@ class NLoRALinear(nn.Module):
         """This rank's block of ``W + Σ s B N A`` in fp32 (fp64 for an fp64 weight), not yet written anywhere."""
         w = self.weight
         dt = torch.promote_types(w.dtype, torch.float32)
-        acc = sharded.local_view(w).to(dt, copy=True)
+        acc = (dense_weight(self.base) if self.four_bit else sharded.local_view(w)).to(dt, copy=True)
         if sharded.is_dtensor(w):  # each rank adds its block of the full delta
             return acc.add_(sharded.local_part(_add_terms(torch.zeros(w.shape, dtype=dt, device=acc.device), terms), w))
         return _add_terms(acc, terms)

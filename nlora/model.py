@@ -314,6 +314,10 @@ def unmerge(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
     """Merge the active adapters and replace every wrapper by its base module: a plain model, no nlora inside."""
     layers = _require_adapters(model)
+    for name, layer in layers.items() if safe else ():  # checked before a 4-bit base is dequantised
+        if layer.unmerged_active() and not bool(layer.weight_plus(layer.merge_terms()).isfinite().all()):
+            raise ValueError(f"{name}: merging would put NaN/Inf into the weight; nothing was merged (check the "
+                             f"adapter's parameters)")
     for layer in layers.values():
         if layer.four_bit:  # a plain Linear of the dequantised weight: merged below in bf16 (its dtype)
             layer.dequantise()

@@ -18,7 +18,7 @@ from .checkpoint import _Problems, _resolve, trainable_params, write_files
 from .config import AdapterConfig
 from .inits import Factors
 from .layer import Adapter, dense_weight, is_adaptable, is_conv1d
-from .model import (_TRAINABLE, _candidates, _matches, adapter_layers, set_adapter, trainable_module_names, unwrap,
+from .model import (_TRAINABLE, _candidates, adapter_layers, set_adapter, trainable_module_names, unwrap,
                     wrap_layer)
 
 
@@ -208,12 +208,19 @@ def import_peft(model: nn.Module, path: str | os.PathLike, adapter: str = "defau
     config, tensors = _read_peft(path)
     problems = _Problems()
     plans = _plan_peft(model, config, tensors, adapter, problems)
+    other = [k for k in tensors if ".lora_" in k and not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+    for key in other:  # e.g. lora_embedding_A/B: a LoRA on an Embedding, which nlora does not adapt
+        problems.add("LoRA tensors of a layer type nlora does not adapt", key,
+                     "retrain without it, or load it with peft")
     saved = {k[len(_PEFT_PREFIX):]: t for k, t in tensors.items() if ".lora_" not in k}
-    params = {n.replace(".base.", "."): p for n, p in model.named_parameters(remove_duplicate=False)}
+    params = dict(model.named_parameters(remove_duplicate=False))
     for name, t in saved.items():
-        if name not in params or params[name].shape != t.shape:
-            problems.add("modules_to_save weight missing from the model or of another shape", name,
-                         "import it into the model it was trained on")
+        if name not in params or params[name].shape != t.shape:  # a layer wrapped by nlora is refused here too
+            problems.add("modules_to_save weight missing from the model, of another shape, or in a layer nlora "
+                         "adapts", name, "import it into the model it was trained on, without nlora adapters there")
+    for name, layer in adapter_layers(model).items():
+        if layer.merged_adapters:
+            problems.add("model has merged adapters", name, "call nlora.unmerge(model) first")
     problems.raise_if_any(adapter, path, model, verb="import")
     for name, (module, adapter_config, factors) in plans.items():
         wrap_layer(model, name, module).add(adapter, Adapter(adapter_config, factors))
@@ -222,7 +229,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike, adapter: str = "defau
             params[name].copy_(t)
     kept = config.get("modules_to_save") or []
     for name, module in _candidates(model).items() if saved else ():
-        if _matches(name, kept):
+        if any(name.endswith(k) for k in kept):  # PEFT's rule for modules_to_save
             setattr(module, _TRAINABLE, True)
     set_adapter(model, adapter)
     return model

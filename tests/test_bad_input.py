@@ -304,8 +304,8 @@ ROWS = [
         r"another architecture\? import it into the model it was trained on$"),
     Bad("save_adapter_callback_without_adapters", "`nlora.hf.SaveAdapterCallback` on a model without adapters", mlp,
         lambda m: __import__("nlora.hf").hf.SaveAdapterCallback().on_train_begin(None, None, None, model=m),
-        ValueError, r"^SaveAdapterCallback: MLP has no nlora adapters; call nlora\.inject \(or nlora\.load_adapter\) "
-                    r"on the model before building the Trainer$"),
+        ValueError, r"^SaveAdapterCallback: MLP has no nlora adapters; call nlora\.inject \(or load_adapter\) first "
+                    r"\(before building the Trainer\)$"),
     Bad("no_adapters_yet", "merge/unmerge/... on a model without adapters", mlp, lambda m: nlora.merge(m), ValueError,
         r"MLP has no nlora adapters; call nlora\.inject first"),
 ]

@@ -217,3 +217,14 @@ def test_a_peft_lora_imports_onto_a_4bit_base(backend, tmp_path):
     x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x).float(), d(x).float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_refused_safe_merge_and_unload_leaves_the_4bit_model_as_it_was(backend):
+    q, _ = both(backend, INJECT["nlora"])
+    with torch.no_grad():
+        q.down.adapters["default"].lora_N[0, 0] = float("inf")
+    before = values(q)
+    with pytest.raises(ValueError, match=r"^down: merging would put NaN/Inf into the weight; nothing was merged"):
+        nlora.merge_and_unload(q, safe=True)
+    assert q.up.four_bit and q.down.four_bit and is_4bit(q.up.base) and same(values(q), before)

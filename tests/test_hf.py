@@ -86,3 +86,16 @@ def _tiny_tokenizer():
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t3"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t2", eos_token="t1", bos_token="t0")
+
+
+def test_save_adapter_callback_refuses_an_unclear_adapter_before_training():
+    from nlora.hf import SaveAdapterCallback
+
+    model = nlora.inject(MODELS["llama"].model(), "all-linear", rank=2, init="lora")
+    nlora.inject(model, "all-linear", rank=2, init="slora", adapter="other")
+    with pytest.raises(ValueError, match=r"^SaveAdapterCallback: the model holds several adapters \['default', "
+                                         r"'other'\]; pass adapter=<name>"):
+        SaveAdapterCallback().on_train_begin(None, None, None, model=model)
+    with pytest.raises(ValueError, match=r"^SaveAdapterCallback: no adapter named 'typo'"):
+        SaveAdapterCallback(adapter="typo").on_train_begin(None, None, None, model=model)
+    SaveAdapterCallback(adapter="other").on_train_begin(None, None, None, model=model)

@@ -260,3 +260,27 @@ def test_export_then_import_peft_round_trips(tmp_path):
     torch.testing.assert_close(back(x).logits, want, rtol=1e-5, atol=1e-5)
     assert {a.config.init for layer in nlora.adapter_layers(back).values() for a in layer.adapters.values()} == \
         {"lora"}
+
+
+def test_import_peft_refuses_embedding_loras_merged_models_and_saved_weights_of_adapted_layers(tmp_path):
+    """Each refusal names the problem and leaves the model as it was (no adapter added, no weight written)."""
+    from .model_zoo import MODELS
+
+    spec = MODELS["llama"]
+    peft_trained(spec.model(), tmp_path / "emb", target_modules=["embed_tokens", "q_proj"], r=2)
+    peft_trained(spec.model(), tmp_path / "head", target_modules=["q_proj"], r=2, modules_to_save=["lm_head"])
+    merged = spec.model()
+    nlora.inject(merged, ["v_proj"], rank=2, init="slora", adapter="mine")
+    nlora.merge(merged)
+    wrapped_head = nlora.inject(spec.model(), ["lm_head"], rank=2, init="lora", adapter="mine")
+    for model, path, match in ((spec.model(), "emb", r"layer type nlora does not adapt: .*lora_embedding_A"),
+                               (merged, "emb", r"model has merged adapters"),
+                               (wrapped_head, "head", r"modules_to_save weight .* in a layer nlora adapts: "
+                                                      r"lm_head\.weight")):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        names = nlora.adapter_names(model)
+        with pytest.raises(ValueError, match=match):
+            nlora.import_peft(model, tmp_path / path, adapter="imp")
+        assert nlora.adapter_names(model) == names
+        assert model.state_dict().keys() == before.keys()
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
