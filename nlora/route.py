@@ -41,7 +41,8 @@ class _LayerRoute:
             else:
                 bank = bank * torch.tensor([0.0] + scales, dtype=bank.dtype).to(device)[:, None, None]
             self.shared = (first, bank.to(first.config.compute_dtype or layer.weight.dtype), rows(device, 0))
-        self.groups = [(adapters[n], rows(device, j + 1)) for j, n in enumerate(names) if n in held and n not in shared]
+        others = set(held) - shared
+        self.groups = [(adapters[n], rows(device, j + 1)) for j, n in enumerate(names) if n in others]
 
     def __call__(self, layer: NLoRALinear, x: Tensor) -> Tensor:
         if x.shape[0] != self.size:
