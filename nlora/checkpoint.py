@@ -230,6 +230,12 @@ class _Problems(dict):
     def add(self, kind: str, item: str, fix: str = _SAVE_AGAIN) -> None:
         self.setdefault((kind, fix), []).append(item)
 
+    def refuse_merged(self, model: nn.Module) -> None:
+        """A problem for every layer holding merged adapters (an adapter cannot be added beside them)."""
+        for name, layer in adapter_layers(model).items():
+            if layer.merged_adapters:
+                self.add("model has merged adapters", name, "call nlora.unmerge(model) first")
+
     def raise_if_any(self, name: str, path: Path, model: nn.Module, verb: str = "load") -> None:
         if self:
             lines = [f"  {kind}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''} -> {fix}"
@@ -383,9 +389,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
     tensors = _read_tensors(path, config)
     name = adapter or config["adapter_name"]
     problems = _Problems()
-    merged = [n for n, layer in adapter_layers(model).items() if layer.merged_adapters]
-    for n in merged:
-        problems.add("model has merged adapters", n, "call nlora.unmerge(model) first")
+    problems.refuse_merged(model)
     _check_keys(config, tensors, problems)
     modules = _candidates(model)
     plans = {}

@@ -314,7 +314,6 @@ class NLoRALinear(nn.Module):
         self.disabled = False
         self.routing = None  # set by nlora.route: each batch row through its own adapter
         self.preserving: tuple[str, ...] = ()  # adapters whose init rewrote the weight (a forward gives them back)
-        self.four_bit = is_4bit(base)  # its weight is never written: preserve_output residuals run in the forward
         self.module_name = name
         base.requires_grad_(False)
         self.training = base.training  # a wrapper (and its adapters) starts in the mode of the layer it wraps
@@ -332,6 +331,8 @@ class NLoRALinear(nn.Module):
         """The base weight as ``(out, in)``."""
         return weight_view(self.base)
 
+    # a 4-bit weight is never written: preserve_output residuals run in the forward, merges are refused
+    four_bit = property(lambda self: is_4bit(self.base))
     in_features = property(lambda self: self.base.in_features if self.four_bit else self.weight.shape[1])
     out_features = property(lambda self: self.base.out_features if self.four_bit else self.weight.shape[0])
 
@@ -362,7 +363,7 @@ class NLoRALinear(nn.Module):
     def settle(self, adapter: Adapter) -> None:
         """Record a sample of the weight ``adapter`` sits on (``load_adapter`` checks it), then, for an initialised
         adapter whose init preserves the output, subtract its initial delta from that weight."""
-        adapter.base_sample = weight_sample(dense_weight(self.base) if self.four_bit else self.weight)
+        adapter.base_sample = weight_sample(dense_weight(self.base))
         last = next(reversed(self.adapters.values()), None)
         for name in ("base_sample", "rows", "cols") if last is not None and not adapter.pending else ():
             mine, theirs = getattr(adapter, name), getattr(last, name, None)  # share equal small tensors: K IntTune
@@ -458,7 +459,7 @@ class NLoRALinear(nn.Module):
             plain.weight.copy_(dense)
             if base.bias is not None:
                 plain.bias.copy_(base.bias)
-        self.base, self.four_bit = plain, False
+        self.base = plain
         if terms := [self.adapters[n].term(None, self.weight, -1.0, initial=True) for n in self.preserving]:
             self.add_to_weight(terms)
 
@@ -483,6 +484,11 @@ class NLoRALinear(nn.Module):
         inactive = [self.adapters[n] for n in self.preserving if n not in self.active_adapters]
         return [a(x, w) for a in active] + [a(None, w, initial=True) for a in inactive]  # each relative to W0
 
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """The adapters' matmul dtype (``config.compute_dtype``; ``None``: the base output's)."""
+        return next(iter(self.adapters.values())).config.compute_dtype
+
     def forward(self, x: Tensor) -> Tensor:
         if self.routing is not None:
             return self.routing(self, x)
@@ -495,8 +501,7 @@ class NLoRALinear(nn.Module):
                                "2.11); train eagerly, or upgrade torch (compiled inference is fine)")
         flat = [t for x_k, a, n, b, *_ in terms for t in (x_k, a, n, b)]
         scales, heads = tuple(t[4] for t in terms), tuple(t[1].shape[0] if t[5] else 0 for t in terms)
-        compute_dtype = next(iter(self.adapters.values())).config.compute_dtype
-        y = _AdaptedLinear.apply(x2, self.base, self.weight, self.base.bias, compute_dtype, scales, heads, *flat)
+        y = _AdaptedLinear.apply(x2, self.base, self.weight, self.base.bias, self.compute_dtype, scales, heads, *flat)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:

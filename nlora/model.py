@@ -7,7 +7,7 @@ import difflib
 import re
 import warnings
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from torch import nn
 
@@ -247,14 +247,19 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(n for layer in adapter_layers(model).values() for n in layer.adapters))
 
 
+def _refuse_unknown(model: nn.Module, names: Sequence[str | None], prefix: str = "") -> None:
+    """Refuse adapter names (``None`` aside) that the model does not hold, listing the ones it does."""
+    known = adapter_names(model)
+    unknown = sorted(set(names) - set(known) - {None}, key=str)
+    if unknown:
+        raise ValueError(f"{prefix}no adapter named {unknown}; the model has {known}")
+
+
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make ``names`` the active adapter(s) everywhere (the others stay but do not run) and trainable."""
     layers = _require_adapters(model)
     names = [names] if isinstance(names, str) else list(names)
-    known = adapter_names(model)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"no adapter named {unknown}; the model has {known}")
+    _refuse_unknown(model, names)
     for layer in layers.values():
         if set(layer.merged_adapters) - set(names):
             raise ValueError(f"{layer.module_name}: adapters {list(layer.merged_adapters)} are merged; unmerge "
@@ -292,13 +297,19 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     if not layers:
         warnings.warn("every active adapter is already merged; merge did nothing", stacklevel=2)
         return model
-    for layer in layers.values() if safe else ():
-        if not sharded.all_ranks_true(bool(layer.weight_plus(layer.merge_terms()).isfinite().all()), layer.weight):
-            raise ValueError(f"{layer.module_name}: merging would put NaN/Inf into the weight; nothing was merged "
-                             f"(check the adapter's parameters)")
+    if safe:
+        _refuse_nonfinite_merge(layers.values())
     for layer in layers.values():
         layer.merge()
     return model
+
+
+def _refuse_nonfinite_merge(layers: Iterable[NLoRALinear]) -> None:
+    """Refuse (before anything is written) when merging a layer's active adapters would give NaN/Inf weights."""
+    for layer in layers:
+        if not sharded.all_ranks_true(bool(layer.weight_plus(layer.merge_terms()).isfinite().all()), layer.weight):
+            raise ValueError(f"{layer.module_name}: merging would put NaN/Inf into the weight; nothing was merged "
+                             f"(check the adapter's parameters)")
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -314,18 +325,16 @@ def unmerge(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
     """Merge the active adapters and replace every wrapper by its base module: a plain model, no nlora inside."""
     layers = _require_adapters(model)
-    for name, layer in layers.items() if safe else ():  # checked before a 4-bit base is dequantised
-        if layer.unmerged_active() and not bool(layer.weight_plus(layer.merge_terms()).isfinite().all()):
-            raise ValueError(f"{name}: merging would put NaN/Inf into the weight; nothing was merged (check the "
-                             f"adapter's parameters)")
+    if safe:  # checked before a 4-bit base is dequantised
+        _refuse_nonfinite_merge(layer for layer in layers.values() if layer.unmerged_active())
     for layer in layers.values():
         if layer.four_bit:  # a plain Linear of the dequantised weight: merged below in bf16 (its dtype)
             layer.dequantise()
     if any(layer.unmerged_active() for layer in layers.values()):
-        merge(model, safe=safe)
+        merge(model)  # already checked
     for name, layer in layers.items():
-        back = [a.term(None, layer.weight, initial=True) for n, a in layer.adapters.items()
-                if a.config.preserve_output and n not in layer.active_adapters]  # as forward gives them back
+        back = [layer.adapters[n].term(None, layer.weight, initial=True) for n in layer.preserving
+                if n not in layer.active_adapters]  # as forward gives them back
         if back:
             layer.add_to_weight(back)
         _set_module(model, name, layer.base)

@@ -218,9 +218,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike, adapter: str = "defau
         if name not in params or params[name].shape != t.shape:  # a layer wrapped by nlora is refused here too
             problems.add("modules_to_save weight missing from the model, of another shape, or in a layer nlora "
                          "adapts", name, "import it into the model it was trained on, without nlora adapters there")
-    for name, layer in adapter_layers(model).items():
-        if layer.merged_adapters:
-            problems.add("model has merged adapters", name, "call nlora.unmerge(model) first")
+    problems.refuse_merged(model)
     problems.raise_if_any(adapter, path, model, verb="import")
     for name, (module, adapter_config, factors) in plans.items():
         wrap_layer(model, name, module).add(adapter, Adapter(adapter_config, factors))

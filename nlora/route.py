@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layer import Adapter, NLoRALinear
-from .model import _require_adapters, adapter_names
+from .layer import Adapter, NLoRALinear, _add_term
+from .model import _require_adapters, _refuse_unknown
 
 
 class _LayerRoute:
@@ -55,7 +55,7 @@ class _LayerRoute:
             raise RuntimeError(f"{layer.module_name}: routing needs every adapter unmerged and enabled; leave "
                                f"disable_adapter / call nlora.unmerge(model) first")
         w, y = layer.weight, layer.base(x)
-        dt = layer_dtype(layer, y)
+        dt = layer.compute_dtype or y.dtype
         x3, out = x.reshape(self.size, -1, x.shape[-1]), y.reshape(self.size, -1, y.shape[-1]).to(dt)
         flat = out.view(-1, out.shape[-1])
         for a in self.preserving:  # the original weight on every row
@@ -75,17 +75,10 @@ class _LayerRoute:
         return out.to(y.dtype).view(*x.shape[:-1], out.shape[-1])
 
 
-def layer_dtype(layer: NLoRALinear, y: Tensor) -> torch.dtype:
-    """The dtype the layer's adapters compute in: ``compute_dtype`` if set, else the base output's."""
-    return next(iter(layer.adapters.values())).config.compute_dtype or y.dtype
-
-
 def _add(out: Tensor, term: tuple, x: Tensor) -> None:
     """``out += s B N A x`` for one term (its own input if it has one, e.g. after dropout), in ``out``'s dtype."""
     xk, a, n, b, s, _ = term
-    dt = out.dtype
-    h = F.linear((x if xk is None else xk.reshape(x.shape)).to(dt), a.to(dt))
-    out.addmm_(h if n is None else F.linear(h, n.to(dt)), b.to(dt).t(), alpha=s)
+    _add_term(out, x if xk is None else xk.reshape(x.shape), a, n, b, s, (False,) * 4)
 
 
 def _shares_base(adapter: Adapter, first: Adapter) -> bool:
@@ -103,11 +96,8 @@ def route(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn.Modul
     autograd records); every forward inside, ``generate()`` with a KV cache included, is routed. IntTune adapters on
     the paper's init share A and B, so a batch mixing K of them costs about one adapter."""
     layers = _require_adapters(model)
-    known = adapter_names(model)
     names = list(adapters)
-    unknown = sorted(set(names) - set(known) - {None}, key=str)
-    if unknown:
-        raise ValueError(f"route: no adapter named {unknown}; the model has {known}")
+    _refuse_unknown(model, names, "route: ")
     for layer in layers.values():
         if getattr(layer, "routing", None) is not None or layer.disabled or layer.merged_adapters:
             raise RuntimeError(f"{layer.module_name}: cannot route while adapters are merged, disabled "
