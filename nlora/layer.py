@@ -351,8 +351,8 @@ class NLoRALinear(nn.Module):
 
     # -- adapters ------------------------------------------------------------------------------------------------
     def add(self, adapter_name: str, adapter: Adapter) -> None:
-        """Register ``adapter`` (in this layer's train/eval mode) and settle it on the weight (see ``settle``); on a 4-bit
-        base an adapter that would read A and B from the weight keeps dequantised copies instead."""
+        """Register ``adapter`` (in this layer's train/eval mode) and settle it on the weight (see ``settle``); on a
+        4-bit base an adapter that would read A and B from the weight keeps dequantised copies instead."""
         adapter.train(self.training)
         if self.four_bit:
             adapter.own_factors(dense_weight(self.base))
