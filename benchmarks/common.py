@@ -40,6 +40,30 @@ def machine(device: str = "cpu") -> dict:
             "nlora_commit": os.environ.get("NLORA_COMMIT") or git.stdout.strip() or None}
 
 
+def sync(device: str) -> None:
+    """Wait for the GPU (nothing to wait for on the CPU), so that a wall-clock reading covers the queued work."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_rounds(models: dict, batch, step, args, device: str, warmup: int = 3) -> dict[str, list[float]]:
+    """ms per ``step(model, optimizer, batch)`` of every variant (``{name: (model, optimizer)}``), one entry per round:
+    ``warmup`` steps of each, then ``args.rounds`` rounds of ``args.steps`` steps going round-robin over them."""
+    for model, opt in models.values():
+        for _ in range(warmup):
+            step(model, opt, batch)
+    ms = {n: [] for n in models}
+    for _ in range(args.rounds):
+        for n, (model, opt) in models.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step(model, opt, batch)
+            sync(device)
+            ms[n].append((time.perf_counter() - t0) * 1e3 / args.steps)
+    return ms
+
+
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (imported only when a script draws)."""
     import matplotlib

@@ -14,7 +14,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import nlora  # noqa: E402
-from benchmarks.common import machine, pyplot, save, write  # noqa: E402
+from benchmarks.common import machine, pyplot, save, time_rounds, write  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from transformers/PEFT
 
@@ -72,16 +71,7 @@ def main():
     info = machine("cpu")  # before the runs: its load_avg_1m is the load at the start
     ids = torch.randint(0, 1000, (4, 128), generator=torch.Generator().manual_seed(1))
     models = {n: build(n) for n in VARIANTS}
-    for model, opt in models.values():
-        for _ in range(3):
-            step(model, opt, ids)
-    ms = {n: [] for n in VARIANTS}
-    for _ in range(args.rounds):
-        for n, (model, opt) in models.items():
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                step(model, opt, ids)
-            ms[n].append((time.perf_counter() - t0) * 1e3 / args.steps)
+    ms = time_rounds(models, ids, step, args, "cpu")
     rows = [{"variant": n, "trainable_params": sum(p.numel() for p in m.parameters() if p.requires_grad),
              "ms_per_step": statistics.median(ms[n]), "ms_per_step_rounds": ms[n],
              "x_peft_lora": statistics.median(a / b for a, b in zip(ms[n], ms["PEFT LoRA"]))}

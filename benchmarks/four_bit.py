@@ -16,7 +16,6 @@ PEFT is not compared: it does not adapt torchao NF4 Linears.
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import sys
 import time
@@ -28,8 +27,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import nlora  # noqa: E402
-from benchmarks.common import machine, pyplot, save, write  # noqa: E402
-from benchmarks.train_step import step  # noqa: E402
+from benchmarks.common import machine, pyplot, save, sync, time_rounds, write  # noqa: E402
+from benchmarks.train_step import peak_gib, step  # noqa: E402
 
 warnings.filterwarnings("ignore")
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -39,15 +38,17 @@ VARIANTS = {"NF4 floor": None, "NLoRA on NF4": dict(init="nystrom", preserve_out
 
 
 def to_nf4(model: nn.Module) -> nn.Module:
+    """Every nn.Linear of ``model`` with its weight as a torchao NF4Tensor (LlamaModel: the 7 projections)."""
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4 as nf4
 
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and name.split(".")[-1] in PROJ:
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
             m.weight = nn.Parameter(nf4(m.weight.detach()), requires_grad=False)
     return model
 
 
-def build(name, cfg, rank, device):
+def build(name, cfg, rank, device, dtype=torch.bfloat16):
+    """Variant ``name`` of the bf16 LlamaModel (seed 0) and its optimizer (None for the floor)."""
     from transformers import LlamaModel
 
     torch.manual_seed(0)
@@ -63,11 +64,6 @@ def build(name, cfg, rank, device):
     return model, (torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda") if params else None)
 
 
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def init_seconds(blocks, hidden, inter, rank, device):
     """Median seconds of nlora.inject(nystrom, preserve_output) on a stack of NF4 Linears."""
     shapes = [(hidden, hidden)] * 4 + [(inter, hidden)] * 2 + [(hidden, inter)]
@@ -75,7 +71,7 @@ def init_seconds(blocks, hidden, inter, rank, device):
                            for i in range(blocks) for p, (o, i_) in zip(PROJ, shapes)}).requires_grad_(False)
     for m in stack.values():
         m.weight = nn.Parameter(m.weight.detach().normal_(0, 0.02), requires_grad=False)
-    stack = to_nf4_all(stack)
+    stack = to_nf4(stack)
     times = []
     for _ in range(4):  # the first is a warm-up
         model = nn.ModuleDict(dict(stack.items()))
@@ -86,27 +82,6 @@ def init_seconds(blocks, hidden, inter, rank, device):
         times.append(time.perf_counter() - t0)
         nlora.unload(model)
     return statistics.median(times[1:])
-
-
-def to_nf4_all(stack):
-    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4 as nf4
-
-    for m in stack.values():
-        m.weight = nn.Parameter(nf4(m.weight.detach()), requires_grad=False)
-    return stack
-
-
-def peak_gib(name, cfg, x, rank, device):
-    x.grad = None
-    gc.collect()
-    torch.cuda.empty_cache()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    model, opt = build(name, cfg, rank, device)
-    for _ in range(2):
-        step(model, opt, x)
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**30
 
 
 def plot(result, path):
@@ -140,21 +115,11 @@ def main():
     cfg = LlamaConfig(**dims, num_hidden_layers=layers, vocab_size=256, use_cache=False, attn_implementation="sdpa")
     batch, seq = map(int, shape.split("x"))
     x = torch.randn(batch, seq, cfg.hidden_size, device=device, dtype=torch.bfloat16).requires_grad_(True)
+    args.rank = rank
     models = {n: build(n, cfg, rank, device) for n in VARIANTS}
-    for model, opt in models.values():
-        for _ in range(2):
-            step(model, opt, x)
-    ms = {n: [] for n in models}
-    for _ in range(args.rounds):
-        for n, (model, opt) in models.items():
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                step(model, opt, x)
-            sync(device)
-            ms[n].append((time.perf_counter() - t0) * 1e3 / args.steps)
+    ms = time_rounds(models, x, step, args, device, warmup=2)
     del models
-    peak = {n: peak_gib(n, cfg, x, rank, device) for n in VARIANTS} if device == "cuda" else {}
+    peak = {n: peak_gib(n, cfg, x, args, build) for n in VARIANTS} if device == "cuda" else {}
     title = (f"{layers} LLaMA layers (hidden {cfg.hidden_size}), torchao NF4 base, r = alpha = {rank} on all 7 "
              f"projections, {shape} tokens, {device}")
     rows = [{"variant": n, "ms_per_step": statistics.median(v), "ms_rounds": v,

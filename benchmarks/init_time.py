@@ -26,7 +26,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import nlora  # noqa: E402
-from benchmarks.common import machine, pyplot, save, write  # noqa: E402
+from benchmarks.common import machine, pyplot, save, sync, write  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from transformers/PEFT
 
@@ -77,11 +77,6 @@ def timed_init(base, method, rank, device):
     if device == "cuda":
         torch.cuda.empty_cache()
     return seconds
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def plot(result, path):

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import nlora  # noqa: E402
-from benchmarks.common import machine, pyplot, save, write  # noqa: E402
+from benchmarks.common import machine, pyplot, save, sync, write  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -72,13 +72,11 @@ def peft_model(cfg, k, rank, device, dtype):
 
 
 def timed(fn, reps, device):
-    if device == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return (time.perf_counter() - t0) * 1e3 / reps
 
 
@@ -132,11 +130,6 @@ def measure(case, lib, k_values, cfg, args, device, dtype):
     if device == "cuda":
         torch.cuda.empty_cache()
     return ms, {k: statistics.median(v) for k, v in enter.items()}
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def plot(result, path):

@@ -13,7 +13,6 @@ import argparse
 import gc
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import nlora  # noqa: E402
-from benchmarks.common import machine, pyplot, save, write  # noqa: E402
+from benchmarks.common import machine, pyplot, save, time_rounds, write  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from transformers/PEFT
 
@@ -71,36 +70,15 @@ def step(model, opt, x):
         opt.step()
 
 
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_rounds(models, x, args, device):
-    """ms/step of every variant, one entry per round; rounds go round-robin over the variants."""
-    for model, opt in models.values():
-        for _ in range(3):  # warm-up
-            step(model, opt, x)
-    ms = {n: [] for n in models}
-    for _ in range(args.rounds):
-        for n, (model, opt) in models.items():
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                step(model, opt, x)
-            sync(device)
-            ms[n].append((time.perf_counter() - t0) * 1e3 / args.steps)
-    return ms
-
-
-def peak_gib(name, cfg, x, args):
-    """CUDA peak allocation of building variant ``name`` and running 2 steps, above what was allocated before."""
+def peak_gib(name, cfg, x, args, make=None):
+    """CUDA peak allocation of building variant ``name`` (by ``make(name, cfg, rank, device, dtype)``, default
+    ``build``) and running 2 steps, above what was allocated before."""
     x.grad = None
     gc.collect()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    model, opt = build(name, cfg, args.rank, "cuda", torch.bfloat16)
+    model, opt = (make or build)(name, cfg, args.rank, "cuda", torch.bfloat16)
     for _ in range(2):
         step(model, opt, x)
     torch.cuda.synchronize()
@@ -113,7 +91,7 @@ def measure_shape(shape, names, cfg, args, device, dtype):
     x = torch.randn(batch, seq, cfg.hidden_size, device=device, dtype=dtype, generator=gen).requires_grad_(True)
     models = {n: build(n, cfg, args.rank, device, dtype) for n in names}
     trainable = {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, (m, _) in models.items()}
-    ms = time_rounds(models, x, args, device)
+    ms = time_rounds(models, x, step, args, device)
     del models
     peak = {n: peak_gib(n, cfg, x, args) for n in names} if device == "cuda" else {}
 
