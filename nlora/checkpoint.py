@@ -28,8 +28,8 @@ from .model import (_TRAINABLE, _candidates, adapter_layers, adapter_names, set_
                     unwrap, wrap_layer)
 
 CONFIG_NAME = "adapter_config.json"
-_LOW = (torch.bfloat16, torch.float16)  # compact files also record their slices' digests at these precisions
 TENSOR_NAME = "adapter_model.safetensors"
+_LOW = (torch.bfloat16, torch.float16)  # compact files also record their slices' digests at these precisions
 FORMAT, FORMAT_VERSION = "nlora-adapter", 2
 _TRAINABLE_PREFIX = "trainable:"
 _SAVE_AGAIN = "the file is damaged or was edited: save the adapter again from the trained model"

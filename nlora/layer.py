@@ -392,7 +392,7 @@ class NLoRALinear(nn.Module):
         """This rank's block of ``W + Σ s B N A`` in fp32 (fp64 for an fp64 weight), not yet written anywhere."""
         w = self.weight
         dt = torch.promote_types(w.dtype, torch.float32)
-        acc = (dense_weight(self.base) if self.four_bit else sharded.local_view(w)).to(dt, copy=True)
+        acc = sharded.local_view(dense_weight(self.base)).to(dt, copy=True)
         if sharded.is_dtensor(w):  # each rank adds its block of the full delta
             return acc.add_(sharded.local_part(_add_terms(torch.zeros(w.shape, dtype=dt, device=acc.device), terms), w))
         return _add_terms(acc, terms)
@@ -466,7 +466,7 @@ class NLoRALinear(nn.Module):
     def delta_weight(self, adapter_name: str | None = None, initial: bool = False) -> Tensor:
         """An adapter's ``s · B N A`` (``initial``: its init's ``s · B0 N0 A0``) as an fp32 ``(out, in)`` tensor."""
         adapter = self.active() if adapter_name is None else self.adapters[adapter_name]
-        w = dense_weight(self.base) if self.four_bit else sharded.local_view(self.weight)
+        w = sharded.local_view(dense_weight(self.base))
         delta = torch.zeros((self.out_features, self.in_features), dtype=torch.promote_types(w.dtype, torch.float32),
                             device=w.device)
         return _add_terms(delta, [adapter.term(None, self.weight, initial=initial)])

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 import safetensors.torch
 
-from .checkpoint import _Problems, _resolve, trainable_params, write_files
+from .checkpoint import CONFIG_NAME, TENSOR_NAME, _Problems, _resolve, trainable_params, write_files
 from .config import AdapterConfig
 from .inits import Factors
 from .layer import Adapter, dense_weight, is_adaptable, is_conv1d
@@ -146,9 +146,9 @@ _PEFT_PREFIX = "base_model.model."
 
 def _read_peft(path: Path) -> tuple[dict, dict[str, Tensor]]:
     """A PEFT adapter directory's config and tensors (``.safetensors``, or ``.bin`` read with ``weights_only``)."""
-    file = path / "adapter_config.json"
+    file = path / CONFIG_NAME  # PEFT's file names are nlora's
     if not file.is_file():
-        raise ValueError(f"{path} has no adapter_config.json: not a PEFT adapter directory")
+        raise ValueError(f"{path} has no {CONFIG_NAME}: not a PEFT adapter directory")
     config = json.loads(file.read_text(encoding="utf-8"))
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not LoRA; nlora imports PEFT LoRA "
@@ -158,11 +158,11 @@ def _read_peft(path: Path) -> tuple[dict, dict[str, Tensor]]:
     if used:
         raise ValueError(f"{path}: the PEFT adapter uses {', '.join(used)}, which nlora does not have; nothing was "
                          f"changed (retrain without it, or load it with peft)")
-    if (path / "adapter_model.safetensors").is_file():
-        return config, safetensors.torch.load_file(path / "adapter_model.safetensors")
+    if (path / TENSOR_NAME).is_file():
+        return config, safetensors.torch.load_file(path / TENSOR_NAME)
     if (path / "adapter_model.bin").is_file():
         return config, torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
-    raise ValueError(f"{path} has no adapter_model.safetensors or adapter_model.bin")
+    raise ValueError(f"{path} has no {TENSOR_NAME} or adapter_model.bin")
 
 
 def _plan_peft(model: nn.Module, config: dict, tensors: dict[str, Tensor], adapter: str,

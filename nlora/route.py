@@ -35,12 +35,9 @@ class _LayerRoute:
             first = adapters[family[0]]
             zero = torch.zeros_like(first.lora_N)
             bank = torch.stack([zero] + [adapters[n].lora_N if n in shared else zero for n in names]).detach()
-            scales = [adapters[n].scaling if n in shared else 0.0 for n in names]
-            if len(set(scales)) == 1:
-                bank = bank * scales[0]
-            else:
-                bank = bank * torch.tensor([0.0] + scales, dtype=bank.dtype).to(device)[:, None, None]
-            self.shared = (first, bank.to(first.config.compute_dtype or layer.weight.dtype), rows(device, 0))
+            scales = torch.tensor([0.0] + [adapters[n].scaling if n in shared else 0.0 for n in names], device=device)
+            bank = bank * scales.to(bank.dtype)[:, None, None]
+            self.shared = (first, bank.to(layer.compute_dtype or layer.weight.dtype), rows(device, 0))
         others = set(held) - shared
         self.groups = [(adapters[n], rows(device, j + 1)) for j, n in enumerate(names) if n in others]
 
