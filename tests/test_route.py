@@ -54,17 +54,19 @@ def batch_of(spec, rows: int, seed: int = 3) -> dict:
     return {k: torch.cat(v) for k, v in inputs.items()}
 
 
-def per_row(spec, model, inputs: dict, names) -> torch.Tensor:
-    """Each row alone, under set_adapter(name) or, for None, disable_adapter."""
+def per_row(spec, model, inputs: dict, names, run=None) -> torch.Tensor:
+    """Each row alone through ``run(model, row)`` (default ``spec.run``), under set_adapter(name) or, for None,
+    disable_adapter."""
+    run = run or spec.run
     outs = []
     for i, name in enumerate(names):
         row = {k: v[i:i + 1] for k, v in inputs.items()}
         if name is None:
             with nlora.disable_adapter(model):
-                outs.append(spec.run(model, row))
+                outs.append(run(model, row))
         else:
             nlora.set_adapter(model, name)
-            outs.append(spec.run(model, row))
+            outs.append(run(model, row))
     return torch.cat(outs)
 
 
@@ -95,19 +97,14 @@ def test_routed_generate_with_a_kv_cache_equals_per_row_generate(model_name):
     spec = MODELS[model_name]
     model = many_adapters(spec)
     names = ["tenant1", None, "tenant2", "pissa", "slora", "tenant3"]
-    ids = batch_of(spec, len(names))["input_ids"]
-    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=2)
+    inputs = {"input_ids": batch_of(spec, len(names))["input_ids"]}
+
+    def generate(m, batch):
+        return m.generate(batch["input_ids"], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=2)
+
     with nlora.route(model, names):
-        routed = model.generate(ids, **kwargs)
-    want = []
-    for i, name in enumerate(names):
-        if name is None:
-            with nlora.disable_adapter(model):
-                want.append(model.generate(ids[i:i + 1], **kwargs))
-        else:
-            nlora.set_adapter(model, name)
-            want.append(model.generate(ids[i:i + 1], **kwargs))
-    assert torch.equal(routed, torch.cat(want))
+        routed = generate(model, inputs)
+    assert torch.equal(routed, per_row(spec, model, inputs, names, generate))
 
 
 @torch.no_grad()
