@@ -155,6 +155,9 @@ def test_merge_is_refused_and_merge_and_unload_gives_plain_dequantised_linears(b
     before = values(q)
     with pytest.raises(ValueError, match=r"4-bit base weights are never written .*merge_and_unload"):
         nlora.merge(q)
+    with pytest.raises(ValueError, match=r"^up: the base weight is 4-bit \(\w+\), which nlora never writes .*"
+                                         r"merge_and_unload"):
+        q.up.merge()  # the layer-level call refuses too
     assert same(values(q), before)
     plain = nlora.merge_and_unload(q)
     for name in ("up", "down"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import nlora
@@ -284,3 +284,34 @@ def test_import_peft_refuses_embedding_loras_merged_models_and_saved_weights_of_
         assert nlora.adapter_names(model) == names
         assert model.state_dict().keys() == before.keys()
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_import_peft_refuses_incomplete_directories_misfitting_shapes_and_taken_names(tmp_path):
+    from .model_zoo import MODELS
+
+    spec = MODELS["llama"]
+    path = tmp_path / "p"
+    peft_trained(spec.model(), path, target_modules=["q_proj"], r=2)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"has no adapter_config\.json: not a PEFT adapter directory"):
+        nlora.import_peft(spec.model(), empty)
+    (empty / "adapter_config.json").write_text((path / "adapter_config.json").read_text())
+    with pytest.raises(ValueError, match=r"has no adapter_model\.safetensors or adapter_model\.bin"):
+        nlora.import_peft(spec.model(), empty)
+    taken = nlora.inject(spec.model(), ["q_proj"], rank=2, init="lora", adapter="imp")
+    with pytest.raises(ValueError, match=r"already holds an adapter of that name: "
+                                         r"model\.layers\.0\.self_attn\.q_proj"):
+        nlora.import_peft(taken, path, adapter="imp")
+    tensors = load_file(path / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith(".lora_A.weight"))
+    tensors[key] = torch.zeros(2, 7)  # does not fit the layer's in_features
+    wider = tmp_path / "wider"
+    wider.mkdir()
+    (wider / "adapter_config.json").write_text((path / "adapter_config.json").read_text())
+    save_file(tensors, wider / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"lora_A/lora_B shapes do not fit the layer"):
+        nlora.import_peft(spec.model(), wider)
+    save_file({"base_model.model.model.norm.weight": torch.ones(32)}, wider / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"no lora_A / lora_B tensors"):
+        nlora.import_peft(spec.model(), wider)

@@ -162,3 +162,23 @@ def test_k_compact_inttune_adapters_cost_k_r_squared_numbers_per_layer(tmp_path)
     assert per_adapter == {layers * 4 * 4 * 4}  # r² fp32 numbers per layer, nothing else (no A, B, index or sample)
     for adapter in (m for m in model.modules() if isinstance(m, Adapter)):
         assert adapter.reads_base and adapter.lora_A is None and adapter.lora_B is None
+
+
+@torch.no_grad()
+def test_a_nested_route_and_a_merge_inside_a_route_are_refused():
+    spec = MODELS["mlp"]
+    model = many_adapters(spec, ADAPTERS[-3:])
+    x = spec.inputs(torch.Generator().manual_seed(0))["x"]
+    names = ["tenant1", None, "tenant3"]
+    with nlora.route(model, names):
+        with pytest.raises(RuntimeError, match=r"cannot route while adapters are merged, disabled \(disable_adapter\) "
+                                               r"or already routed"):
+            with nlora.route(model, names):
+                pass
+        nlora.set_adapter(model, "tenant1")
+        nlora.merge(model)
+        with pytest.raises(RuntimeError, match=r"^layers\.0\.fc: routing needs every adapter unmerged and enabled"):
+            model(x)
+        nlora.unmerge(model)
+        torch.testing.assert_close(model(x), model(x))  # routed again once unmerged
+    assert all(layer.routing is None for layer in nlora.adapter_layers(model).values())
