@@ -180,36 +180,19 @@ def _copy(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.detach().to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
 
 
-def _add_term(y: Tensor, x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, s: float, need: tuple[bool, ...],
-              h1: Tensor | None = None) -> list[Tensor | None]:
-    """``y += s B N A x`` in place, in ``y``'s dtype (``h1``: ``x Aᵀ`` if known); returns what the backward needs of
-    ``(x, A, N, B, h1, h2)`` (``need``: whether ``x, A, N, B`` want gradients), ``None`` for the rest."""
-    dt = y.dtype
-    x, a, b, n = x.to(dt), a.to(dt), b.to(dt), None if n is None else n.to(dt)
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _add_product(y: Tensor, x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, s: float,
+                 h1: Tensor | None = None) -> tuple[Tensor, ...]:
+    """``y += s B N A x`` in place for 2-D ``y`` and ``x``, in ``y``'s dtype (``h1``: ``x Aᵀ`` if known); returns
+    ``(x, A, N, B, h1, h2)`` in that dtype, ``h2 = h1 Nᵀ``."""
+    x, a, n, b = (_cast(t, y.dtype) for t in (x, a, n, b))
     h1 = F.linear(x, a) if h1 is None else h1
     h2 = h1 if n is None else F.linear(h1, n)
     y.addmm_(h2, b.t(), alpha=s)
-    need_x, need_a, need_n, need_b = need
-    back = need_x or need_a or need_n
-    return [x if need_a else None, a if need_x else None, n if back else None, b if back else None,
-            h1 if need_n else None, h2 if need_b else None]
-
-
-def _term_grads(g: Tensor, saved: list[Tensor | None], s: float, need: tuple[bool, ...],
-                gb: Tensor | None = None) -> tuple:
-    """The gradients of one term ``s B N A x`` from the output gradient ``g`` (``gb``: ``g B`` if known):
-    ``((v, A) or None, dA, dN, dB)``, where ``v @ A`` is the input gradient (left to the caller, which may
-    accumulate it in place)."""
-    x, a, n, b, h1, h2 = saved
-    need_x, need_a, need_n, need_b = need
-    grad_b = (torch.mm(g.t(), h2) * s if s != 1 else torch.mm(g.t(), h2)) if need_b else None
-    if not (need_x or need_a or need_n):
-        return None, None, None, grad_b
-    u = torch.mm(g, b) if gb is None else gb
-    u = u * s if s != 1 else u  # dL/dh2
-    v = u if n is None else torch.mm(u, n)  # dL/dh1
-    return ((v, a) if need_x else None, torch.mm(v.t(), x) if need_a else None,
-            torch.mm(u.t(), h1) if need_n else None, grad_b)
+    return x, a, n, b, h1, h2
 
 
 class _AdaptedLinear(torch.autograd.Function):
@@ -218,14 +201,16 @@ class _AdaptedLinear(torch.autograd.Function):
     The base runs inside (its hooks too) and every term accumulates into its output in place. ``x_k`` is ``None``
     where it is ``x`` itself (no dropout): the backward adds that term's input gradient into the base's ``g W`` in
     place. Matmuls run in ``dtype`` (default: the base output's); each term saves only what its backward needs.
-    Double backward is refused.
+    ``spec[k] = (s_k, head_k)``: ``head_k = r`` where ``A = W[:r]`` and ``B = W[:, :r]`` (IntTune on the paper's
+    init), so ``x Aᵀ`` is the first r columns of ``x Wᵀ`` (read when the base has no bias and runs in ``dtype``) and
+    ``g B`` those of ``g W``. Double backward is refused.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, base: nn.Module, w: Tensor, bias: Tensor | None, dtype: torch.dtype | None,
-                scales: tuple[float, ...], heads: tuple[int, ...], *flat: Tensor | None) -> Tensor:
+                spec: tuple[tuple[float, int], ...], *flat: Tensor | None) -> Tensor:
         y = base(x)
-        ctx.out_dtype, ctx.dt, ctx.scales = y.dtype, dtype or y.dtype, scales
+        ctx.out_dtype, ctx.dt, ctx.spec, ctx.shape = y.dtype, dtype or y.dtype, spec, x.shape
         ctx.four_bit = base if is_4bit(base) else None  # its input gradient needs the weight dequantised
         # ``_base`` is torch's documented test for a view: HF Conv1D returns one, which a custom Function may not
         # return for in-place use, so it is copied (as is an output cast to compute_dtype)
@@ -233,43 +218,49 @@ class _AdaptedLinear(torch.autograd.Function):
             y = y.to(ctx.dt, copy=True)
         # what wants a gradient, read from the inputs (torch.compile traces this as it runs; ctx.needs_input_grad
         # was not always right inside a compiled forward)
-        needs = [t is not None and t.requires_grad for t in (x, None, w, bias, None, None, *flat)]
-        ctx.base_needs, saved = needs[:4], []
-        ctx.tied = [flat[4 * k] is None for k in range(len(scales))]
-        ctx.needs = [(needs[0] if ctx.tied[k] else needs[6 + 4 * k], *needs[7 + 4 * k: 10 + 4 * k])
-                     for k in range(len(scales))]
-        # heads[k] = r where A = W[:r], B = W[:, :r] (IntTune on the paper's init): x Aᵀ is the first r columns of
-        # x Wᵀ (read here when the base has no bias and runs in the compute dtype), g B those of g W (backward)
-        ctx.heads = heads
-        top = y[:, :max(heads)].clone() if max(heads) and bias is None and ctx.dt == w.dtype else None
-        for k, (s, (xk, a, n, b)) in enumerate(zip(scales, _chunks(flat))):
-            h1 = top[:, :heads[k]] if top is not None and heads[k] and xk is None else None
-            saved += _add_term(y, x if xk is None else xk, a, n, b, s, ctx.needs[k], h1)
-        ctx.save_for_backward(x if needs[2] else None, w if needs[0] else None, *saved)
+        ctx.base_needs = (x.requires_grad, w.requires_grad, bias is not None and bias.requires_grad)
+        x2, y2, ctx.needs, saved = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1]), [], []
+        top = max(head for _, head in spec)
+        top = y2[:, :top].clone() if top and bias is None and ctx.dt == w.dtype else None
+        for k, (s, head) in enumerate(spec):
+            xk, a, n, b = flat[4 * k: 4 * k + 4]
+            tied = xk is None
+            need_x, need_a, need_n, need_b = [t is not None and t.requires_grad for t in (x if tied else xk, a, n, b)]
+            xk, a, n, b, h1, h2 = _add_product(y2, x2 if tied else xk.reshape(x2.shape), a, n, b, s,
+                                               top[:, :head] if top is not None and head and tied else None)
+            back = need_x or need_a or need_n
+            saved += [xk if need_a else None, a if need_x else None, n if back else None, b if back else None,
+                      h1 if need_n else None, h2 if need_b else None]
+            ctx.needs.append((need_x, need_a, need_n, need_b, tied))
+        ctx.save_for_backward(x2 if ctx.base_needs[1] else None, w if ctx.base_needs[0] else None, *saved)
         return y.to(ctx.out_dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g: Tensor):
         x, w, *saved = ctx.saved_tensors
-        needs, g = ctx.base_needs, g.to(ctx.dt)
-        w = dense_weight(ctx.four_bit) if ctx.four_bit is not None and needs[0] else w
-        gx = torch.mm(g, w.to(g.dtype)) if needs[0] else None
-        gw = torch.mm(g.t(), x.to(g.dtype)) if needs[2] else None  # only if the user unfroze the base weight
-        top = gx[:, :max(ctx.heads)].clone() if gx is not None and max(ctx.heads) else None
+        (base_x, base_w, base_bias), g = ctx.base_needs, _cast(g.reshape(-1, g.shape[-1]), ctx.dt)
+        w = dense_weight(ctx.four_bit) if ctx.four_bit is not None and base_x else w
+        gx = torch.mm(g, _cast(w, g.dtype)) if base_x else None
+        gw = torch.mm(g.t(), _cast(x, g.dtype)) if base_w else None  # only if the user unfroze the base weight
+        top = max(head for _, head in ctx.spec)
+        top = gx[:, :top].clone() if gx is not None and top else None
         grads = []
-        for k, s in enumerate(ctx.scales):
-            gbk = top[:, :ctx.heads[k]] if top is not None and ctx.heads[k] else None
-            vx, ga, gn, gb = _term_grads(g, saved[6 * k: 6 * k + 6], s, ctx.needs[k], gbk)
-            if vx is not None and ctx.tied[k]:
-                gx.addmm_(*vx)
-            grads += [torch.mm(*vx) if vx is not None and not ctx.tied[k] else None, ga, gn, gb]
-        return gx, None, gw, g.sum(0) if needs[3] else None, None, None, None, *grads
-
-
-def _chunks(flat: tuple) -> list[tuple]:
-    """``(x_k, A_k, N_k, B_k)`` per term from the flat argument list."""
-    return [tuple(flat[i: i + 4]) for i in range(0, len(flat), 4)]
+        for k, ((s, head), (need_x, need_a, need_n, need_b, tied)) in enumerate(zip(ctx.spec, ctx.needs)):
+            xk, a, n, b, h1, h2 = saved[6 * k: 6 * k + 6]
+            gb = (torch.mm(g.t(), h2) * s if s != 1 else torch.mm(g.t(), h2)) if need_b else None
+            if not (need_x or need_a or need_n):
+                grads += [None, None, None, gb]
+                continue
+            u = top[:, :head] if top is not None and head else torch.mm(g, b)
+            u = u * s if s != 1 else u  # dL/dh2
+            v = u if n is None else torch.mm(u, n)  # dL/dh1
+            if need_x and tied:
+                gx.addmm_(v, a)
+            grads += [torch.mm(v, a).view(ctx.shape) if need_x and not tied else None,
+                      torch.mm(v.t(), xk) if need_a else None, torch.mm(u.t(), h1) if need_n else None, gb]
+        gx = None if gx is None else gx.view(ctx.shape)
+        return gx, None, gw, g.sum(0) if base_bias else None, None, None, *grads
 
 
 def build_adapter(base: nn.Module, config: AdapterConfig, label: str,
@@ -472,9 +463,8 @@ class NLoRALinear(nn.Module):
         return _add_terms(delta, [adapter.term(None, self.weight, initial=initial)])
 
     # -- forward ---------------------------------------------------------------------------------------------------
-    def terms(self, x: Tensor) -> list[Term]:
-        """The low-rank products this forward adds to the base output."""
-        w = self.weight
+    def terms(self, x: Tensor, w: Tensor) -> list[Term]:
+        """The low-rank products this forward adds to the base output (``w``: ``self.weight``)."""
         if self.disabled:
             return self.original_terms()
         active = [self.adapters[n] for n in self.unmerged_active()]
@@ -492,17 +482,16 @@ class NLoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.routing is not None:
             return self.routing(self, x)
-        x2 = x.reshape(-1, x.shape[-1])
-        terms = self.terms(x2)
+        base, w = self.base, self.weight
+        terms = self.terms(x, w)
         if not terms:
-            return self.base(x)
+            return base(x)
         if _OLD_COMPILE and torch.is_grad_enabled() and torch.compiler.is_compiling():
             raise RuntimeError("torch.compile before torch 2.12 gives nlora's adapters zero gradients (measured on "
                                "2.11); train eagerly, or upgrade torch (compiled inference is fine)")
-        flat = [t for x_k, a, n, b, *_ in terms for t in (x_k, a, n, b)]
-        scales, heads = tuple(t[4] for t in terms), tuple(t[1].shape[0] if t[5] else 0 for t in terms)
-        y = _AdaptedLinear.apply(x2, self.base, self.weight, self.base.bias, self.compute_dtype, scales, heads, *flat)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        spec = tuple((s, a.shape[0] if head else 0) for _, a, _, _, s, head in terms)
+        flat = [t for term in terms for t in term[:4]]
+        return _AdaptedLinear.apply(x, base, w, base.bias, self.compute_dtype, spec, *flat)
 
     def extra_repr(self) -> str:
         kind = "Conv1D" if is_conv1d(self.base) else "Linear"

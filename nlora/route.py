@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layer import Adapter, NLoRALinear, _add_term
+from .layer import Adapter, NLoRALinear, _add_product
 from .model import _require_adapters, _refuse_unknown
 
 
@@ -75,7 +75,7 @@ class _LayerRoute:
 def _add(out: Tensor, term: tuple, x: Tensor) -> None:
     """``out += s B N A x`` for one term (its own input if it has one, e.g. after dropout), in ``out``'s dtype."""
     xk, a, n, b, s, _ = term
-    _add_term(out, x if xk is None else xk.reshape(x.shape), a, n, b, s, (False,) * 4)
+    _add_product(out, x if xk is None else xk.reshape(x.shape), a, n, b, s)
 
 
 def _shares_base(adapter: Adapter, first: Adapter) -> bool:
