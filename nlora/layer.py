@@ -73,9 +73,10 @@ class Adapter(nn.Module):
     """One named adapter ``s · B N A dropout(x)`` with ``s = alpha / rank``; its options are ``self.config``.
 
     Parameters ``lora_A (r, in)``, ``lora_N (r, r)`` (``None`` for plain LoRA), ``lora_B (out, r)``, in
-    ``config.adapter_dtype``. An adapter with ``config.reads_base`` (IntTune on a Nyström init that left the base
-    weight alone) stores only ``lora_N``: its A and B are the base weight's sampled rows and columns, read at each
-    forward, until the base weight is written (merge, another adapter's residual); then it keeps a copy.
+    ``config.adapter_dtype``: copies of ``factors``, never aliases of the base weight. An adapter with
+    ``config.reads_base`` (IntTune on a Nyström init that left the base weight alone) stores only ``lora_N``: its A and
+    B are the base weight's sampled rows and columns, read at each forward, until the base weight is written (merge,
+    another adapter's residual); then it keeps a copy.
     Non-persistent buffers: ``rows``/``cols`` (Nyström index sets) and, when the init rewrote the base weight
     (``preserve_output``), the initial factors ``init_A``/``init_N``/``init_B``: ``W0 = W + s B0 N0 A0``.
     """
@@ -88,11 +89,6 @@ class Adapter(nn.Module):
         self.reads_base = config.reads_base
         self.from_weight = True  # its initial factors came from the weight it sits on (compact saves rely on it)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
-        self.set_factors(factors)
-
-    def set_factors(self, factors: Factors) -> None:
-        """Build the parameters and buffers from ``factors`` (copies: an init's tensors never alias the base)."""
-        config = self.config
         for name, t in (("lora_A", factors.A), ("lora_N", factors.N), ("lora_B", factors.B)):
             keep = t is not None and not (self.reads_base and name != "lora_N")
             trains = config.train == "all" or name == "lora_N"
@@ -148,20 +144,17 @@ class Adapter(nn.Module):
         return [p for p in (getattr(self, n) for n in names) if p is not None]
 
     def forward(self, x: Tensor | None, weight: Tensor, sign: float = 1.0, initial: bool = False) -> Term:
-        """This adapter's term ``(x, A, N, B, scale)`` of the layer's forward; called as a module so that hooks on it
-        run (FSDP2 unshards a ``fully_shard``-ed adapter's parameters in its pre-forward hook)."""
-        return self.term(None if x is None or self.dropout is None else self.dropout(x), weight, sign, initial)
-
-    def term(self, x: Tensor | None, weight: Tensor, sign: float = 1.0, initial: bool = False) -> Term:
-        """This adapter's ``(x, A, N, B, scale)`` (``initial``: the init's factors); ``x`` is ``None`` for the layer's
-        own input. A pending (meta-injected) adapter refuses."""
+        """This adapter's term ``(dropout(x), A, N, B, sign · s, head)`` of the layer's forward (``initial``: the
+        init's factors); ``x`` is ``None`` for the layer's own input (no dropout). Called as a module so that hooks on
+        it run (FSDP2 unshards a ``fully_shard``-ed adapter's parameters in its pre-forward hook). A pending
+        (meta-injected) adapter refuses."""
         if self.pending:
             raise RuntimeError(f"adapter (init={self.config.init!r}) was injected on the meta device and has no values "
                                f"yet; materialise the model (to_empty), load the base weights, then call "
                                f"nlora.initialize_adapters(model)")
         a, n, b = (self.init_A, self.init_N, self.init_B) if initial else self.factors(weight)
         head = self.reads_base and not initial and self.config.options.get("index", "first") == "first"
-        return x, a, n, b, sign * self.scaling, head
+        return None if x is None or self.dropout is None else self.dropout(x), a, n, b, sign * self.scaling, head
 
     def extra_repr(self) -> str:
         return (f"rank={self.config.rank}, alpha={self.config.alpha}, init={self.config.init!r}, "
@@ -361,7 +354,7 @@ class NLoRALinear(nn.Module):
             if _same(mine, theirs):  # adapters of a layer then cost K r² numbers and nothing else
                 setattr(adapter, name, theirs)
         if adapter.config.preserve_output and not adapter.pending and not self.four_bit:
-            self.add_to_weight([adapter.term(None, self.weight, -1.0, initial=True)])
+            self.add_to_weight([adapter(None, self.weight, -1.0, initial=True)])
 
     def set_active(self, names: Iterable[str]) -> None:
         """Choose which of this layer's adapters run in forward (names it does not hold are ignored)."""
@@ -373,7 +366,7 @@ class NLoRALinear(nn.Module):
             raise ValueError(f"{self.module_name}: adapter {adapter_name!r} is merged; unmerge it before deleting it")
         adapter = self.adapters[adapter_name]
         if adapter.config.preserve_output and not adapter.pending and not self.four_bit:
-            self.add_to_weight([adapter.term(None, self.weight, initial=True)])
+            self.add_to_weight([adapter(None, self.weight, initial=True)])
         del self.adapters[adapter_name]
         self.preserving = tuple(n for n in self.preserving if n != adapter_name)
         self.set_active(self.active_adapters)
@@ -394,13 +387,19 @@ class NLoRALinear(nn.Module):
             raise ValueError(f"{self.module_name}: the base weight is 4-bit ({type(self.base.weight).__name__}), which "
                              f"nlora never writes (that would requantise it); use nlora.merge_and_unload(model) for "
                              f"a dequantised merged model")
+        w = self.weight
+        readers = any(a.reads_base for a in self.adapters.values())
+        if not (safe or readers or sharded.is_dtensor(w) or w.dtype.itemsize < 4):
+            with torch.no_grad():  # an fp32/fp64 weight that no factor reads: the same sums, in place (no copies of W)
+                _add_terms(w, terms)
+            return
         new = self.weight_plus(terms)
-        if safe and not sharded.all_ranks_true(bool(new.isfinite().all()), self.weight):
+        if safe and not sharded.all_ranks_true(bool(new.isfinite().all()), w):
             raise ValueError(f"{self.module_name}: merging would put NaN/Inf into the weight; nothing was changed")
         for adapter in self.adapters.values():  # they read A, B from the weight: copy them before it changes
-            adapter.own_factors(self.weight)
+            adapter.own_factors(w)
         with torch.no_grad():
-            sharded.local_view(self.weight).copy_(new)
+            sharded.local_view(w).copy_(new)
 
     def unmerged_active(self) -> list[str]:
         """The names of the active adapters not yet merged into the weight: what ``merge`` would fold in."""
@@ -408,7 +407,7 @@ class NLoRALinear(nn.Module):
 
     def merge_terms(self) -> list[Term]:
         """The terms ``merge`` adds to the weight: every active, unmerged adapter's ``s · B N A``."""
-        return [self.adapters[n].term(None, self.weight) for n in self.unmerged_active()]
+        return [self.adapters[n](None, self.weight) for n in self.unmerged_active()]
 
     def merge(self, safe: bool = False) -> None:
         """Fold every active, unmerged adapter into the base weight (warns if there is none)."""
@@ -424,14 +423,14 @@ class NLoRALinear(nn.Module):
         if not self.merged_adapters:
             warnings.warn(f"{self.module_name}: no adapter is merged; nothing to unmerge", stacklevel=2)
             return
-        self.add_to_weight([self.adapters[n].term(None, self.weight, -1.0) for n in self.merged_adapters])
+        self.add_to_weight([self.adapters[n](None, self.weight, -1.0) for n in self.merged_adapters])
         self.merged_adapters = ()
 
     def original_terms(self) -> list[Term]:
         """What turns the stored weight back into the original pretrained one: merges undone, residuals given back."""
         w = self.weight
-        return ([self.adapters[n].term(None, w, -1.0) for n in self.merged_adapters]
-                + [self.adapters[n].term(None, w, initial=True) for n in self.preserving if not self.four_bit])
+        return ([self.adapters[n](None, w, -1.0) for n in self.merged_adapters]
+                + [self.adapters[n](None, w, initial=True) for n in self.preserving if not self.four_bit])
 
     def restore_base(self) -> nn.Module:
         """The base module holding the original pretrained weight again (merges and residuals undone)."""
@@ -451,7 +450,7 @@ class NLoRALinear(nn.Module):
             if base.bias is not None:
                 plain.bias.copy_(base.bias)
         self.base = plain
-        if terms := [self.adapters[n].term(None, self.weight, -1.0, initial=True) for n in self.preserving]:
+        if terms := [self.adapters[n](None, self.weight, -1.0, initial=True) for n in self.preserving]:
             self.add_to_weight(terms)
 
     def delta_weight(self, adapter_name: str | None = None, initial: bool = False) -> Tensor:
@@ -460,7 +459,7 @@ class NLoRALinear(nn.Module):
         w = sharded.local_view(dense_weight(self.base))
         delta = torch.zeros((self.out_features, self.in_features), dtype=torch.promote_types(w.dtype, torch.float32),
                             device=w.device)
-        return _add_terms(delta, [adapter.term(None, self.weight, initial=initial)])
+        return _add_terms(delta, [adapter(None, self.weight, initial=initial)])
 
     # -- forward ---------------------------------------------------------------------------------------------------
     def terms(self, x: Tensor, w: Tensor) -> list[Term]:

@@ -327,16 +327,13 @@ def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
     layers = _require_adapters(model)
     if safe:  # checked before a 4-bit base is dequantised
         _refuse_nonfinite_merge(layer for layer in layers.values() if layer.unmerged_active())
-    for layer in layers.values():
-        if layer.four_bit:  # a plain Linear of the dequantised weight: merged below in bf16 (its dtype)
-            layer.dequantise()
-    if any(layer.unmerged_active() for layer in layers.values()):
-        merge(model)  # already checked
     for name, layer in layers.items():
-        back = [layer.adapters[n].term(None, layer.weight, initial=True) for n in layer.preserving
+        if layer.four_bit:  # a plain Linear of the dequantised weight (bf16, its dtype), merged like any other
+            layer.dequantise()
+        back = [layer.adapters[n](None, layer.weight, initial=True) for n in layer.preserving
                 if n not in layer.active_adapters]  # as forward gives them back
-        if back:
-            layer.add_to_weight(back)
+        if terms := layer.merge_terms() + back:
+            layer.add_to_weight(terms)
         _set_module(model, name, layer.base)
     _clear_trainable(model)
     return model

@@ -56,7 +56,7 @@ class _LayerRoute:
         x3, out = x.reshape(self.size, -1, x.shape[-1]), y.reshape(self.size, -1, y.shape[-1]).to(dt)
         flat = out.view(-1, out.shape[-1])
         for a in self.preserving:  # the original weight on every row
-            _add(flat, a.term(None, w, initial=True), x3.view(-1, x3.shape[-1]))
+            _add(flat, a(None, w, initial=True), x3.view(-1, x3.shape[-1]))
         if self.shared is not None:
             first, bank, ids = self.shared
             a, _, b = first.factors(w)
@@ -67,7 +67,7 @@ class _LayerRoute:
             part = torch.zeros(xs.shape[0] * xs.shape[1], flat.shape[-1], dtype=dt, device=flat.device)
             _add(part, adapter(xs, w), xs.reshape(-1, xs.shape[-1]))
             if adapter.config.preserve_output:  # its own initial delta is in the weight already
-                _add(part, adapter.term(None, w, -1.0, initial=True), xs.reshape(-1, xs.shape[-1]))
+                _add(part, adapter(None, w, -1.0, initial=True), xs.reshape(-1, xs.shape[-1]))
             out.index_add_(0, rows, part.view(xs.shape[0], xs.shape[1], -1))
         return out.to(y.dtype).view(*x.shape[:-1], out.shape[-1])
 
