@@ -29,7 +29,6 @@ from .model import (_TRAINABLE, _candidates, adapter_layers, adapter_names, set_
 
 CONFIG_NAME = "adapter_config.json"
 TENSOR_NAME = "adapter_model.safetensors"
-_LOW = (torch.bfloat16, torch.float16)  # compact files also record their slices' digests at these precisions
 FORMAT, FORMAT_VERSION = "nlora-adapter", 2
 _TRAINABLE_PREFIX = "trainable:"
 _SAVE_AGAIN = "the file is damaged or was edited: save the adapter again from the trained model"
@@ -108,10 +107,9 @@ def write_files(path: str | os.PathLike, tensors: dict[str, Tensor], config: dic
 def _from_base(layer: NLoRALinear, adapter: Adapter, compact: bool) -> list[str]:
     """The factors a compact file takes from the base weight's sampled rows and columns instead of storing them."""
     config = adapter.config
-    if not (compact and config.init.startswith("nystrom") and adapter.rows is not None and adapter.from_weight):
-        return []
-    if any(a.config.preserve_output for a in layer.adapters.values() if a is not adapter):
-        return []  # another adapter rewrote this weight: its slices are not the original ones
+    if (not (compact and config.init.startswith("nystrom") and adapter.rows is not None and adapter.from_weight)
+            or any(a.config.preserve_output for a in layer.adapters.values() if a is not adapter)):
+        return []  # (the second: another adapter rewrote this weight, so its slices are not the original ones)
     if config.preserve_output:
         return ["init_A", "init_B"] + (["lora_A", "lora_B"] if config.train == "middle" else [])
     return ["lora_A", "lora_B"] if adapter.reads_base else []
@@ -122,23 +120,22 @@ def _module_record(layer: NLoRALinear, adapter: Adapter, default: dict, compact:
     w = dense_weight(layer.base)
     from_base = _from_base(layer, adapter, compact)
     a, n, b = adapter.factors(w)
-    tensors = {"lora_A": a, "lora_N": n, "lora_B": b}
-    if adapter.config.preserve_output:
-        tensors.update(init_A=adapter.init_A, init_N=adapter.init_N, init_B=adapter.init_B)
+    tensors = {"lora_A": a, "lora_N": n, "lora_B": b,  # init_*: None unless the init rewrote the base weight
+               "init_A": adapter.init_A, "init_N": adapter.init_N, "init_B": adapter.init_B}
     tensors = {k: v for k, v in tensors.items() if v is not None and k not in from_base}
     if adapter.rows is not None:
         tensors["index"] = torch.stack([adapter.rows, adapter.cols]).to("cpu", torch.int32)  # dims < 2^31
     if getattr(adapter, "base_sample", None) is not None and not from_base:  # else the slices' digest checks the base
         tensors["base_sample"] = adapter.base_sample
-    config = adapter.config.to_dict()
     record = {"kind": "Conv1D" if is_conv1d(layer.base) else "Linear", "shape": list(w.shape),
               "base_dtype": str(w.dtype).removeprefix("torch."), "stored": sorted(tensors), "from_base": from_base,
-              "config": {k: v for k, v in config.items() if default.get(k) != v}}
+              "config": {k: v for k, v in adapter.config.to_dict().items() if default.get(k) != v}}
     if from_base:
         slices = (adapter.init_A, adapter.init_B) if adapter.config.preserve_output else (a, b)
         record["slice_digest"] = _digest(*(t.to(adapter.config.adapter_dtype) for t in slices))
-        low = [d for d in _LOW if torch.finfo(d).eps > torch.finfo(w.dtype).eps]  # a lower-precision copy of the base
-        record["slice_digest_low"] = {str(d)[6:]: _digest(*(t.to(w.dtype).to(d) for t in slices)) for d in low}
+        record["slice_digest_low"] = {  # the same for copies of the base cast to bf16 or fp16, if less precise
+            str(d)[6:]: _digest(*(t.to(w.dtype).to(d) for t in slices))
+            for d in (torch.bfloat16, torch.float16) if torch.finfo(d).eps > torch.finfo(w.dtype).eps}
     return record, tensors
 
 
@@ -173,15 +170,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
 
 # ---------------------------------------------------------------------------------------------------- loading
 _TRAINABLE_FIX = "load it into the model it was saved from, or save it with include_trainable=False"
-_OTHER_CHECKPOINT = ("load the base checkpoint it was trained on, or pass check_base=False to put it on this one on "
-                     "purpose")
 
 
 class _Refused(Exception):
-    """One reason a module of the file does not fit the model: a kind, the item at fault and what to do about it."""
-
-    def __init__(self, kind: str, item: str, fix: str = _SAVE_AGAIN) -> None:
-        super().__init__(kind, item, fix)
+    """One reason a module of the file does not fit the model: ``(kind, item at fault[, fix])``, the arguments of
+    ``_Problems.add`` (whose fix defaults to saving the adapter again)."""
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict:
@@ -225,18 +218,16 @@ def _read_tensors(path: Path, config: dict) -> dict[str, Tensor]:
 
 
 class _Problems(dict):
-    """Load problems by kind; ``raise_if_any`` turns them into one error that names every module and the fixes."""
+    """Load problems by kind; ``raise_if_any`` adds the model's merged layers (an adapter cannot be added beside them)
+    and turns the problems into one error that names every module and the fixes."""
 
     def add(self, kind: str, item: str, fix: str = _SAVE_AGAIN) -> None:
         self.setdefault((kind, fix), []).append(item)
 
-    def refuse_merged(self, model: nn.Module) -> None:
-        """A problem for every layer holding merged adapters (an adapter cannot be added beside them)."""
-        for name, layer in adapter_layers(model).items():
-            if layer.merged_adapters:
-                self.add("model has merged adapters", name, "call nlora.unmerge(model) first")
-
     def raise_if_any(self, name: str, path: Path, model: nn.Module, verb: str = "load") -> None:
+        for layer_name, layer in adapter_layers(model).items():
+            if layer.merged_adapters:
+                self.add("model has merged adapters", layer_name, "call nlora.unmerge(model) first")
         if self:
             lines = [f"  {kind}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''} -> {fix}"
                      for (kind, fix), items in self.items()]
@@ -244,16 +235,9 @@ class _Problems(dict):
                              f"changed:\n" + "\n".join(lines))
 
 
-def _expected_shapes(config: AdapterConfig, shape: list[int]) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor a module's entry may store: its factors' (from ``meta_factors``) and the rest."""
-    f = meta_factors(torch.Size(shape), config)
-    factors = {k: tuple(t.shape) for k, t in (("A", f.A), ("N", f.N), ("B", f.B)) if t is not None}
-    return {**{p + k: v for p in ("lora_", "init_") for k, v in factors.items()},
-            "index": (2, config.rank), "base_sample": (SAMPLE_SIZE,)}
-
-
-def _check_record(name: str, rec: Any, default: dict) -> tuple[AdapterConfig, list[int]]:
-    """The module's config and shape from its entry; a damaged entry is refused."""
+def _check_entry(name: str, rec: Any, default: dict, module: nn.Module, adapter: str) -> tuple[AdapterConfig, Tensor]:
+    """The module's config from its entry and the ``(out, in)`` weight it goes on; refused: a damaged entry, a module
+    already holding an adapter of that name, or one that is not a Linear/Conv1D of the saved kind and shape."""
     try:
         config = AdapterConfig.from_dict({**default, **rec["config"]})
         shape = rec["shape"]
@@ -266,11 +250,6 @@ def _check_record(name: str, rec: Any, default: dict) -> tuple[AdapterConfig, li
         raise _Refused("has an invalid config entry", f"{name}: kind {rec['kind']!r}, shape {shape!r}, rank "
                        f"{config.rank} and the tensor lists {rec['stored']!r}, {rec['from_base']!r} are not a valid "
                        f"layer")
-    return config, shape
-
-
-def _check_base(name: str, rec: dict, module: nn.Module, adapter: str) -> Tensor:
-    """The ``(out, in)`` weight of the module the entry goes on, if it is a free Linear/Conv1D of the saved shape."""
     if isinstance(module, NLoRALinear) and adapter in module.adapters:
         raise _Refused("already has an adapter of that name", name,
                        "pass adapter='<new name>' to load it under another name, or nlora.delete_adapter first")
@@ -278,16 +257,19 @@ def _check_base(name: str, rec: dict, module: nn.Module, adapter: str) -> Tensor
     if not is_adaptable(base):
         raise _Refused("is not a Linear/Conv1D in this model", f"{name} ({type(module).__name__})", _OTHER_MODEL)
     w, kind = dense_weight(base), "Conv1D" if is_conv1d(base) else "Linear"
-    if kind != rec["kind"] or list(w.shape) != rec["shape"]:
+    if kind != rec["kind"] or list(w.shape) != shape:
         raise _Refused("shape mismatch (wrong base model?)", f"{name}: saved {rec['kind']} (out, in) = "
-                       f"{tuple(rec['shape'])}, model has {kind} {tuple(w.shape)}",
+                       f"{tuple(shape)}, model has {kind} {tuple(w.shape)}",
                        "load it into the base model it was trained on")
-    return w.detach()
+    return config, w.detach()
 
 
 def _check_tensors(name: str, own: dict[str, Tensor], config: AdapterConfig, w: Tensor) -> tuple:
     """Shapes and dtypes of the module's tensors; returns its index sets ``(rows, cols)`` (``None`` if it has none)."""
-    expected = _expected_shapes(config, list(w.shape))
+    f = meta_factors(w.shape, config)  # the current (lora_) and the initial (init_) factors have these shapes
+    expected = {"index": (2, config.rank), "base_sample": (SAMPLE_SIZE,),
+                **{p + k: tuple(t.shape) for p in ("lora_", "init_") for k, t in zip("ANB", (f.A, f.N, f.B))
+                   if t is not None}}
     for key, t in own.items():
         if tuple(t.shape) != expected.get(key):
             raise _Refused("rank/shape mismatch between file and config",
@@ -303,34 +285,29 @@ def _check_tensors(name: str, own: dict[str, Tensor], config: AdapterConfig, w: 
     return index[0].to(w.device, torch.int64), index[1].to(w.device, torch.int64)
 
 
-def _slices_from_base(name: str, rec: dict, config: AdapterConfig, w: Tensor, rows: Tensor | None,
-                      cols: Tensor | None, check_base: bool) -> dict[str, Tensor]:
-    """The factors a compact file left out, sliced again from the base weight and checked against its digest."""
-    if rows is None:
-        raise _Refused("has invalid index sets", f"{name}: rebuilt from the base but no index stored")
-    r, c = (t.to(w.dtype) for t in nystrom_slices(w, rows, cols))
-    same = _digest(r.to(config.adapter_dtype), c.to(config.adapter_dtype)) == rec.get("slice_digest")
-    low = (rec.get("slice_digest_low") or {}).get(str(w.dtype)[6:])  # the base cast to a lower precision
-    if check_base and not same and (low is None or _digest(r, c) != low):
-        raise _Refused("base weight slices differ from the ones saved (wrong base model, or a different "
-                       "checkpoint)", name, "load the base checkpoint it was saved on (in its dtype or a "
-                       "lower-precision cast of it), or pass check_base=False to put it on this one on purpose")
-    return {k: (r if k.endswith("_A") else c) for k in rec["from_base"]}
-
-
 def _plan_module(name: str, rec: Any, default: dict, tensors: dict[str, Tensor], module: nn.Module, adapter: str,
                  check_base: bool) -> tuple:
-    """Check one module against the file: ``(config, initial factors, current factors)``, or ``_Refused``."""
-    config, _ = _check_record(name, rec, default)
-    w = _check_base(name, rec, module, adapter)
+    """Check one module against the file: ``(config, initial factors, current factors)``, or ``_Refused``. The factors
+    a compact file left out are sliced again from the base weight, checked against the digest of the saved slices."""
+    config, w = _check_entry(name, rec, default, module, adapter)
     own = {k: tensors[f"{name}.{k}"].to(w.device) for k in rec["stored"] if f"{name}.{k}" in tensors}
     rows, cols = _check_tensors(name, own, config, w)
     now = weight_sample(w) if check_base and "base_sample" in own else None
     if now is not None and not same_sample(own["base_sample"], now):
         raise _Refused("base weight differs from the one the adapter was saved on (wrong base model, or a different "
-                       "checkpoint)", name, _OTHER_CHECKPOINT)
+                       "checkpoint)", name, "load the base checkpoint it was trained on, or pass check_base=False to "
+                       "put it on this one on purpose")
     if rec["from_base"]:
-        own.update(_slices_from_base(name, rec, config, w, rows, cols, check_base))
+        if rows is None:
+            raise _Refused("has invalid index sets", f"{name}: rebuilt from the base but no index stored")
+        r, c = (t.to(w.dtype) for t in nystrom_slices(w, rows, cols))
+        same = _digest(r.to(config.adapter_dtype), c.to(config.adapter_dtype)) == rec.get("slice_digest")
+        low = (rec.get("slice_digest_low") or {}).get(str(w.dtype)[6:])  # the base cast to a lower precision
+        if check_base and not same and (low is None or _digest(r, c) != low):
+            raise _Refused("base weight slices differ from the ones saved (wrong base model, or a different "
+                           "checkpoint)", name, "load the base checkpoint it was saved on (in its dtype or a "
+                           "lower-precision cast of it), or pass check_base=False to put it on this one on purpose")
+        own.update({k: (r if k.endswith("_A") else c) for k in rec["from_base"]})
     prefix = "init_" if config.preserve_output else "lora_"
     if prefix + "A" not in own or prefix + "B" not in own:
         raise _Refused("file lacks tensors the config lists", f"{name}.{prefix}A/B")
@@ -352,8 +329,6 @@ def _check_keys(config: dict, tensors: dict[str, Tensor], problems: _Problems) -
 def _plan_trainable(model: nn.Module, config: dict, tensors: dict[str, Tensor],
                     problems: _Problems) -> tuple[list[nn.Module], list[tuple[nn.Parameter, Tensor]]]:
     """The modules trained in full that the file names, and their parameters with the saved values."""
-    if not config.get("trainable_modules") and not config.get("trainable_params"):
-        return [], []
     modules = {n.replace(".base.", ".").removesuffix(".base"): m for n, m in model.named_modules()}
     params = {n.replace(".base.", "."): p for n, p in model.named_parameters(remove_duplicate=False)}
     found = [modules[n] for n in config.get("trainable_modules", []) if n in modules]
@@ -389,10 +364,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
     tensors = _read_tensors(path, config)
     name = adapter or config["adapter_name"]
     problems = _Problems()
-    problems.refuse_merged(model)
     _check_keys(config, tensors, problems)
-    modules = _candidates(model)
-    plans = {}
+    modules, plans = _candidates(model), {}
     for module_name, rec in config["modules"].items():
         try:
             if module_name not in modules:
@@ -401,19 +374,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
                                               check_base)
         except _Refused as refused:
             problems.add(*refused.args)
-    extra_modules, extra_values = _plan_trainable(model, config, tensors, problems)
+    extra_modules, copies = _plan_trainable(model, config, tensors, problems)  # copies: (parameter, saved value)
     problems.raise_if_any(name, path, model)
     for module_name, (adapter_config, initial, current) in plans.items():  # apply: nothing below can fail
         new = Adapter(adapter_config, initial)
         new.from_weight = check_base or bool(config["modules"][module_name]["from_base"])  # its A0, B0 are this W's
         wrap_layer(model, module_name, modules[module_name]).add(name, new)
-        with torch.no_grad():
-            for key, value in current.items():
-                p = getattr(new, key)
-                if p is not None and p.requires_grad:
-                    p.copy_(value)
+        copies += [(p, current[k]) for k, p in new.named_parameters() if p.requires_grad and k in current]
     with torch.no_grad():
-        for p, value in extra_values:
+        for p, value in copies:
             p.copy_(value)
     for module in extra_modules:
         setattr(module, _TRAINABLE, True)

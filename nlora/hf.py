@@ -3,8 +3,6 @@ not import it."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from transformers import TrainerCallback
 
 from .checkpoint import _resolve, save_adapter
@@ -22,7 +20,7 @@ class SaveAdapterCallback(TrainerCallback):
     def __init__(self, adapter: str | None = None) -> None:
         self.adapter = adapter
 
-    def _write(self, model, path: Path, state) -> None:
+    def _write(self, model, path: str, state) -> None:
         if state is None or state.is_world_process_zero:
             save_adapter(getattr(model, "module", model), path, adapter=self.adapter)
 
@@ -33,7 +31,7 @@ class SaveAdapterCallback(TrainerCallback):
             raise ValueError(f"SaveAdapterCallback: {err} (before building the Trainer)") from None
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        self._write(model, Path(args.output_dir) / f"checkpoint-{state.global_step}", state)
+        self._write(model, f"{args.output_dir}/checkpoint-{state.global_step}", state)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        self._write(model, Path(args.output_dir), state)
+        self._write(model, args.output_dir, state)

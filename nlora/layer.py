@@ -188,6 +188,39 @@ def _add_product(y: Tensor, x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, s
     return x, a, n, b, h1, h2
 
 
+def _term_forward(y: Tensor, x: Tensor, xk: Tensor | None, a: Tensor, n: Tensor | None, b: Tensor, s: float,
+                  h1: Tensor | None) -> tuple[tuple[bool, ...], list[Tensor | None]]:
+    """``y += s B N A x_k`` for 2-D ``y`` (``x_k``: ``x`` where ``None``; ``h1``: ``x Aᵀ`` if known). Returns whether
+    ``x_k, A, N, B`` want gradients (and whether ``x_k`` is ``x``), and what the backward needs of
+    ``(x_k, A, N, B, h1, h2)`` (``None`` for the rest)."""
+    tied = xk is None
+    xk = x if tied else xk
+    need_x, need_a, need_n, need_b = [t is not None and t.requires_grad for t in (xk, a, n, b)]
+    xk, a, n, b, h1, h2 = _add_product(y, xk.reshape(-1, xk.shape[-1]), a, n, b, s, h1 if tied else None)
+    back = need_x or need_a or need_n
+    return (need_x, need_a, need_n, need_b, tied), [xk if need_a else None, a if need_x else None,
+                                                    n if back else None, b if back else None,
+                                                    h1 if need_n else None, h2 if need_b else None]
+
+
+def _term_backward(g: Tensor, gx: Tensor | None, saved: list[Tensor | None], s: float, needs: tuple[bool, ...],
+                   gb: Tensor | None, shape: torch.Size) -> list[Tensor | None]:
+    """The gradients of one term's ``(x_k, A, N, B)`` from the 2-D output gradient ``g`` (``gb``: ``g B`` if known);
+    a term on the layer's own input adds its input gradient into ``gx`` in place instead."""
+    xk, a, n, b, h1, h2 = saved
+    need_x, need_a, need_n, need_b, tied = needs
+    grad_b = (torch.mm(g.t(), h2) * s if s != 1 else torch.mm(g.t(), h2)) if need_b else None
+    if not (need_x or need_a or need_n):
+        return [None, None, None, grad_b]
+    u = torch.mm(g, b) if gb is None else gb
+    u = u * s if s != 1 else u  # dL/dh2
+    v = u if n is None else torch.mm(u, n)  # dL/dh1
+    if need_x and tied:
+        gx.addmm_(v, a)
+    return [torch.mm(v, a).view(shape) if need_x and not tied else None, torch.mm(v.t(), xk) if need_a else None,
+            torch.mm(u.t(), h1) if need_n else None, grad_b]
+
+
 class _AdaptedLinear(torch.autograd.Function):
     """``y = base(x) + Σ_k s_k B_k N_k A_k x_k`` for a linear ``base`` with ``(out, in)`` weight ``w``, as one node.
 
@@ -212,20 +245,16 @@ class _AdaptedLinear(torch.autograd.Function):
         # what wants a gradient, read from the inputs (torch.compile traces this as it runs; ctx.needs_input_grad
         # was not always right inside a compiled forward)
         ctx.base_needs = (x.requires_grad, w.requires_grad, bias is not None and bias.requires_grad)
-        x2, y2, ctx.needs, saved = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1]), [], []
+        y2, ctx.needs, saved = y.view(-1, y.shape[-1]), [], []
         top = max(head for _, head in spec)
         top = y2[:, :top].clone() if top and bias is None and ctx.dt == w.dtype else None
         for k, (s, head) in enumerate(spec):
-            xk, a, n, b = flat[4 * k: 4 * k + 4]
-            tied = xk is None
-            need_x, need_a, need_n, need_b = [t is not None and t.requires_grad for t in (x if tied else xk, a, n, b)]
-            xk, a, n, b, h1, h2 = _add_product(y2, x2 if tied else xk.reshape(x2.shape), a, n, b, s,
-                                               top[:, :head] if top is not None and head and tied else None)
-            back = need_x or need_a or need_n
-            saved += [xk if need_a else None, a if need_x else None, n if back else None, b if back else None,
-                      h1 if need_n else None, h2 if need_b else None]
-            ctx.needs.append((need_x, need_a, need_n, need_b, tied))
-        ctx.save_for_backward(x2 if ctx.base_needs[1] else None, w if ctx.base_needs[0] else None, *saved)
+            needs, kept = _term_forward(y2, x, *flat[4 * k: 4 * k + 4], s, top[:, :head] if head and top is not None
+                                        else None)
+            ctx.needs.append(needs)
+            saved += kept
+        ctx.save_for_backward(x.reshape(-1, x.shape[-1]) if ctx.base_needs[1] else None,
+                              w if ctx.base_needs[0] else None, *saved)
         return y.to(ctx.out_dtype)
 
     @staticmethod
@@ -239,19 +268,9 @@ class _AdaptedLinear(torch.autograd.Function):
         top = max(head for _, head in ctx.spec)
         top = gx[:, :top].clone() if gx is not None and top else None
         grads = []
-        for k, ((s, head), (need_x, need_a, need_n, need_b, tied)) in enumerate(zip(ctx.spec, ctx.needs)):
-            xk, a, n, b, h1, h2 = saved[6 * k: 6 * k + 6]
-            gb = (torch.mm(g.t(), h2) * s if s != 1 else torch.mm(g.t(), h2)) if need_b else None
-            if not (need_x or need_a or need_n):
-                grads += [None, None, None, gb]
-                continue
-            u = top[:, :head] if top is not None and head else torch.mm(g, b)
-            u = u * s if s != 1 else u  # dL/dh2
-            v = u if n is None else torch.mm(u, n)  # dL/dh1
-            if need_x and tied:
-                gx.addmm_(v, a)
-            grads += [torch.mm(v, a).view(ctx.shape) if need_x and not tied else None,
-                      torch.mm(v.t(), xk) if need_a else None, torch.mm(u.t(), h1) if need_n else None, gb]
+        for k, ((s, head), needs) in enumerate(zip(ctx.spec, ctx.needs)):
+            grads += _term_backward(g, gx, saved[6 * k: 6 * k + 6], s, needs,
+                                    top[:, :head] if head and top is not None else None, ctx.shape)
         gx = None if gx is None else gx.view(ctx.shape)
         return gx, None, gw, g.sum(0) if base_bias else None, None, None, *grads
 

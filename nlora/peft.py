@@ -21,6 +21,8 @@ from .layer import Adapter, dense_weight, is_adaptable, is_conv1d
 from .model import (_TRAINABLE, _candidates, adapter_layers, set_adapter, trainable_module_names, unwrap,
                     wrap_layer)
 
+_PEFT_PREFIX = "base_model.model."  # PEFT's tensor names: this + the module name + ".lora_A.weight" and so on
+
 
 def _peft_pattern_key(keys: list[str], name: str) -> str:
     """How PEFT (>= 0.14) picks a rank_pattern/alpha_pattern key for a module name."""
@@ -49,19 +51,17 @@ def _target_modules(model: nn.Module, targets: list[str]) -> list[str] | str:
 def peft_factors(adapter: Adapter, weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``(A', B')`` with ``s B' A' = s (B N A - B0 N0 A0)``: the delta from the ORIGINAL weight (the second block only
     for inits that rewrote the base weight), ``N`` folded into ``B``."""
-    a, n, b = adapter.factors(weight)
-    blocks = [(a, b if n is None else b.double() @ n.double())]
+    blocks = [adapter.factors(weight)]  # (A, N, B)
     if adapter.config.preserve_output:
-        n0 = adapter.init_N
-        blocks.append((adapter.init_A, -(adapter.init_B.double() if n0 is None else adapter.init_B.double() @
-                                         n0.double())))
-    a = torch.cat([x.double() for x, _ in blocks], dim=0)
-    b = torch.cat([y.double() for _, y in blocks], dim=1)
+        blocks.append((adapter.init_A, adapter.init_N, -adapter.init_B))
+    a = torch.cat([x.double() for x, _, _ in blocks], dim=0)
+    b = torch.cat([y.double() if n is None else y.double() @ n.double() for _, n, y in blocks], dim=1)
     return a.to(dtype).contiguous(), b.to(dtype).contiguous()
 
 
 def _check_trainable(model: nn.Module, modules: list[str], adapted: list[str], saved: dict) -> None:
-    """Refuse trainable modules that PEFT's ``modules_to_save`` cannot express."""
+    """Refuse trainable modules that PEFT's ``modules_to_save`` cannot express: ones that hold adapted modules, ones
+    whose name other modules also end with, and ones whose weights are tied to weights outside them."""
     clash = [m for m in modules for t in adapted if t == m or t.startswith(m + ".")]
     if clash:
         raise ValueError(f"trainable modules {clash[:4]} are also (or contain) adapted modules; PEFT cannot express "
@@ -71,11 +71,6 @@ def _check_trainable(model: nn.Module, modules: list[str], adapted: list[str], s
     if suffix:
         raise ValueError(f"trainable module {suffix[0]!r}: PEFT's modules_to_save matching (suffix) would also pick "
                          f"other modules; rename it or leave it out")
-    _refuse_tied(model, modules, saved)
-
-
-def _refuse_tied(model: nn.Module, modules: list[str], saved: dict) -> None:
-    """Refuse trainable weights that are tied to weights outside the trainable modules."""
     ids = {id(p) for p in saved.values()}
     tied = sorted({n.replace(".base.", ".") for n, p in model.named_parameters(remove_duplicate=False)
                    if id(p) in ids and not any(n.startswith(m + ".") for m in modules)})
@@ -109,24 +104,16 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter: str | None =
         ad = layer.adapters[name]
         a, b = peft_factors(ad, layer.weight, dtype)
         ranks[module_name], alphas[module_name] = a.shape[0], ad.config.scaling * a.shape[0]  # PEFT: s = alpha / r
-        tensors[f"base_model.model.{module_name}.lora_A.weight"] = a
-        tensors[f"base_model.model.{module_name}.lora_B.weight"] = b
+        tensors.update({f"{_PEFT_PREFIX}{module_name}.lora_A.weight": a,
+                        f"{_PEFT_PREFIX}{module_name}.lora_B.weight": b})
     saved = trainable_params(model) if include_trainable else {}
     modules = trainable_module_names(model) if saved else []
     _check_trainable(model, modules, list(layers), saved)
-    tensors.update({f"base_model.model.{n}": p.detach().to(dtype if p.is_floating_point() else p.dtype)
+    tensors.update({_PEFT_PREFIX + n: p.detach().to(dtype if p.is_floating_point() else p.dtype)
                     for n, p in saved.items()})
-    config = _peft_config(model, layers, name, ranks, alphas, modules)
-    config["base_model_name_or_path"] = base_model_name_or_path or getattr(getattr(model, "config", None),
-                                                                           "_name_or_path", None)
-    return write_files(path, tensors, config, checksum=False)
-
-
-def _peft_config(model: nn.Module, layers: dict, name: str, ranks: dict, alphas: dict, modules: list[str]) -> dict:
-    """PEFT's ``adapter_config.json`` for these layers: the most common rank and alpha, patterns for the rest."""
-    r = Counter(ranks.values()).most_common(1)[0][0]
+    r = Counter(ranks.values()).most_common(1)[0][0]  # the most common rank and alpha; patterns for the rest
     alpha = Counter(alphas.values()).most_common(1)[0][0]
-    return {
+    config = {
         "peft_type": "LORA", "task_type": None, "inference_mode": True, "revision": None, "r": r, "lora_alpha": alpha,
         "target_modules": _target_modules(model, list(layers)),
         "lora_dropout": Counter(layer.adapters[name].config.dropout for layer in layers.values()).most_common(1)[0][0],
@@ -134,14 +121,16 @@ def _peft_config(model: nn.Module, layers: dict, name: str, ranks: dict, alphas:
         "bias": "none", "use_rslora": False, "use_dora": False, "modules_to_save": modules or None,
         "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": _patterns(ranks, r, "rank"), "alpha_pattern": _patterns(alphas, alpha, "alpha"),
+        "base_model_name_or_path": base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path",
+                                                                      None),
     }
+    return write_files(path, tensors, config, checksum=False)
 
 
 # PEFT LoRA features nlora does not have: config key -> what to call it (each refused by name)
 _PEFT_FEATURES = {"use_dora": "DoRA (use_dora)", "use_rslora": "rsLoRA (use_rslora)", "lora_bias": "LoRA bias "
                   "(lora_bias)", "use_qalora": "QALoRA (use_qalora)", "target_parameters": "parameter targets "
                   "(target_parameters)", "trainable_token_indices": "trainable tokens (trainable_token_indices)"}
-_PEFT_PREFIX = "base_model.model."
 
 
 def _read_peft(path: Path) -> tuple[dict, dict[str, Tensor]]:
@@ -182,14 +171,13 @@ def _plan_peft(model: nn.Module, config: dict, tensors: dict[str, Tensor], adapt
         if b is None or a.dim() != 2 or a.shape[1] != in_f or tuple(b.shape) != (out_f, a.shape[0]):
             problems.add("lora_A/lora_B shapes do not fit the layer", f"{name} ({out_f} x {in_f})", "an adapter for "
                          "another architecture (or size)? import it into the model it was trained on")
-            continue
-        if adapter in getattr(module, "adapters", {}):
+        elif adapter in getattr(module, "adapters", {}):
             problems.add("already holds an adapter of that name", name, "pass adapter='<new name>'")
-            continue
-        alpha = alphas.get(_peft_pattern_key(list(alphas), name), config.get("lora_alpha", 8))
-        adapter_config = AdapterConfig.build(rank=a.shape[0], alpha=float(alpha), init="lora",
-                                             dropout=float(config.get("lora_dropout") or 0.0))
-        plans[name] = (module, adapter_config, Factors(a, None, b))
+        else:
+            alpha = alphas.get(_peft_pattern_key(list(alphas), name), config.get("lora_alpha", 8))
+            adapter_config = AdapterConfig.build(rank=a.shape[0], alpha=float(alpha), init="lora",
+                                                 dropout=float(config.get("lora_dropout") or 0.0))
+            plans[name] = (module, adapter_config, Factors(a, None, b))
     if not names:
         problems.add("no lora_A / lora_B tensors", "adapter_model", "pass a PEFT LoRA adapter directory")
     return plans
@@ -218,16 +206,14 @@ def import_peft(model: nn.Module, path: str | os.PathLike, adapter: str = "defau
         if name not in params or params[name].shape != t.shape:  # a layer wrapped by nlora is refused here too
             problems.add("modules_to_save weight missing from the model, of another shape, or in a layer nlora "
                          "adapts", name, "import it into the model it was trained on, without nlora adapters there")
-    problems.refuse_merged(model)
     problems.raise_if_any(adapter, path, model, verb="import")
     for name, (module, adapter_config, factors) in plans.items():
         wrap_layer(model, name, module).add(adapter, Adapter(adapter_config, factors))
     with torch.no_grad():
         for name, t in saved.items():
             params[name].copy_(t)
-    kept = config.get("modules_to_save") or []
     for name, module in _candidates(model).items() if saved else ():
-        if any(name.endswith(k) for k in kept):  # PEFT's rule for modules_to_save
+        if any(name.endswith(k) for k in config.get("modules_to_save") or []):  # PEFT's rule for modules_to_save
             setattr(module, _TRAINABLE, True)
     set_adapter(model, adapter)
     return model
