@@ -143,9 +143,12 @@ class Adapter(nn.Module):
         names = ("lora_N",) if self.config.train == "middle" else ("lora_A", "lora_N", "lora_B")
         return [p for p in (getattr(self, n) for n in names) if p is not None]
 
-    def forward(self, x: Tensor | None, weight: Tensor, sign: float = 1.0, initial: bool = False) -> Term:
+    def forward(self, x: Tensor | None, weight: Tensor, sign: float = 1.0, initial: bool = False,
+                on_w0: bool = False) -> Term:
         """This adapter's term ``(dropout(x), A, N, B, sign · s, head)`` of the layer's forward (``initial``: the
-        init's factors); ``x`` is ``None`` for the layer's own input (no dropout). Called as a module so that hooks on
+        init's factors); ``x`` is ``None`` for the layer's own input (no dropout). ``head``: A and B are the first r
+        rows and columns of the weight the base multiplies by (IntTune on the paper's index, or, ``on_w0``: a base
+        still holding the original weight, the initial factors of a Nyström init). Called as a module so that hooks on
         it run (FSDP2 unshards a ``fully_shard``-ed adapter's parameters in its pre-forward hook). A pending
         (meta-injected) adapter refuses."""
         if self.pending:
@@ -153,7 +156,8 @@ class Adapter(nn.Module):
                                f"yet; materialise the model (to_empty), load the base weights, then call "
                                f"nlora.initialize_adapters(model)")
         a, n, b = (self.init_A, self.init_N, self.init_B) if initial else self.factors(weight)
-        head = self.reads_base and not initial and self.config.options.get("index", "first") == "first"
+        nystrom_w0 = on_w0 and self.from_weight and self.config.init.startswith("nystrom")
+        head = (nystrom_w0 if initial else self.reads_base) and self.config.options.get("index", "first") == "first"
         return None if x is None or self.dropout is None else self.dropout(x), a, n, b, sign * self.scaling, head
 
     def extra_repr(self) -> str:
@@ -487,7 +491,7 @@ class NLoRALinear(nn.Module):
             return self.original_terms()
         active = [self.adapters[n] for n in self.unmerged_active()]
         if self.four_bit:  # W is W0: an active output-preserving adapter's initial delta is subtracted here
-            return [a(x, w) for a in active] + [a(None, w, -1.0, initial=True) for a in active
+            return [a(x, w) for a in active] + [a(None, w, -1.0, initial=True, on_w0=True) for a in active
                                                  if a.config.preserve_output]
         inactive = [self.adapters[n] for n in self.preserving if n not in self.active_adapters]
         return [a(x, w) for a in active] + [a(None, w, initial=True) for a in inactive]  # each relative to W0

@@ -377,17 +377,16 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def trainable_summary(model: nn.Module) -> str:
     """A table of the adapted modules grouped by their last name part (q_proj, ...): count, shapes, ranks, inits and
     trainable parameters, then the model's trainable / total parameters."""
-    groups: dict[str, list] = {}
+    groups: dict[str, list[NLoRALinear]] = {}
     for name, layer in adapter_layers(model).items():
-        g = groups.setdefault(name.split(".")[-1], [0, set(), set(), set(), 0])
-        g[0] += 1
-        g[1].add(f"{layer.out_features}x{layer.in_features}")
-        g[2].update(str(a.config.rank) for a in layer.adapters.values())
-        g[3].update(f"{n}:{a.config.init}/{a.config.train}" for n, a in layer.adapters.items())
-        g[4] += sum(p.numel() for p in layer.adapters.parameters() if p.requires_grad)
-    rows = [("module", "count", "out x in", "rank", "adapter:init/train", "trainable")] + [
-        (k, str(n), ",".join(sorted(sh)), ",".join(sorted(rk, key=int)), ",".join(sorted(it)), f"{tr:,}")
-        for k, (n, sh, rk, it, tr) in groups.items()]
+        groups.setdefault(name.split(".")[-1], []).append(layer)
+    rows = [("module", "count", "out x in", "rank", "adapter:init/train", "trainable")]
+    for key, layers in groups.items():
+        adapters = [(n, a) for layer in layers for n, a in layer.adapters.items()]
+        rows.append((key, str(len(layers)), ",".join(sorted({f"{m.out_features}x{m.in_features}" for m in layers})),
+                     ",".join(sorted({str(a.config.rank) for _, a in adapters}, key=int)),
+                     ",".join(sorted({f"{n}:{a.config.init}/{a.config.train}" for n, a in adapters})),
+                     f"{sum(p.numel() for m in layers for p in m.adapters.parameters() if p.requires_grad):,}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     extra = trainable_module_names(model)
