@@ -11,9 +11,6 @@ import torch
 
 from .inits import get_init
 
-TRAIN_MODES = ("all", "middle")
-
-
 @dataclass(frozen=True)
 class AdapterConfig:
     """One adapter ``ΔW = (alpha / rank) · B N A`` in torch layout (``A (r, in)``, ``N (r, r)``, ``B (out, r)``).
@@ -52,7 +49,7 @@ class AdapterConfig:
         _check_number("dropout", self.dropout, (int, float), lambda v: 0 <= v < 1, "a number in [0, 1)")
         if self.seed is not None:
             _check_number("seed", self.seed, int, lambda v: True, "an int or None")
-        if self.train not in TRAIN_MODES:
+        if self.train not in ("all", "middle"):
             raise ValueError(f"train={self.train!r}: choose 'all' (A, N, B) or 'middle' (IntTune: only N)")
         if self.train == "middle" and not spec.has_middle:
             raise ValueError(f"train='middle' trains only N, but init {self.init!r} has no middle matrix; "

@@ -78,48 +78,41 @@ def _refuse_overflow(factors: dict[str, Factors], dtype: torch.dtype, init: str)
                              f"init='nystrom-optimal', or a larger rcond")
 
 
-def _initialise(weights: dict[str, Tensor], configs: dict[str, AdapterConfig],
-                generators: dict[str, torch.Generator | None]) -> dict[str, Factors]:
-    """The init's factors of real (not meta) weights, through its batched form where it has one."""
-    if not weights:
-        return {}
-    spec, options = get_init(configs[next(iter(weights))].init), configs[next(iter(weights))].options
-    names = list(weights)
-    ranks, scalings = [configs[n].rank for n in names], [configs[n].scaling for n in names]
-    gens = [generators[n] for n in names]
-    made = (spec.many([weights[n] for n in names], ranks, scalings=scalings, generators=gens, **options)
-            if spec.many is not None else
-            [spec.fn(weights[n], k, scaling=s, generator=g, **options)
-             for n, k, s, g in zip(names, ranks, scalings, gens)])
-    out = dict(zip(names, made))
-    for n in (n for n in names if sharded.is_dtensor(weights[n]) and generators[n] is None):
-        out[n] = Factors(*(None if t is None else sharded.broadcast(t, weights[n]) for t in vars(out[n]).values()))
-    return out  # unseeded draws on sharded weights may differ by rank: rank 0's were taken
+def _rank0(f: Factors, w: Tensor, generator: torch.Generator | None) -> Factors:
+    """``f``; for a sharded ``w`` drawn without a generator (the draws may differ by rank), rank 0's ``f``."""
+    if generator is not None or not sharded.is_dtensor(w):
+        return f
+    return Factors(*(None if t is None else sharded.broadcast(t, w) for t in vars(f).values()))
 
 
 def compute_factors(weights: dict[str, Tensor], configs: dict[str, AdapterConfig],
                     generators: dict[str, torch.Generator | None]) -> dict[str, Factors]:
-    """Every layer's initial factors (all configs share one init and its options); meta weights get meta factors.
-    Refuses non-finite weights (data-driven inits) and factors that overflow the adapter dtype; changes nothing."""
+    """Every layer's initial factors (all configs share one init and its options): real weights through the init's
+    batched form where it has one, meta weights get meta factors. Refuses non-finite weights (data-driven inits) and
+    factors that overflow the adapter dtype; changes nothing."""
     config = next(iter(configs.values()))
-    data_driven = get_init(config.init).data_driven
+    spec = get_init(config.init)
     real = {n: w for n, w in weights.items() if not sharded.is_meta(w)}
-    if data_driven:
+    if spec.data_driven:
         _refuse_nonfinite(real, config.init)
-    out = {n: meta_factors(w.shape, configs[n]) for n, w in weights.items() if n not in real}
-    made = _initialise(real, configs, generators)
-    if data_driven:
-        _refuse_overflow(made, config.adapter_dtype, config.init)
-    return {**out, **made}
+    ranks, scalings = [configs[n].rank for n in real], [configs[n].scaling for n in real]
+    gens = [generators[n] for n in real]
+    made = (spec.many(list(real.values()), ranks, scalings=scalings, generators=gens, **config.options)
+            if spec.many is not None else
+            [spec.fn(w, k, scaling=s, generator=g, **config.options)
+             for w, k, s, g in zip(real.values(), ranks, scalings, gens)])
+    out = {n: _rank0(f, real[n], generators[n]) for n, f in zip(real, made)}
+    if spec.data_driven:
+        _refuse_overflow(out, config.adapter_dtype, config.init)
+    meta = {n: meta_factors(w.shape, configs[n]) for n, w in weights.items() if n not in real}
+    return {**meta, **out}
 
 
 def warn_if_moved(factors: dict[str, Factors], weights: dict[str, Tensor], configs: dict[str, AdapterConfig]) -> None:
     """Warn once when an init that keeps the base weight moves the layers a lot: the median ||s B N A|| / ||W|| over
     the layers is above ``MOVED_A_LOT``. For iid entries of std σ it is about r·σ², which the message reports too."""
     ratios, rule = [], []
-    names = list(factors)
-    for name in names[:: max(1, len(names) // 16)]:  # a spread sample of at most ~16 layers is enough for a median
-        f = factors[name]
+    for name, f in list(factors.items())[:: max(1, len(factors) // 16)]:  # ~16 spread layers are enough for a median
         w = weights[name]
         if f.N is None or f.A.is_meta or sharded.is_dtensor(w):
             continue

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import sharded
-from .nystrom import INDEX_METHODS, check_rcond, optimal_cores, select_indices, truncated_pinv
+from .nystrom import optimal_cores, select_indices, truncated_pinv
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,8 @@ def register_init(name: str, *, data_driven: bool, has_middle: bool, preserve_de
     """Decorator: register ``fn(weight, rank, *, scaling, generator, **options) -> Factors`` as ``name``."""
 
     def wrap(fn: Callable[..., Factors]) -> Callable[..., Factors]:
-        params = inspect.signature(fn).parameters.values()
-        options = tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("scaling", "generator"))
+        options = tuple(p.name for p in inspect.signature(fn).parameters.values()
+                        if p.kind is p.KEYWORD_ONLY and p.name not in ("scaling", "generator"))
         INITIALIZERS[name] = InitSpec(name, fn, data_driven, has_middle, preserve_default, preserve_fixed, zero_delta,
                                       options)
         return fn
@@ -89,10 +89,6 @@ def _kaiming(rows: int, cols: int, device: torch.device, generator: torch.Genera
     return nn.init.kaiming_uniform_(torch.empty(rows, cols, device=device), a=math.sqrt(5), generator=generator)
 
 
-def _gaussian(rows: int, cols: int, std: float, device: torch.device, generator: torch.Generator | None) -> Tensor:
-    return torch.randn(rows, cols, device=device, generator=generator) * std
-
-
 @register_init("lora", data_driven=False, has_middle=False, zero_delta=True)
 def init_lora(weight: Tensor, rank: int, *, scaling: float, generator: torch.Generator | None = None) -> Factors:
     """Plain LoRA (Hu et al.): ``A`` Kaiming-uniform (a=√5, as nn.Linear), ``B = 0``, no middle matrix."""
@@ -105,7 +101,7 @@ def init_lora(weight: Tensor, rank: int, *, scaling: float, generator: torch.Gen
 def init_gaussian(weight: Tensor, rank: int, *, scaling: float, generator: torch.Generator | None = None) -> Factors:
     """LoRA with ``A ~ N(0, std=1/r)`` (PEFT's ``"gaussian"``), ``B = 0``, no middle matrix."""
     out_features, in_features = weight.shape
-    return Factors(_gaussian(rank, in_features, 1.0 / rank, weight.device, generator), None,
+    return Factors(torch.randn(rank, in_features, device=weight.device, generator=generator) * (1.0 / rank), None,
                    torch.zeros(out_features, rank, device=weight.device))
 
 
@@ -119,7 +115,7 @@ def init_slora(weight: Tensor, rank: int, *, scaling: float, generator: torch.Ge
     out_features, in_features = weight.shape
     a = _kaiming(rank, in_features, weight.device, generator)
     n = (_kaiming(rank, rank, weight.device, generator) if middle == "kaiming"
-         else _gaussian(rank, rank, 1.0 / rank, weight.device, generator))
+         else torch.randn(rank, rank, device=weight.device, generator=generator) * (1.0 / rank))
     return Factors(a, n, torch.zeros(out_features, rank, device=weight.device))
 
 
@@ -133,15 +129,6 @@ def nystrom_slices(weight: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, 
     return r.to(dtype, copy=True), c.to(dtype, copy=True)
 
 
-def _nystrom(weight: Tensor, rank: int, index: str, generator: torch.Generator | None) -> Factors:
-    """``Factors(R, U, C)``: sampled rows ``R = W[I, :]``, their core ``U = W[I, J]``, columns ``C = W[:, J]``."""
-    if index not in INDEX_METHODS:
-        raise ValueError(f"index={index!r}: choose one of {INDEX_METHODS}")
-    rows, cols = select_indices(weight, rank, index, generator)
-    r, c = nystrom_slices(weight, rows, cols)
-    return Factors(r, r[:, cols], c, rows, cols)
-
-
 @register_init("nystrom", data_driven=True, has_middle=True)
 def init_nystrom(weight: Tensor, rank: int, *, scaling: float, generator: torch.Generator | None = None,
                  index: str = "first") -> Factors:
@@ -151,7 +138,9 @@ def init_nystrom(weight: Tensor, rank: int, *, scaling: float, generator: torch.
     The base weight is left as it is, so the output changes at init by ``scaling * B N A``
     (``preserve_output=True`` subtracts that from the base weight instead).
     """
-    return _nystrom(weight, rank, index, generator)
+    rows, cols = select_indices(weight, rank, index, generator)
+    r, c = nystrom_slices(weight, rows, cols)
+    return Factors(r, r[:, cols], c, rows, cols)
 
 
 @register_init("nystrom-pinv", data_driven=True, has_middle=True, preserve_default=True)
@@ -180,19 +169,19 @@ def init_nystrom_optimal(weight: Tensor, rank: int, *, scaling: float, generator
 
 
 def _batched(weights: Sequence[Tensor], ranks: Sequence[int], scalings: Sequence[float],
-             generators: Sequence[torch.Generator | None], index: str, rcond: float | None,
+             generators: Sequence[torch.Generator | None], index: str,
              cores: Callable[[list[int], list[Factors]], list[Tensor]]) -> list[Factors]:
-    """The batched Nyström inits: each layer's slices in layer order (the same draws as one by one), then ``cores``
-    once per group of layers of equal rank and device, each core divided by its layer's scaling."""
-    check_rcond(rcond)
-    slices = [_nystrom(w, k, index, g) for w, k, g in zip(weights, ranks, generators)]
+    """The batched Nyström inits: each layer's ``init_nystrom`` factors ``(R, U, C)`` in layer order (the same draws
+    as one by one), then ``cores`` once per group of layers of equal rank and device, each core divided by its layer's
+    scaling."""
+    out = [init_nystrom(w, k, scaling=s, generator=g, index=index)
+           for w, k, s, g in zip(weights, ranks, scalings, generators)]
     groups: dict[tuple, list[int]] = {}
     for i, (w, k) in enumerate(zip(weights, ranks)):
         groups.setdefault((k, sharded.local_view(w).device), []).append(i)
-    out: list[Factors] = list(slices)
     for members in groups.values():
-        for i, core in zip(members, cores(members, [slices[i] for i in members])):
-            out[i] = replace(slices[i], N=core / scalings[i])
+        for i, core in zip(members, cores(members, [out[i] for i in members])):
+            out[i] = replace(out[i], N=core / scalings[i])
     return out
 
 
@@ -201,7 +190,7 @@ def init_nystrom_pinv_many(weights: Sequence[Tensor], ranks: Sequence[int], *, s
                            generators: Sequence[torch.Generator | None], index: str = "first",
                            rcond: float | None = 0.1) -> list[Factors]:
     """``init_nystrom_pinv`` of many layers: the r x r cores of each group of equal rank in one batched pinv."""
-    return _batched(weights, ranks, scalings, generators, index, rcond,
+    return _batched(weights, ranks, scalings, generators, index,
                     lambda members, sl: truncated_pinv(torch.stack([f.N for f in sl]), rcond).unbind(0))
 
 
@@ -210,7 +199,7 @@ def init_nystrom_optimal_many(weights: Sequence[Tensor], ranks: Sequence[int], *
                               generators: Sequence[torch.Generator | None], index: str = "first",
                               rcond: float | None = None) -> list[Factors]:
     """``init_nystrom_optimal`` of many layers: per layer the product ``Cᵀ W``, then the r x r work as one batch."""
-    return _batched(weights, ranks, scalings, generators, index, rcond,
+    return _batched(weights, ranks, scalings, generators, index,
                     lambda members, sl: optimal_cores([weights[i] for i in members], [f.B for f in sl],
                                                       [f.A for f in sl], rcond))
 
@@ -227,12 +216,11 @@ def init_pissa(weight: Tensor, rank: int, *, scaling: float, generator: torch.Ge
         raise ValueError(f"pissa option svd={svd!r}: choose 'full' or 'lowrank'")
     w = sharded.full(weight).float()
     if svd == "full":
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)  # cut to rank r below (svd_lowrank's already are)
     else:
         with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
             if generator is not None:
                 torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)))
             u, s, v = torch.svd_lowrank(w, q=rank, niter=niter)
         vh = v.T
-    return Factors(vh.contiguous(), torch.diag(s) / scaling, u.contiguous())
+    return Factors(vh[:rank].contiguous(), torch.diag(s[:rank]) / scaling, u[:, :rank].contiguous())

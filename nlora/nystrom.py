@@ -7,6 +7,7 @@ Everything here is a pure function: tensors in, tensors out, nothing modified.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -27,23 +28,16 @@ def select_indices(
     replacement; ``"norm"`` samples without replacement with probability proportional to the squared
     row / column norms (length-squared sampling, the classic Nyström/CUR choice).
     """
-    out_features, in_features = weight.shape
     if method == "first":
-        rows = torch.arange(rank, device=weight.device)
-        cols = torch.arange(rank, device=weight.device)
-        return rows, cols
+        return torch.arange(rank, device=weight.device), torch.arange(rank, device=weight.device)
     gen_device = generator.device if generator is not None else weight.device
     if method == "random":
-        rows = torch.randperm(out_features, generator=generator, device=gen_device)[:rank]
-        cols = torch.randperm(in_features, generator=generator, device=gen_device)[:rank]
-    elif method == "norm":
-        row_p = sharded.sq_norms(weight, 0)
-        col_p = sharded.sq_norms(weight, 1)
-        rows = _sample_by_weight(row_p.to(gen_device), rank, generator)
-        cols = _sample_by_weight(col_p.to(gen_device), rank, generator)
+        picks = [torch.randperm(size, generator=generator, device=gen_device)[:rank] for size in weight.shape]
+    elif method == "norm":  # rows (dim 0), then columns (dim 1)
+        picks = [_sample_by_weight(sharded.sq_norms(weight, dim).to(gen_device), rank, generator) for dim in (0, 1)]
     else:
-        raise ValueError(f"unknown index method {method!r}; choose one of {INDEX_METHODS}")
-    return rows.sort().values.to(weight.device), cols.sort().values.to(weight.device)
+        raise ValueError(f"index={method!r}: choose one of {INDEX_METHODS}")
+    return tuple(p.sort().values.to(weight.device) for p in picks)
 
 
 def _sample_by_weight(p: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
@@ -55,11 +49,10 @@ def _sample_by_weight(p: Tensor, k: int, generator: torch.Generator | None) -> T
 def regularised_pinv(core: Tensor, rcond: float | None = None) -> Tensor:
     """``torch.linalg.pinv``: drops singular values below ``rcond * σ_max`` (``None``: torch's default cutoff) by an
     SVD. The reference for ``truncated_pinv``."""
-    return torch.linalg.pinv(core) if rcond is None else torch.linalg.pinv(core, rtol=rcond)
+    return torch.linalg.pinv(core, rtol=rcond)
 
 
 _STACK = 32  # optimal_cores stacks at most this many layers' slices in fp64 at once
-_EPS64 = torch.finfo(torch.float64).eps
 
 
 def default_rtol(rows: int, cols: int, dtype: torch.dtype = torch.float32) -> float:
@@ -80,7 +73,7 @@ def _cutoff(rows: int, cols: int, rcond: float | None, dtype: torch.dtype) -> fl
     ``None``: ``default_rtol`` for ``dtype``), at least ``4 (rows + cols) eps64``, the rounding of an fp64 Gram: below
     it a Gram eigenvalue is noise (never binds for fp32 defaults; binds for tiny rcond or fp64 defaults)."""
     rtol = default_rtol(rows, cols, dtype) if rcond is None else float(rcond)
-    return max(rtol * rtol, 4 * (rows + cols) * _EPS64)
+    return max(rtol * rtol, 4 * (rows + cols) * torch.finfo(torch.float64).eps)
 
 
 _SQUARINGS = 8  # λ_max bound tr(G^256)^(1/256): never below λ_max, at most k^(1/256) above it (< 2% at k = 128)
@@ -145,20 +138,15 @@ def truncated_pinv(mat: Tensor, rcond: float | None = None) -> Tensor:
     return (g_pinv @ x.mT if tall else x.mT @ g_pinv).to(out_dtype)
 
 
-_MM_OUT_DTYPE: dict[tuple[str, torch.dtype], bool] = {}
-
-
+@functools.cache
 def mm_out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``torch.mm(..., out_dtype=torch.float32)`` (aten::mm.dtype: CUDA, torch >= 2.8) runs here for
     ``dtype``."""
-    key = (device.type, dtype)
-    if key not in _MM_OUT_DTYPE:
-        try:
-            z = torch.zeros(2, 2, dtype=dtype, device=device)
-            _MM_OUT_DTYPE[key] = torch.mm(z, z, out_dtype=torch.float32).dtype == torch.float32
-        except (TypeError, RuntimeError, NotImplementedError):
-            _MM_OUT_DTYPE[key] = False
-    return _MM_OUT_DTYPE[key]
+    try:
+        z = torch.zeros(2, 2, dtype=dtype, device=device)
+        return torch.mm(z, z, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
 
 
 def left_multiply(m: Tensor, weight: Tensor, chunk: int = 4096) -> Tensor:
@@ -171,8 +159,7 @@ def left_multiply(m: Tensor, weight: Tensor, chunk: int = 4096) -> Tensor:
         return sharded.left_matmul(m, weight)
     if weight.dtype == m.dtype:
         return m @ weight
-    blocks = [m @ weight[:, j : j + chunk].to(m.dtype) for j in range(0, weight.shape[1], chunk)]
-    return torch.cat(blocks, dim=1)
+    return torch.cat([m @ weight[:, j : j + chunk].to(m.dtype) for j in range(0, weight.shape[1], chunk)], dim=1)
 
 
 def _ct_w(c: Tensor, weight: Tensor) -> Tensor:
@@ -189,9 +176,8 @@ def optimal_core(weight: Tensor, rows: Tensor, cols: Tensor, rcond: float | None
     """The Frobenius-optimal core ``C⁺ W R⁺`` for ``C = W[:, cols]`` and ``R = W[rows, :]`` (fp32): one layer of
     ``optimal_cores``. The pseudo-inverses drop singular values below ``rcond σ_max`` (``None``: torch's default for
     each slice's shape); a low-precision or sharded ``W`` is never upcast whole."""
-    c = sharded.take(weight, cols, 1).float()
-    r = sharded.take(weight, rows, 0).float()
-    return optimal_cores([weight], [c], [r], rcond)[0]
+    return optimal_cores([weight], [sharded.take(weight, cols, 1).float()], [sharded.take(weight, rows, 0).float()],
+                         rcond)[0]
 
 
 def optimal_cores(weights: Sequence[Tensor], cs: Sequence[Tensor], rs: Sequence[Tensor],
@@ -208,23 +194,19 @@ def optimal_cores(weights: Sequence[Tensor], cs: Sequence[Tensor], rs: Sequence[
     for i, (c, r) in enumerate(zip(cs, rs)):
         by_shape.setdefault((c.shape[0], r.shape[1]), []).append(i)
     chunks = [idx[j : j + _STACK] for idx in by_shape.values() for j in range(0, len(idx), _STACK)]
-    c_grams, r_grams, ys = [], [], []
+    c_grams, r_grams, ys, c_cuts, r_cuts = [], [], [], [], []
     for chunk in chunks:
-        c64 = torch.stack([cs[i] for i in chunk]).double()
-        r64 = torch.stack([rs[i] for i in chunk]).double()
-        ctw = torch.stack([_ct_w(cs[i], weights[i]) for i in chunk]).double()
+        c64 = torch.stack([cs[i] for i in chunk]).double()  # (b, out, r)
+        r64 = torch.stack([rs[i] for i in chunk]).double()  # (b, r, in)
         c_grams.append(c64.mT @ c64)
         r_grams.append(r64 @ r64.mT)
-        ys.append(ctw @ r64.mT)  # Cᵀ W Rᵀ
-    k = cs[0].shape[1]
-    shapes = [(len(ch), cs[ch[0]].shape[0], rs[ch[0]].shape[1]) for ch in chunks]
-    cuts = ([(b, _cutoff(out, k, rcond, torch.float32)) for b, out, _ in shapes]
-            + [(b, _cutoff(k, inp, rcond, torch.float32)) for b, _, inp in shapes])
-    pinvs = _gram_pinv(torch.cat(c_grams + r_grams), cuts)  # (CᵀC)⁺ of all layers, then (RRᵀ)⁺
-    n = len(weights)
-    cores = ((pinvs[:n] @ torch.cat(ys) @ pinvs[n:]).float() / scaling).unbind(0)
+        ys.append(torch.stack([_ct_w(cs[i], weights[i]) for i in chunk]).double() @ r64.mT)  # Cᵀ W Rᵀ
+        c_cuts.append((len(chunk), _cutoff(*c64.shape[1:], rcond, torch.float32)))
+        r_cuts.append((len(chunk), _cutoff(*r64.shape[1:], rcond, torch.float32)))
+    c_pinvs, r_pinvs = _gram_pinv(torch.cat(c_grams + r_grams), c_cuts + r_cuts).split(len(weights))  # (CᵀC)⁺, (RRᵀ)⁺
+    cores = ((c_pinvs @ torch.cat(ys) @ r_pinvs).float() / scaling).unbind(0)
     by_index = dict(zip((i for ch in chunks for i in ch), cores))
-    return [by_index[i] for i in range(n)]
+    return [by_index[i] for i in range(len(weights))]
 
 
 def nystrom_reconstruct(weight: Tensor, rows: Tensor, cols: Tensor, rcond: float | None = None) -> Tensor:

@@ -44,7 +44,7 @@ def test_index_selection_is_distinct_sorted_and_seeded(out_f, in_f, data, method
 def test_first_indices_are_the_papers_and_unknown_methods_are_refused():
     rows, cols = select_indices(torch.randn(9, 7), 4)
     assert torch.equal(rows, torch.arange(4)) and torch.equal(cols, torch.arange(4))
-    with pytest.raises(ValueError, match="unknown index method 'svd'"):
+    with pytest.raises(ValueError, match="index='svd': choose one of"):
         select_indices(torch.randn(9, 7), 4, "svd")
 
 
