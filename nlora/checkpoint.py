@@ -235,9 +235,9 @@ class _Problems(dict):
                              f"changed:\n" + "\n".join(lines))
 
 
-def _check_entry(name: str, rec: Any, default: dict, module: nn.Module, adapter: str) -> tuple[AdapterConfig, Tensor]:
-    """The module's config from its entry and the ``(out, in)`` weight it goes on; refused: a damaged entry, a module
-    already holding an adapter of that name, or one that is not a Linear/Conv1D of the saved kind and shape."""
+def _check_entry(name: str, rec: Any, default: dict, module: nn.Module) -> tuple[AdapterConfig, Tensor]:
+    """The module's config from its entry and the ``(out, in)`` weight it goes on; refused: a damaged entry, or a
+    module that is not a Linear/Conv1D of the saved kind and shape."""
     try:
         config = AdapterConfig.from_dict({**default, **rec["config"]})
         shape = rec["shape"]
@@ -250,9 +250,6 @@ def _check_entry(name: str, rec: Any, default: dict, module: nn.Module, adapter:
         raise _Refused("has an invalid config entry", f"{name}: kind {rec['kind']!r}, shape {shape!r}, rank "
                        f"{config.rank} and the tensor lists {rec['stored']!r}, {rec['from_base']!r} are not a valid "
                        f"layer")
-    if isinstance(module, NLoRALinear) and adapter in module.adapters:
-        raise _Refused("already has an adapter of that name", name,
-                       "pass adapter='<new name>' to load it under another name, or nlora.delete_adapter first")
     base = unwrap(module)
     if not is_adaptable(base):
         raise _Refused("is not a Linear/Conv1D in this model", f"{name} ({type(module).__name__})", _OTHER_MODEL)
@@ -285,11 +282,29 @@ def _check_tensors(name: str, own: dict[str, Tensor], config: AdapterConfig, w: 
     return index[0].to(w.device, torch.int64), index[1].to(w.device, torch.int64)
 
 
+def _slices_from_base(name: str, rec: dict, config: AdapterConfig, w: Tensor, rows: Tensor | None,
+                      cols: Tensor | None, check_base: bool) -> dict[str, Tensor]:
+    """The factors a compact file left out, sliced again from the base weight and checked against the digest of the
+    saved slices (or of their cast to the base's lower precision)."""
+    if rows is None:
+        raise _Refused("has invalid index sets", f"{name}: rebuilt from the base but no index stored")
+    r, c = (t.to(w.dtype) for t in nystrom_slices(w, rows, cols))
+    same = _digest(r.to(config.adapter_dtype), c.to(config.adapter_dtype)) == rec.get("slice_digest")
+    low = (rec.get("slice_digest_low") or {}).get(str(w.dtype)[6:])  # the base cast to a lower precision
+    if check_base and not same and (low is None or _digest(r, c) != low):
+        raise _Refused("base weight slices differ from the ones saved (wrong base model, or a different "
+                       "checkpoint)", name, "load the base checkpoint it was saved on (in its dtype or a "
+                       "lower-precision cast of it), or pass check_base=False to put it on this one on purpose")
+    return {k: (r if k.endswith("_A") else c) for k in rec["from_base"]}
+
+
 def _plan_module(name: str, rec: Any, default: dict, tensors: dict[str, Tensor], module: nn.Module, adapter: str,
                  check_base: bool) -> tuple:
-    """Check one module against the file: ``(config, initial factors, current factors)``, or ``_Refused``. The factors
-    a compact file left out are sliced again from the base weight, checked against the digest of the saved slices."""
-    config, w = _check_entry(name, rec, default, module, adapter)
+    """Check one module against the file: ``(config, initial factors, current factors)``, or ``_Refused``."""
+    if isinstance(module, NLoRALinear) and adapter in module.adapters:
+        raise _Refused("already has an adapter of that name", name,
+                       "pass adapter='<new name>' to load it under another name, or nlora.delete_adapter first")
+    config, w = _check_entry(name, rec, default, module)
     own = {k: tensors[f"{name}.{k}"].to(w.device) for k in rec["stored"] if f"{name}.{k}" in tensors}
     rows, cols = _check_tensors(name, own, config, w)
     now = weight_sample(w) if check_base and "base_sample" in own else None
@@ -298,16 +313,7 @@ def _plan_module(name: str, rec: Any, default: dict, tensors: dict[str, Tensor],
                        "checkpoint)", name, "load the base checkpoint it was trained on, or pass check_base=False to "
                        "put it on this one on purpose")
     if rec["from_base"]:
-        if rows is None:
-            raise _Refused("has invalid index sets", f"{name}: rebuilt from the base but no index stored")
-        r, c = (t.to(w.dtype) for t in nystrom_slices(w, rows, cols))
-        same = _digest(r.to(config.adapter_dtype), c.to(config.adapter_dtype)) == rec.get("slice_digest")
-        low = (rec.get("slice_digest_low") or {}).get(str(w.dtype)[6:])  # the base cast to a lower precision
-        if check_base and not same and (low is None or _digest(r, c) != low):
-            raise _Refused("base weight slices differ from the ones saved (wrong base model, or a different "
-                           "checkpoint)", name, "load the base checkpoint it was saved on (in its dtype or a "
-                           "lower-precision cast of it), or pass check_base=False to put it on this one on purpose")
-        own.update({k: (r if k.endswith("_A") else c) for k in rec["from_base"]})
+        own.update(_slices_from_base(name, rec, config, w, rows, cols, check_base))
     prefix = "init_" if config.preserve_output else "lora_"
     if prefix + "A" not in own or prefix + "B" not in own:
         raise _Refused("file lacks tensors the config lists", f"{name}.{prefix}A/B")

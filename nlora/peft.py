@@ -62,12 +62,12 @@ def peft_factors(adapter: Adapter, weight: Tensor, dtype: torch.dtype) -> tuple[
 def _check_trainable(model: nn.Module, modules: list[str], adapted: list[str], saved: dict) -> None:
     """Refuse trainable modules that PEFT's ``modules_to_save`` cannot express: ones that hold adapted modules, ones
     whose name other modules also end with, and ones whose weights are tied to weights outside them."""
-    clash = [m for m in modules for t in adapted if t == m or t.startswith(m + ".")]
+    clash = [m for m in modules for t in adapted if (t + ".").startswith(m + ".")]  # t is m or inside m
     if clash:
         raise ValueError(f"trainable modules {clash[:4]} are also (or contain) adapted modules; PEFT cannot express "
                          f"that: drop them from trainable, or export without them")
     names = list(_candidates(model))
-    suffix = [m for m in modules if any(n.endswith(m) and n != m and not n.startswith(m + ".") for n in names)]
+    suffix = [m for m in modules if any(n.endswith(m) and not (n + ".").startswith(m + ".") for n in names)]
     if suffix:
         raise ValueError(f"trainable module {suffix[0]!r}: PEFT's modules_to_save matching (suffix) would also pick "
                          f"other modules; rename it or leave it out")
@@ -156,7 +156,8 @@ def _read_peft(path: Path) -> tuple[dict, dict[str, Tensor]]:
 
 def _plan_peft(model: nn.Module, config: dict, tensors: dict[str, Tensor], adapter: str,
                problems: _Problems) -> dict[str, tuple[nn.Module, AdapterConfig, Factors]]:
-    """Every adapted module of the file, checked against the model: ``{name: (module, config, factors)}``."""
+    """Every adapted module of the file, checked against the model: ``{name: (module, config, factors)}``; LoRA
+    tensors of other layer types are problems."""
     modules, plans = _candidates(model), {}
     names = sorted(k[len(_PEFT_PREFIX):-len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight"))
     alphas = config.get("alpha_pattern") or {}
@@ -168,7 +169,7 @@ def _plan_peft(model: nn.Module, config: dict, tensors: dict[str, Tensor], adapt
                          "it into the model it was trained on")
             continue
         out_f, in_f = dense_weight(unwrap(module)).shape  # a 4-bit weight's real (out, in)
-        if b is None or a.dim() != 2 or a.shape[1] != in_f or tuple(b.shape) != (out_f, a.shape[0]):
+        if b is None or a.shape[1:] != (in_f,) or tuple(b.shape) != (out_f, a.shape[0]):
             problems.add("lora_A/lora_B shapes do not fit the layer", f"{name} ({out_f} x {in_f})", "an adapter for "
                          "another architecture (or size)? import it into the model it was trained on")
         elif adapter in getattr(module, "adapters", {}):
@@ -180,6 +181,10 @@ def _plan_peft(model: nn.Module, config: dict, tensors: dict[str, Tensor], adapt
             plans[name] = (module, adapter_config, Factors(a, None, b))
     if not names:
         problems.add("no lora_A / lora_B tensors", "adapter_model", "pass a PEFT LoRA adapter directory")
+    for key in tensors:  # e.g. lora_embedding_A/B: a LoRA on an Embedding, which nlora does not adapt
+        if ".lora_" in key and not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            problems.add("LoRA tensors of a layer type nlora does not adapt", key,
+                         "retrain without it, or load it with peft")
     return plans
 
 
@@ -196,10 +201,6 @@ def import_peft(model: nn.Module, path: str | os.PathLike, adapter: str = "defau
     config, tensors = _read_peft(path)
     problems = _Problems()
     plans = _plan_peft(model, config, tensors, adapter, problems)
-    other = [k for k in tensors if ".lora_" in k and not k.endswith((".lora_A.weight", ".lora_B.weight"))]
-    for key in other:  # e.g. lora_embedding_A/B: a LoRA on an Embedding, which nlora does not adapt
-        problems.add("LoRA tensors of a layer type nlora does not adapt", key,
-                     "retrain without it, or load it with peft")
     saved = {k[len(_PEFT_PREFIX):]: t for k, t in tensors.items() if ".lora_" not in k}
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, t in saved.items():
