@@ -30,31 +30,28 @@ def initialize_adapters(model: nn.Module) -> list[tuple[str, str]]:
     shard. Inits that preserve the output subtract their initial delta from the base weight here. All factors are
     computed before anything is written, so an error leaves the model as it was. Returns the pairs it initialised.
     """
-    layers = adapter_layers(model)
+    layers, pending = adapter_layers(model), pending_adapters(model)
     plans = []
-    for name, adapter_name in pending_adapters(model):  # compute everything first; nothing is modified
+    for name, adapter_name in pending:  # compute everything first; nothing is modified
         layer = layers[name]
         adapter = layer.adapters[adapter_name]
-        w = layer.weight
-        on_meta = [n for n, t in [("base weight", w), *adapter.named_parameters()] if sharded.is_meta(t)]
+        on_meta = [n for n, t in [("base weight", layer.weight), *adapter.named_parameters()] if sharded.is_meta(t)]
         if on_meta:
             raise ValueError(f"{name}: {', '.join(on_meta)} still on the meta device; call model.to_empty(device=...) "
                              f"and load the base weights before initialize_adapters")
-        generator = module_generator(adapter.config.seed, name, sharded.local_view(w).device)
-        factors = compute_factors({name: w}, {name: adapter.config}, {name: generator})[name]
-        plans.append((name, adapter_name, layer, adapter, factors))
-    for name, adapter_name, layer, adapter, factors in plans:
+        generator = module_generator(adapter.config.seed, name, sharded.local_view(layer.weight).device)
+        factors = compute_factors({name: layer.weight}, {name: adapter.config}, {name: generator})[name]
+        plans.append((layer, adapter, factors))
+    for layer, adapter, factors in plans:
         adapter.fill(factors)
         layer.settle(adapter)
-    return [(name, adapter_name) for name, adapter_name, *_ in plans]
+    return pending
 
 
 def remap_base_keys(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """A pretrained checkpoint's keys renamed for the injected model: ``<module>.weight`` of an adapted module becomes
     ``<module>.base.weight`` (same for the bias and buffers); every other key is kept. Load the result with
     ``strict=False`` (the adapter parameters are not in it) and check that the missing keys are adapter ones."""
-    moved = {}
-    for name, layer in adapter_layers(model).items():
-        for key, _ in [*layer.base.named_parameters(recurse=False), *layer.base.named_buffers(recurse=False)]:
-            moved[f"{name}.{key}"] = f"{name}.base.{key}"
+    moved = {f"{name}.{key}": f"{name}.base.{key}" for name, layer in adapter_layers(model).items()
+             for key, _ in [*layer.base.named_parameters(recurse=False), *layer.base.named_buffers(recurse=False)]}
     return {moved.get(k, k): v for k, v in state_dict.items()}

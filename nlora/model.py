@@ -68,11 +68,10 @@ def output_head_names(model: nn.Module) -> set[str]:
     models), any module named ``lm_head``, and the ``classifier`` / ``score`` of ``*For{Sequence,Token}Classification``
     models (train those with ``inject(trainable=[...])``)."""
     classifier = type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification"))
-    heads = {name for name, _ in model.named_modules()
-             if name.split(".")[-1] == "lm_head" or (classifier and name.split(".")[-1] in ("classifier", "score"))}
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
-    return heads | {name for name, m in model.named_modules() if head is not None and m is head}
+    return {name for name, m in _walk(model) if m is head or name.split(".")[-1] == "lm_head"
+            or (classifier and name.split(".")[-1] in ("classifier", "score"))}
 
 
 def _pattern_value(name: str, patterns: dict | None, default):
@@ -87,15 +86,19 @@ def _targetable(module: nn.Module) -> bool:
     return is_adaptable(module) or isinstance(module, NLoRALinear)
 
 
-def _unmatched(names: list[str], entries: Sequence[str], what: str, model: nn.Module) -> None:
-    """Raise if an entry of a list matches no module name, suggesting close names."""
-    missing = [e for e in entries if not any(_matches(n, [e]) for n in names)]
+def _listed(model: nn.Module, candidates: dict[str, nn.Module], entries: Sequence[str],
+            what: str) -> dict[str, nn.Module]:
+    """The candidates that a list of names picks (see ``_matches``); raise if an entry matches none of them,
+    suggesting close names."""
+    missing = [e for e in entries if not any(_matches(n, [e]) for n in candidates)]
     if missing:
-        parts = sorted({p for n in names for p in (n, n.split(".")[-1])})
+        parts = sorted({p for n in candidates for p in (n, n.split(".")[-1])})
         hints = {m: difflib.get_close_matches(m, parts, n=3) for m in missing}
         said = "; ".join(f"{m!r}" + (f" (did you mean {', '.join(map(repr, h))}?)" if h else "")
                          for m, h in hints.items())
-        raise ValueError(f"{what} entries match no module of {type(model).__name__}: {said}; nothing was changed")
+        raise ValueError(f"{what}={list(entries)!r}: entries match no module of {type(model).__name__}: {said}; "
+                         f"nothing was changed")
+    return {n: m for n, m in candidates.items() if _matches(n, entries)}
 
 
 def _matching(model: nn.Module, candidates: dict[str, nn.Module], targets: Targets) -> dict[str, nn.Module]:
@@ -103,12 +106,11 @@ def _matching(model: nn.Module, candidates: dict[str, nn.Module], targets: Targe
     if targets == "all-linear":
         heads = output_head_names(model)
         return {n: m for n, m in candidates.items() if _targetable(m) and n not in heads}
-    if not isinstance(targets, str):
-        if isinstance(targets, (bytes, dict)) or not targets or not all(isinstance(t, str) for t in targets):
-            raise TypeError(f"targets must be a regex string, 'all-linear' or a non-empty list of names, got "
-                            f"{targets!r}")
-        _unmatched(list(candidates), list(targets), f"targets={list(targets)!r}:", model)
-    return {n: m for n, m in candidates.items() if _matches(n, targets)}
+    if isinstance(targets, str):
+        return {n: m for n, m in candidates.items() if _matches(n, targets)}
+    if isinstance(targets, (bytes, dict)) or not targets or not all(isinstance(t, str) for t in targets):
+        raise TypeError(f"targets must be a regex string, 'all-linear' or a non-empty list of names, got {targets!r}")
+    return _listed(model, candidates, targets, "targets")
 
 
 def _kept(name: str, exclude: Targets | None, layers: Sequence[int] | int | None) -> bool:
@@ -205,7 +207,9 @@ def _chosen_and_trainable(model: nn.Module, targets: Targets, exclude: Targets |
     if merged:
         raise ValueError(f"adapters are merged in {merged[:4]}; call nlora.unmerge(model) before injecting")
     chosen = select_targets(model, targets, exclude, layers)
-    extra = _trainable_modules(model, trainable)
+    if trainable and isinstance(trainable, str):
+        raise TypeError(f"trainable={trainable!r} must be a list of module names, e.g. [{trainable!r}]")
+    extra = _listed(model, _candidates(model), trainable, "trainable") if trainable else {}
     chosen = {n: m for n, m in chosen.items() if not any(n == e or n.startswith(e + ".") for e in extra)}
     if not chosen:
         raise ValueError(f"targets={targets!r} only matched the trainable modules {sorted(extra)}; target other "
@@ -213,26 +217,14 @@ def _chosen_and_trainable(model: nn.Module, targets: Targets, exclude: Targets |
     return chosen, extra
 
 
-def _trainable_modules(model: nn.Module, trainable: Sequence[str] | None) -> dict[str, nn.Module]:
-    if not trainable:
-        return {}
-    if isinstance(trainable, str):
-        raise TypeError(f"trainable={trainable!r} must be a list of module names, e.g. [{trainable!r}]")
-    candidates = _candidates(model)
-    _unmatched(list(candidates), list(trainable), f"trainable={list(trainable)!r}:", model)
-    return {n: m for n, m in candidates.items() if _matches(n, list(trainable))}
-
-
 def _refresh_requires_grad(model: nn.Module, layers: dict[str, NLoRALinear]) -> None:
     """Freeze everything, then unfreeze the active adapters' trainable parameters and the trainable modules."""
     model.requires_grad_(False)
-    for module in model.modules():
-        if getattr(module, _TRAINABLE, False):
-            module.requires_grad_(True)
-    for layer in layers.values():
-        for name in layer.active_adapters:
-            for p in layer.adapters[name].trainable_parameters():
-                p.requires_grad_(True)
+    params = [p for m in model.modules() if getattr(m, _TRAINABLE, False) for p in m.parameters()]
+    params += [p for layer in layers.values() for name in layer.active_adapters
+               for p in layer.adapters[name].trainable_parameters()]
+    for p in params:
+        p.requires_grad_(True)
 
 
 def _require_adapters(model: nn.Module) -> dict[str, NLoRALinear]:
@@ -282,7 +274,6 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         layer.remove(name)
         if not layer.adapters:
             _set_module(model, module_name, layer.base)
-            del layers[module_name]
     _refresh_requires_grad(model, layers)
 
 
@@ -296,7 +287,6 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
                          f"use nlora.merge_and_unload(model) for a dequantised merged model; nothing was merged")
     if not layers:
         warnings.warn("every active adapter is already merged; merge did nothing", stacklevel=2)
-        return model
     if safe:
         _refuse_nonfinite_merge(layers.values())
     for layer in layers.values():
@@ -357,15 +347,14 @@ def _clear_trainable(model: nn.Module) -> None:
 def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes the original pretrained outputs (merged adapters and init residuals are
     undone on the fly); on exit the adapters are back."""
-    layers = _require_adapters(model)
-    before = {name: layer.disabled for name, layer in layers.items()}  # nested blocks restore the outer state
-    for layer in layers.values():
+    before = {layer: layer.disabled for layer in _require_adapters(model).values()}
+    for layer in before:
         layer.disabled = True
     try:
         yield model
     finally:
-        for name, layer in layers.items():
-            layer.disabled = before[name]
+        for layer, disabled in before.items():  # nested blocks restore the outer state
+            layer.disabled = disabled
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -27,63 +27,36 @@ def is_dtensor(t: object) -> bool:
 
 def is_meta(t: Tensor) -> bool:
     """Whether ``t`` (or a DTensor's local shard) lives on the meta device: shapes only, no values."""
-    return (t.to_local() if is_dtensor(t) else t).is_meta
-
-
-def _single_shard(w: Tensor) -> tuple[int, int] | None:
-    """``(mesh_dim, tensor_dim)`` of the one sharding placement, ``None`` if fully replicated; raises
-    ``NotImplementedError`` for layouts with several sharded mesh dims or partial values."""
-    shards = [(i, p.dim) for i, p in enumerate(w.placements) if isinstance(p, Shard)]
-    if len(shards) > 1 or any(not isinstance(p, (Shard, Replicate)) for p in w.placements):
-        raise NotImplementedError(w.placements)
-    return shards[0] if shards else None
-
-
-def local_range(w: Tensor, mesh_dim: int, dim: int) -> tuple[int, int]:
-    """``[start, stop)`` of this rank's shard of ``w`` along ``dim`` (DTensor's ``torch.chunk`` layout)."""
-    n = w.shape[dim]
-    size = w.device_mesh.size(mesh_dim)
-    chunk = -(-n // size)
-    start = min(w.device_mesh.get_local_rank(mesh_dim) * chunk, n)
-    return start, start + w.to_local().shape[dim]
-
-
-def _replicated(w: Tensor, local: Tensor, mesh_dim: int, placement) -> Tensor:
-    """Combine per-rank pieces into one plain tensor, identical on every rank."""
-    placements = [Replicate()] * w.device_mesh.ndim
-    placements[mesh_dim] = placement
-    shape = list(w.shape)
-    if isinstance(placement, Partial):
-        shape = list(local.shape)
-    else:  # a Shard: the other dim is the selected one, keep the global size along the sharded dim
-        shape[1 - placement.dim] = local.shape[1 - placement.dim]
-    stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(local, w.device_mesh, placements, run_check=False, shape=torch.Size(shape),
-                              stride=stride).full_tensor()
+    return local_view(t).is_meta
 
 
 def take(w: Tensor, index: Tensor, dim: int) -> Tensor:
     """``w.index_select(dim, index)`` as a plain tensor; for a DTensor only the selected slices travel."""
     if not is_dtensor(w):
         return w.index_select(dim, index)
-    try:
-        shard = _single_shard(w)
-    except NotImplementedError:
-        return w.full_tensor().index_select(dim, index)
+    shards = [(i, p.dim) for i, p in enumerate(w.placements) if isinstance(p, Shard)]
+    if len(shards) > 1 or not all(isinstance(p, (Shard, Replicate)) for p in w.placements):
+        return w.full_tensor().index_select(dim, index)  # several sharded mesh dims, or partial values
     local = w.to_local()
     index = index.to(local.device)
-    if shard is None:
+    if not shards:
         return local.index_select(dim, index)
-    mesh_dim, sharded_dim = shard
-    if sharded_dim != dim:  # every rank holds all selected slices, for its part of the other dim
-        return _replicated(w, local.index_select(dim, index).contiguous(), mesh_dim, Shard(sharded_dim))
-    start, stop = local_range(w, mesh_dim, dim)
-    mine = ((index >= start) & (index < stop)).nonzero().flatten()
-    shape = list(local.shape)
+    mesh_dim, sharded_dim = shards[0]
+    shape = list(w.shape)
     shape[dim] = index.numel()
-    out = torch.zeros(shape, dtype=local.dtype, device=local.device)
-    out.index_copy_(dim, mine, local.index_select(dim, index[mine] - start))
-    return _replicated(w, out, mesh_dim, Partial())  # zeros plus one value per entry: the sum is exact
+    placements = [Replicate()] * w.device_mesh.ndim
+    if sharded_dim != dim:  # every rank holds all selected slices, for its part of the other dim
+        placements[mesh_dim] = Shard(sharded_dim)
+        out = local.index_select(dim, index).contiguous()
+    else:  # the selected slices in this rank's shard, zeros elsewhere
+        chunk = -(-w.shape[dim] // w.device_mesh.size(mesh_dim))  # DTensor's torch.chunk layout
+        start = min(w.device_mesh.get_local_rank(mesh_dim) * chunk, w.shape[dim])
+        mine = ((index >= start) & (index < start + local.shape[dim])).nonzero().flatten()
+        placements[mesh_dim] = Partial()  # one rank gives each entry, the others zeros: the sum is exact
+        out = torch.zeros(shape, dtype=local.dtype, device=local.device)
+        out.index_copy_(dim, mine, local.index_select(dim, index[mine] - start))
+    return DTensor.from_local(out, w.device_mesh, placements, run_check=False, shape=torch.Size(shape),
+                              stride=(shape[1], 1)).full_tensor()
 
 
 def sq_norms(w: Tensor, dim: int) -> Tensor:
