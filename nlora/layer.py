@@ -59,8 +59,7 @@ def weight_sample(weight: Tensor) -> Tensor | None:
     on its own device and dtype; ``None`` for a weight without local data (meta, sharded)."""
     if weight.is_meta or sharded.is_dtensor(weight):
         return None
-    with torch.no_grad():
-        return torch.take(weight, torch.tensor(sample_positions(weight.numel()), device=weight.device))
+    return torch.take(weight.detach(), torch.tensor(sample_positions(weight.numel()), device=weight.device))
 
 
 def sample_positions(numel: int) -> list[int]:
@@ -98,10 +97,9 @@ class Adapter(nn.Module):
     def fill(self, factors: Factors) -> None:
         """Give a pending (meta-injected) adapter its values, in place: FSDP2 may have sharded its parameters."""
         with torch.no_grad():
-            for name, t in (("lora_A", factors.A), ("lora_N", factors.N), ("lora_B", factors.B)):
-                p = getattr(self, name)
-                if p is not None:
-                    sharded.local_view(p).copy_(sharded.local_part(t.to(p.dtype), p))
+            for name, p in self.named_parameters():  # lora_A, lora_N, lora_B: the factors it keeps
+                t = getattr(factors, name.removeprefix("lora_"))
+                sharded.local_view(p).copy_(sharded.local_part(t.to(p.dtype), p))
         self._set_buffers(factors, share=False)
         self.pending = False
 
@@ -110,8 +108,7 @@ class Adapter(nn.Module):
         device = sharded.local_view(self.lora_N if self.lora_A is None else self.lora_A).device
         for name, t in (("init_A", factors.A), ("init_N", factors.N), ("init_B", factors.B)):
             own = getattr(self, "lora" + name[4:])
-            keep = self.config.preserve_output and t is not None
-            if not keep:
+            if not self.config.preserve_output or t is None:
                 value = None
             elif share and own is not None and not own.requires_grad:  # a frozen factor is its own initial value
                 value = own.detach()
@@ -140,8 +137,7 @@ class Adapter(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters this adapter trains: A, N, B for ``train="all"``, only N for ``"middle"`` (IntTune)."""
-        names = ("lora_N",) if self.config.train == "middle" else ("lora_A", "lora_N", "lora_B")
-        return [p for p in (getattr(self, n) for n in names) if p is not None]
+        return [p for name, p in self.named_parameters() if self.config.train == "all" or name == "lora_N"]
 
     def forward(self, x: Tensor | None, weight: Tensor, sign: float = 1.0, initial: bool = False,
                 on_w0: bool = False) -> Term:
@@ -192,26 +188,27 @@ def _add_product(y: Tensor, x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, s
     return x, a, n, b, h1, h2
 
 
-def _term_forward(y: Tensor, x: Tensor, xk: Tensor | None, a: Tensor, n: Tensor | None, b: Tensor, s: float,
-                  h1: Tensor | None) -> tuple[tuple[bool, ...], list[Tensor | None]]:
-    """``y += s B N A x_k`` for 2-D ``y`` (``x_k``: ``x`` where ``None``; ``h1``: ``x Aᵀ`` if known). Returns whether
-    ``x_k, A, N, B`` want gradients (and whether ``x_k`` is ``x``), and what the backward needs of
-    ``(x_k, A, N, B, h1, h2)`` (``None`` for the rest)."""
+def _term_forward(needs: list[tuple[bool, ...]], y: Tensor, x: Tensor, xk: Tensor | None, a: Tensor,
+                  n: Tensor | None, b: Tensor, s: float, h1: Tensor | None) -> list[Tensor | None]:
+    """``y += s B N A x_k`` for 2-D ``y`` (``x_k``: ``x`` where ``None``; ``h1``: ``x Aᵀ`` if known). Appends to
+    ``needs`` whether ``x_k, A, N, B`` want gradients (and whether ``x_k`` is ``x``); returns what the backward needs
+    of ``(x_k, A, N, B, h1, h2)`` (``None`` for the rest)."""
     tied = xk is None
     xk = x if tied else xk
     need_x, need_a, need_n, need_b = [t is not None and t.requires_grad for t in (xk, a, n, b)]
     xk, a, n, b, h1, h2 = _add_product(y, xk.reshape(-1, xk.shape[-1]), a, n, b, s, h1 if tied else None)
     back = need_x or need_a or need_n
-    return (need_x, need_a, need_n, need_b, tied), [xk if need_a else None, a if need_x else None,
-                                                    n if back else None, b if back else None,
-                                                    h1 if need_n else None, h2 if need_b else None]
+    needs.append((need_x, need_a, need_n, need_b, tied))
+    return [xk if need_a else None, a if need_x else None, n if back else None, b if back else None,
+            h1 if need_n else None, h2 if need_b else None]
 
 
-def _term_backward(g: Tensor, gx: Tensor | None, saved: list[Tensor | None], s: float, needs: tuple[bool, ...],
-                   gb: Tensor | None, shape: torch.Size) -> list[Tensor | None]:
-    """The gradients of one term's ``(x_k, A, N, B)`` from the 2-D output gradient ``g`` (``gb``: ``g B`` if known);
-    a term on the layer's own input adds its input gradient into ``gx`` in place instead."""
-    xk, a, n, b, h1, h2 = saved
+def _term_backward(g: Tensor, gx: Tensor | None, s: float, needs: tuple[bool, ...], gb: Tensor | None,
+                   shape: torch.Size, xk: Tensor | None, a: Tensor | None, n: Tensor | None, b: Tensor | None,
+                   h1: Tensor | None, h2: Tensor | None) -> list[Tensor | None]:
+    """The gradients of one term's ``(x_k, A, N, B)`` from the 2-D output gradient ``g`` (``gb``: ``g B`` if known)
+    and what its forward saved of ``(x_k, A, N, B, h1, h2)``; a term on the layer's own input adds its input gradient
+    into ``gx`` in place instead."""
     need_x, need_a, need_n, need_b, tied = needs
     grad_b = (torch.mm(g.t(), h2) * s if s != 1 else torch.mm(g.t(), h2)) if need_b else None
     if not (need_x or need_a or need_n):
@@ -250,13 +247,11 @@ class _AdaptedLinear(torch.autograd.Function):
         # was not always right inside a compiled forward)
         ctx.base_needs = (x.requires_grad, w.requires_grad, bias is not None and bias.requires_grad)
         y2, ctx.needs, saved = y.view(-1, y.shape[-1]), [], []
-        top = max(head for _, head in spec)
-        top = y2[:, :top].clone() if top and bias is None and ctx.dt == w.dtype else None
+        ctx.top = max(head for _, head in spec)
+        top = y2[:, :ctx.top].clone() if ctx.top and bias is None and ctx.dt == w.dtype else None
         for k, (s, head) in enumerate(spec):
-            needs, kept = _term_forward(y2, x, *flat[4 * k: 4 * k + 4], s, top[:, :head] if head and top is not None
-                                        else None)
-            ctx.needs.append(needs)
-            saved += kept
+            saved += _term_forward(ctx.needs, y2, x, *flat[4 * k: 4 * k + 4], s,
+                                   top[:, :head] if head and top is not None else None)
         ctx.save_for_backward(x.reshape(-1, x.shape[-1]) if ctx.base_needs[1] else None,
                               w if ctx.base_needs[0] else None, *saved)
         return y.to(ctx.out_dtype)
@@ -266,17 +261,14 @@ class _AdaptedLinear(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         x, w, *saved = ctx.saved_tensors
         (base_x, base_w, base_bias), g = ctx.base_needs, _cast(g.reshape(-1, g.shape[-1]), ctx.dt)
-        w = dense_weight(ctx.four_bit) if ctx.four_bit is not None and base_x else w
-        gx = torch.mm(g, _cast(w, g.dtype)) if base_x else None
+        gx = torch.mm(g, _cast(w if ctx.four_bit is None else dense_weight(ctx.four_bit), g.dtype)) if base_x else None
         gw = torch.mm(g.t(), _cast(x, g.dtype)) if base_w else None  # only if the user unfroze the base weight
-        top = max(head for _, head in ctx.spec)
-        top = gx[:, :top].clone() if gx is not None and top else None
+        top = gx[:, :ctx.top].clone() if gx is not None and ctx.top else None
         grads = []
         for k, ((s, head), needs) in enumerate(zip(ctx.spec, ctx.needs)):
-            grads += _term_backward(g, gx, saved[6 * k: 6 * k + 6], s, needs,
-                                    top[:, :head] if head and top is not None else None, ctx.shape)
-        gx = None if gx is None else gx.view(ctx.shape)
-        return gx, None, gw, g.sum(0) if base_bias else None, None, None, *grads
+            grads += _term_backward(g, gx, s, needs, top[:, :head] if head and top is not None else None, ctx.shape,
+                                    *saved[6 * k: 6 * k + 6])
+        return gx.view(ctx.shape) if base_x else None, None, gw, g.sum(0) if base_bias else None, None, None, *grads
 
 
 def build_adapter(base: nn.Module, config: AdapterConfig, label: str,
@@ -306,15 +298,15 @@ class NLoRALinear(nn.Module):
         if not is_adaptable(base):
             raise TypeError(f"{name or type(base).__name__}: NLoRALinear wraps nn.Linear or HF Conv1D, "
                             f"got {type(base).__name__}; target its Linear sub-modules instead")
-        config = AdapterConfig.build(rank=rank, alpha=alpha, init=init, **kwargs)
-        module = build_adapter(base, config, name or type(base).__name__, generator)
-        super().__init__()
+        module = build_adapter(base, AdapterConfig.build(rank=rank, alpha=alpha, init=init, **kwargs),
+                               name or type(base).__name__, generator)
         self._wrap(base, name)
         self.add(adapter, module)
         self.active_adapters = (adapter,)
 
     def _wrap(self, base: nn.Module, name: str) -> "NLoRALinear":
-        self.base = base
+        nn.Module.__init__(self)
+        self.base = base.requires_grad_(False)
         self.adapters = nn.ModuleDict()
         self.active_adapters: tuple[str, ...] = ()
         self.merged_adapters: tuple[str, ...] = ()
@@ -322,16 +314,13 @@ class NLoRALinear(nn.Module):
         self.routing = None  # set by nlora.route: each batch row through its own adapter
         self.preserving: tuple[str, ...] = ()  # adapters whose init rewrote the weight (a forward gives them back)
         self.module_name = name
-        base.requires_grad_(False)
         self.training = base.training  # a wrapper (and its adapters) starts in the mode of the layer it wraps
         return self
 
     @classmethod
     def wrapping(cls, base: nn.Module, name: str = "") -> "NLoRALinear":
         """An ``NLoRALinear`` around ``base`` that holds no adapter yet."""
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        return layer._wrap(base, name)
+        return cls.__new__(cls)._wrap(base, name)
 
     @property
     def weight(self) -> Tensor:
@@ -387,10 +376,9 @@ class NLoRALinear(nn.Module):
         """Delete an adapter; an init that moved the base weight gives its initial delta back first."""
         if adapter_name in self.merged_adapters:
             raise ValueError(f"{self.module_name}: adapter {adapter_name!r} is merged; unmerge it before deleting it")
-        adapter = self.adapters[adapter_name]
+        adapter = self.adapters.pop(adapter_name)
         if adapter.config.preserve_output and not adapter.pending and not self.four_bit:
             self.add_to_weight([adapter(None, self.weight, initial=True)])
-        del self.adapters[adapter_name]
         self.preserving = tuple(n for n in self.preserving if n != adapter_name)
         self.set_active(self.active_adapters)
 
@@ -398,10 +386,9 @@ class NLoRALinear(nn.Module):
     def weight_plus(self, terms: list[Term]) -> Tensor:
         """This rank's block of ``W + Σ s B N A`` in fp32 (fp64 for an fp64 weight), not yet written anywhere."""
         w = self.weight
-        dt = torch.promote_types(w.dtype, torch.float32)
-        acc = sharded.local_view(dense_weight(self.base)).to(dt, copy=True)
+        acc = sharded.local_view(dense_weight(self.base)).to(torch.promote_types(w.dtype, torch.float32), copy=True)
         if sharded.is_dtensor(w):  # each rank adds its block of the full delta
-            return acc.add_(sharded.local_part(_add_terms(torch.zeros(w.shape, dtype=dt, device=acc.device), terms), w))
+            return acc.add_(sharded.local_part(_add_terms(acc.new_zeros(w.shape), terms), w))
         return _add_terms(acc, terms)
 
     def add_to_weight(self, terms: list[Term], safe: bool = False) -> None:
@@ -411,18 +398,18 @@ class NLoRALinear(nn.Module):
                              f"nlora never writes (that would requantise it); use nlora.merge_and_unload(model) for "
                              f"a dequantised merged model")
         w = self.weight
-        readers = any(a.reads_base for a in self.adapters.values())
-        if not (safe or readers or sharded.is_dtensor(w) or w.dtype.itemsize < 4):
-            with torch.no_grad():  # an fp32/fp64 weight that no factor reads: the same sums, in place (no copies of W)
-                _add_terms(w, terms)
-            return
-        new = self.weight_plus(terms)
-        if safe and not sharded.all_ranks_true(bool(new.isfinite().all()), w):
-            raise ValueError(f"{self.module_name}: merging would put NaN/Inf into the weight; nothing was changed")
-        for adapter in self.adapters.values():  # they read A, B from the weight: copy them before it changes
-            adapter.own_factors(w)
         with torch.no_grad():
-            sharded.local_view(w).copy_(new)
+            if (safe or any(a.reads_base for a in self.adapters.values()) or sharded.is_dtensor(w)
+                    or w.dtype.itemsize < 4):
+                new = self.weight_plus(terms)
+                if safe and not sharded.all_ranks_true(bool(new.isfinite().all()), w):
+                    raise ValueError(f"{self.module_name}: merging would put NaN/Inf into the weight; "
+                                     f"nothing was changed")
+                for adapter in self.adapters.values():  # they read A, B from the weight: copy them before it changes
+                    adapter.own_factors(w)
+                sharded.local_view(w).copy_(new)
+            else:  # an fp32/fp64 weight that no factor reads: the same sums, in place (no copies of W)
+                _add_terms(w, terms)
 
     def unmerged_active(self) -> list[str]:
         """The names of the active adapters not yet merged into the weight: what ``merge`` would fold in."""
@@ -434,8 +421,7 @@ class NLoRALinear(nn.Module):
 
     def merge(self, safe: bool = False) -> None:
         """Fold every active, unmerged adapter into the base weight (warns if there is none)."""
-        todo = self.unmerged_active()
-        if not todo:
+        if not (todo := self.unmerged_active()):
             warnings.warn(f"{self.module_name}: all active adapters are already merged; nothing to do", stacklevel=2)
             return
         self.add_to_weight(self.merge_terms(), safe=safe)
@@ -468,10 +454,7 @@ class NLoRALinear(nn.Module):
         base, dense = self.base, dense_weight(self.base)
         plain = nn.Linear(dense.shape[1], dense.shape[0], bias=base.bias is not None, device=dense.device,
                           dtype=dense.dtype).requires_grad_(False)
-        with torch.no_grad():
-            plain.weight.copy_(dense)
-            if base.bias is not None:
-                plain.bias.copy_(base.bias)
+        plain.load_state_dict({"weight": dense} if base.bias is None else {"weight": dense, "bias": base.bias})
         self.base = plain
         if terms := [self.adapters[n](None, self.weight, -1.0, initial=True) for n in self.preserving]:
             self.add_to_weight(terms)
@@ -480,8 +463,7 @@ class NLoRALinear(nn.Module):
         """An adapter's ``s · B N A`` (``initial``: its init's ``s · B0 N0 A0``) as an fp32 ``(out, in)`` tensor."""
         adapter = self.active() if adapter_name is None else self.adapters[adapter_name]
         w = sharded.local_view(dense_weight(self.base))
-        delta = torch.zeros((self.out_features, self.in_features), dtype=torch.promote_types(w.dtype, torch.float32),
-                            device=w.device)
+        delta = w.new_zeros((self.out_features, self.in_features), dtype=torch.promote_types(w.dtype, torch.float32))
         return _add_terms(delta, [adapter(None, self.weight, initial=initial)])
 
     # -- forward ---------------------------------------------------------------------------------------------------
@@ -493,8 +475,8 @@ class NLoRALinear(nn.Module):
         if self.four_bit:  # W is W0: an active output-preserving adapter's initial delta is subtracted here
             return [a(x, w) for a in active] + [a(None, w, -1.0, initial=True, on_w0=True) for a in active
                                                  if a.config.preserve_output]
-        inactive = [self.adapters[n] for n in self.preserving if n not in self.active_adapters]
-        return [a(x, w) for a in active] + [a(None, w, initial=True) for a in inactive]  # each relative to W0
+        return [a(x, w) for a in active] + [self.adapters[n](None, w, initial=True) for n in self.preserving
+                                             if n not in self.active_adapters]  # each relative to W0
 
     @property
     def compute_dtype(self) -> torch.dtype | None:
@@ -523,8 +505,7 @@ class NLoRALinear(nn.Module):
 
 def _add_terms(acc: Tensor, terms: list[Term]) -> Tensor:
     """``acc += Σ s B N A`` in place, in ``acc``'s dtype, one ``addmm_`` per term (sharded factors gathered)."""
-    dt = acc.dtype
     for _, a, n, b, s, _ in terms:
-        a, b = sharded.full(a).to(dt), sharded.full(b).to(dt)
-        acc.addmm_(b, a if n is None else sharded.full(n).to(dt) @ a, alpha=s)
+        a, b = sharded.full(a).to(acc.dtype), sharded.full(b).to(acc.dtype)
+        acc.addmm_(b, a if n is None else sharded.full(n).to(acc.dtype) @ a, alpha=s)
     return acc

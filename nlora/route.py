@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -20,26 +21,24 @@ class _LayerRoute:
     on the paper's init) share A and B: they run as one ``x Aᵀ``, a batched product with each row's own ``s N`` and
     one ``B``. Every other adapter runs on its own rows.
 
-    ``names``: the route's distinct adapter names; ``rows(device, j)``: the batch rows routed to ``names[j - 1]``
-    (``j = 0``: every row, by its name's position, 0 for ``None``), made once per route and device."""
+    ``names``: ``None``, then the route's distinct adapter names; ``rows(device, j)``: the batch rows routed to
+    ``names[j]`` (``j = 0``: every row, by its name's position), made once per route and device."""
 
-    def __init__(self, layer: NLoRALinear, names: list[str], rows) -> None:
+    def __init__(self, layer: NLoRALinear, names: list[str | None], rows) -> None:
         adapters, device = layer.adapters, layer.weight.device
         self.size = len(rows(torch.device("cpu"), 0))
         self.preserving = [] if layer.four_bit else [adapters[n] for n in layer.preserving]
-        held = [n for n in names if n in adapters]
-        family = [n for n in held if adapters[n].reads_base]
-        shared = {n for n in family if _shares_base(adapters[n], adapters[family[0]])}
+        family = [n for n in names if n in adapters and adapters[n].reads_base]
+        shared = {n: adapters[n].scaling for n in family if _shares_base(adapters[n], adapters[family[0]])}  # name: s
         self.shared = None
         if shared:  # each row's s N in the compute dtype, indexed by its name's position (zero: not in the family)
             first = adapters[family[0]]
             zero = torch.zeros_like(first.lora_N)
-            bank = torch.stack([zero] + [adapters[n].lora_N if n in shared else zero for n in names]).detach()
-            scales = torch.tensor([0.0] + [adapters[n].scaling if n in shared else 0.0 for n in names], device=device)
+            bank = torch.stack([adapters[n].lora_N if n in shared else zero for n in names]).detach()
+            scales = torch.tensor([shared.get(n, 0.0) for n in names], device=device)
             bank = bank * scales.to(bank.dtype)[:, None, None]
             self.shared = (first, bank.to(layer.compute_dtype or layer.weight.dtype), rows(device, 0))
-        others = set(held) - shared
-        self.groups = [(adapters[n], rows(device, j + 1)) for j, n in enumerate(names) if n in others]
+        self.groups = [(adapters[n], rows(device, j)) for j, n in enumerate(names) if n in adapters and n not in shared]
 
     def __call__(self, layer: NLoRALinear, x: Tensor) -> Tensor:
         if x.shape[0] != self.size:
@@ -55,8 +54,7 @@ class _LayerRoute:
         dt = layer.compute_dtype or y.dtype
         x3, out = x.reshape(self.size, -1, x.shape[-1]), y.reshape(self.size, -1, y.shape[-1]).to(dt)
         flat = out.view(-1, out.shape[-1])
-        for a in self.preserving:  # the original weight on every row
-            _add(flat, a(None, w, initial=True), x3.view(-1, x3.shape[-1]))
+        _add(flat, [a(None, w, initial=True) for a in self.preserving], x3.view(-1, x3.shape[-1]))  # W0 on every row
         if self.shared is not None:
             first, bank, ids = self.shared
             a, _, b = first.factors(w)
@@ -65,17 +63,18 @@ class _LayerRoute:
         for adapter, rows in self.groups:
             xs = x3.index_select(0, rows)
             part = torch.zeros(xs.shape[0] * xs.shape[1], flat.shape[-1], dtype=dt, device=flat.device)
-            _add(part, adapter(xs, w), xs.reshape(-1, xs.shape[-1]))
-            if adapter.config.preserve_output:  # its own initial delta is in the weight already
-                _add(part, adapter(None, w, -1.0, initial=True), xs.reshape(-1, xs.shape[-1]))
+            # its own initial delta (if its init preserves the output) is in the weight already
+            own = [adapter(None, w, -1.0, initial=True)] if adapter.config.preserve_output else []
+            _add(part, [adapter(xs, w)] + own, xs.reshape(-1, xs.shape[-1]))
             out.index_add_(0, rows, part.view(xs.shape[0], xs.shape[1], -1))
         return out.to(y.dtype).view(*x.shape[:-1], out.shape[-1])
 
 
-def _add(out: Tensor, term: tuple, x: Tensor) -> None:
-    """``out += s B N A x`` for one term (its own input if it has one, e.g. after dropout), in ``out``'s dtype."""
-    xk, a, n, b, s, _ = term
-    _add_product(out, x if xk is None else xk.reshape(x.shape), a, n, b, s)
+def _add(out: Tensor, terms: list[tuple], x: Tensor) -> None:
+    """``out += Σ s B N A x`` over ``terms`` (each on its own input if it has one, e.g. after dropout), in ``out``'s
+    dtype."""
+    for xk, a, n, b, s, _ in terms:
+        _add_product(out, x if xk is None else xk.reshape(x.shape), a, n, b, s)
 
 
 def _shares_base(adapter: Adapter, first: Adapter) -> bool:
@@ -99,17 +98,14 @@ def route(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn.Modul
         if getattr(layer, "routing", None) is not None or layer.disabled or layer.merged_adapters:
             raise RuntimeError(f"{layer.module_name}: cannot route while adapters are merged, disabled "
                                f"(disable_adapter) or already routed; unmerge / leave that block first")
-    distinct = list(dict.fromkeys(n for n in names if n is not None))
-    position = {n: j + 1 for j, n in enumerate(distinct)}
-    ids = torch.tensor([position.get(n, 0) for n in names])  # None: 0
-    made: dict = {}
+    position = {n: j for j, n in enumerate(dict.fromkeys([None, *names]))}  # None (the base model) first: 0
+    ids = torch.tensor([position[n] for n in names])
 
+    @functools.cache  # once per device and j
     def rows(device: torch.device, j: int) -> Tensor:
-        if (device, j) not in made:
-            made[device, j] = (ids if j == 0 else (ids == j).nonzero().squeeze(1)).to(device)
-        return made[device, j]
+        return (ids if j == 0 else (ids == j).nonzero().squeeze(1)).to(device)
 
-    routes = {name: _LayerRoute(layer, distinct, rows) for name, layer in layers.items()}
+    routes = {name: _LayerRoute(layer, list(position), rows) for name, layer in layers.items()}
     for name, layer in layers.items():
         layer.routing = routes[name]
     try:
