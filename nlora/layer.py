@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Iterable
 
@@ -14,6 +15,7 @@ from . import sharded
 from .config import AdapterConfig
 from .factors import check_layer, compute_factors, module_generator
 from .inits import Factors
+from .nystrom import mm_out_dtype_works
 
 Term = tuple  # (x or None, A, N or None, B, scale, head): one low-rank product added to a layer's output; head: A, B
 #              are the weight's first r rows and columns (then x Aᵀ and g B come with the base's own products)
@@ -59,13 +61,15 @@ def weight_sample(weight: Tensor) -> Tensor | None:
     on its own device and dtype; ``None`` for a weight without local data (meta, sharded)."""
     if weight.is_meta or sharded.is_dtensor(weight):
         return None
-    return torch.take(weight.detach(), torch.tensor(sample_positions(weight.numel()), device=weight.device))
+    return torch.take(weight.detach(), sample_positions(weight.numel(), weight.device))
 
 
-def sample_positions(numel: int) -> list[int]:
-    """One flat position in each of ``SAMPLE_SIZE`` equal blocks of the weight, at a scrambled offset."""
+@functools.cache
+def sample_positions(numel: int, device: torch.device) -> Tensor:
+    """One flat position in each of ``SAMPLE_SIZE`` equal blocks of the weight, at a scrambled offset; made once per
+    size and device (a host-to-device copy per layer would wait for the device each time)."""
     block = max(1, numel // SAMPLE_SIZE)
-    return [min(i * block + i * 2654435761 % block, numel - 1) for i in range(SAMPLE_SIZE)]
+    return torch.tensor([min(i * block + i * 2654435761 % block, numel - 1) for i in range(SAMPLE_SIZE)], device=device)
 
 
 class Adapter(nn.Module):
@@ -198,7 +202,7 @@ def _term_forward(needs: list[tuple[bool, ...]], y: Tensor, x: Tensor, xk: Tenso
     need_x, need_a, need_n, need_b = [t is not None and t.requires_grad for t in (xk, a, n, b)]
     xk, a, n, b, h1, h2 = _add_product(y, xk.reshape(-1, xk.shape[-1]), a, n, b, s, h1 if tied else None)
     back = need_x or need_a or need_n
-    needs.append((need_x, need_a, need_n, need_b, tied))
+    needs.append((need_x, need_a, need_n, need_b, tied, (a if n is None else n).dtype))  # N (LoRA: A) is a parameter
     return [xk if need_a else None, a if need_x else None, n if back else None, b if back else None,
             h1 if need_n else None, h2 if need_b else None]
 
@@ -209,8 +213,8 @@ def _term_backward(g: Tensor, gx: Tensor | None, s: float, needs: tuple[bool, ..
     """The gradients of one term's ``(x_k, A, N, B)`` from the 2-D output gradient ``g`` (``gb``: ``g B`` if known)
     and what its forward saved of ``(x_k, A, N, B, h1, h2)``; a term on the layer's own input adds its input gradient
     into ``gx`` in place instead."""
-    need_x, need_a, need_n, need_b, tied = needs
-    grad_b = (torch.mm(g.t(), h2) * s if s != 1 else torch.mm(g.t(), h2)) if need_b else None
+    need_x, need_a, need_n, need_b, tied, master = needs
+    grad_b = (_mm(g.t(), h2, master) * s if s != 1 else _mm(g.t(), h2, master)) if need_b else None
     if not (need_x or need_a or need_n):
         return [None, None, None, grad_b]
     u = torch.mm(g, b) if gb is None else gb
@@ -218,8 +222,16 @@ def _term_backward(g: Tensor, gx: Tensor | None, s: float, needs: tuple[bool, ..
     v = u if n is None else torch.mm(u, n)  # dL/dh1
     if need_x and tied:
         gx.addmm_(v, a)
-    return [torch.mm(v, a).view(shape) if need_x and not tied else None, torch.mm(v.t(), xk) if need_a else None,
-            torch.mm(u.t(), h1) if need_n else None, grad_b]
+    return [torch.mm(v, a).view(shape) if need_x and not tied else None, _mm(v.t(), xk, master) if need_a else None,
+            _mm(u.t(), h1, master) if need_n else None, grad_b]
+
+
+def _mm(a: Tensor, b: Tensor, master: torch.dtype) -> Tensor:
+    """``a @ b`` for a factor's gradient: a bf16/fp16 product for fp32 masters comes out in fp32 where the backend can
+    (CUDA's ``mm`` with ``out_dtype``: fp32 accumulation kept, no cast kernel), else in ``a``'s dtype."""
+    if master == torch.float32 and a.dtype != master and mm_out_dtype_works(a.device, a.dtype):
+        return torch.mm(a, b, out_dtype=master)
+    return torch.mm(a, b)
 
 
 class _AdaptedLinear(torch.autograd.Function):

@@ -168,7 +168,8 @@ def _plan_peft(model: nn.Module, config: dict, tensors: dict[str, Tensor], adapt
             problems.add("not a Linear / Conv1D of the model", name, "an adapter for another architecture? import "
                          "it into the model it was trained on")
             continue
-        out_f, in_f = dense_weight(unwrap(module)).shape  # a 4-bit weight's real (out, in)
+        w = dense_weight(unwrap(module))  # a 4-bit weight's real (out, in)
+        out_f, in_f = w.shape
         if b is None or a.shape[1:] != (in_f,) or tuple(b.shape) != (out_f, a.shape[0]):
             problems.add("lora_A/lora_B shapes do not fit the layer", f"{name} ({out_f} x {in_f})", "an adapter for "
                          "another architecture (or size)? import it into the model it was trained on")
@@ -178,7 +179,7 @@ def _plan_peft(model: nn.Module, config: dict, tensors: dict[str, Tensor], adapt
             alpha = alphas.get(_peft_pattern_key(list(alphas), name), config.get("lora_alpha", 8))
             adapter_config = AdapterConfig.build(rank=a.shape[0], alpha=float(alpha), init="lora",
                                                  dropout=float(config.get("lora_dropout") or 0.0))
-            plans[name] = (module, adapter_config, Factors(a, None, b))
+            plans[name] = (module, adapter_config, Factors(a.to(w.device), None, b.to(w.device)))
     if not names:
         problems.add("no lora_A / lora_B tensors", "adapter_model", "pass a PEFT LoRA adapter directory")
     for key in tensors:  # e.g. lora_embedding_A/B: a LoRA on an Embedding, which nlora does not adapt

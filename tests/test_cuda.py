@@ -92,6 +92,33 @@ def test_bf16_model_keeps_fp32_masters_bf16_compute_fp32_grads_on_cuda(train):
     torch.testing.assert_close(ref(x).float(), y.float(), rtol=5e-2, atol=5e-2)
 
 
+def test_fp32_masters_get_fp32_accumulated_gradients_on_cuda():
+    """bf16 compute, fp32 masters: the factors' gradient products come out of the GEMM in fp32 (out_dtype), not
+    rounded to bf16 first, and match the float64 gradient closely."""
+    layer = NLoRALinear(_linear(torch.bfloat16), rank=8, init="nystrom")
+    x = torch.randn(4, 32, 64, device="cuda", dtype=torch.bfloat16)
+    layer(x).float().sum().backward()
+    grad = layer.adapters["default"].lora_N.grad
+    assert grad.dtype == torch.float32 and not torch.equal(grad, grad.bfloat16().float())
+    a, n, b = (t.detach().double() for t in (layer.lora_A, layer.lora_N, layer.lora_B))
+    xd = x.double().reshape(-1, 64)
+    want = (torch.ones(xd.shape[0], 96, dtype=torch.float64, device="cuda") @ b).T @ (xd @ a.T)
+    torch.testing.assert_close(grad.double(), want, rtol=2e-2, atol=1e-2)
+
+
+def test_import_peft_puts_the_factors_on_the_layer_device(tmp_path):
+    model = nn.Sequential(_linear(torch.float32))
+    nlora.inject(model, ["0"], rank=4, init="slora", seed=0)
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+    x = torch.randn(3, 64, device="cuda")
+    want = model(x)
+    nlora.export_peft(model, tmp_path / "peft")
+    fresh = nlora.import_peft(nn.Sequential(_linear(torch.float32)), tmp_path / "peft")
+    assert fresh[0].lora_A.device.type == "cuda"
+    torch.testing.assert_close(fresh(x), want, rtol=1e-5, atol=1e-5)
+
+
 def test_inttune_on_cuda_reads_a_and_b_as_views_of_the_base_weight():
     layer = NLoRALinear(_linear(torch.bfloat16), rank=8, init="nystrom", train="middle")
     w = layer.base.weight

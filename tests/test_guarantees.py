@@ -23,7 +23,8 @@ def sampled_positions(shape):
     """The (row, column) entries of an (out, in) weight that the base check compares (nlora.layer.weight_sample)."""
     from nlora.layer import sample_positions
     out_features, in_features = shape
-    return sorted({divmod(p, in_features) for p in sample_positions(out_features * in_features)})
+    positions = sample_positions(out_features * in_features, torch.device("cpu")).tolist()
+    return sorted({divmod(p, in_features) for p in positions})
 
 
 def mlp():
