@@ -200,9 +200,9 @@ def _term_forward(needs: list[tuple[bool, ...]], y: Tensor, x: Tensor, xk: Tenso
     tied = xk is None
     xk = x if tied else xk
     need_x, need_a, need_n, need_b = [t is not None and t.requires_grad for t in (xk, a, n, b)]
+    needs.append((need_x, need_a, need_n, need_b, tied, (a if n is None else n).dtype))  # N (LoRA: A): a parameter
     xk, a, n, b, h1, h2 = _add_product(y, xk.reshape(-1, xk.shape[-1]), a, n, b, s, h1 if tied else None)
     back = need_x or need_a or need_n
-    needs.append((need_x, need_a, need_n, need_b, tied, (a if n is None else n).dtype))  # N (LoRA: A) is a parameter
     return [xk if need_a else None, a if need_x else None, n if back else None, b if back else None,
             h1 if need_n else None, h2 if need_b else None]
 
