@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED=1
 log=$out/gpu_log.txt
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$log"
-python3 benchmarks/train_step.py --shapes 4x2048 2x1024 --out "$out" 2>&1 | tee -a "$log" || status=1
-python3 benchmarks/init_time.py --dtypes float32 bfloat16 --out "$out" 2>&1 | tee -a "$log" || status=1
+python3 benchmarks/train_step.py --shapes 4x2048 2x1024 --rounds 11 --out "$out" 2>&1 | tee -a "$log" || status=1
+python3 benchmarks/init_time.py --dtypes float32 bfloat16 --repeats 7 --out "$out" 2>&1 | tee -a "$log" || status=1
 echo "run_gpu.sh: exit status $status" | tee -a "$log"
 exit $status
