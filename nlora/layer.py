@@ -15,12 +15,12 @@ from . import sharded
 from .config import AdapterConfig
 from .factors import check_layer, compute_factors, module_generator
 from .inits import Factors
-from .nystrom import mm_out_dtype_works
 
 Term = tuple  # (x or None, A, N or None, B, scale, head): one low-rank product added to a layer's output; head: A, B
 #              are the weight's first r rows and columns (then x Aᵀ and g B come with the base's own products)
 _OLD_COMPILE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 12)
 SAMPLE_SIZE = 16  # entries of the base weight recorded with each adapter (load_adapter checks them)
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # mm(..., out_dtype=): fp32 output of bf16/fp16 GEMMs (CUDA)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -229,7 +229,7 @@ def _term_backward(g: Tensor, gx: Tensor | None, s: float, needs: tuple[bool, ..
 def _mm(a: Tensor, b: Tensor, master: torch.dtype) -> Tensor:
     """``a @ b`` for a factor's gradient: a bf16/fp16 product for fp32 masters comes out in fp32 where the backend can
     (CUDA's ``mm`` with ``out_dtype``: fp32 accumulation kept, no cast kernel), else in ``a``'s dtype."""
-    if master == torch.float32 and a.dtype != master and mm_out_dtype_works(a.device, a.dtype):
+    if _MM_OUT_DTYPE and a.is_cuda and master == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
         return torch.mm(a, b, out_dtype=master)
     return torch.mm(a, b)
 
@@ -248,24 +248,23 @@ class _AdaptedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, base: nn.Module, w: Tensor, bias: Tensor | None, dtype: torch.dtype | None,
                 spec: tuple[tuple[float, int], ...], *flat: Tensor | None) -> Tensor:
-        y = base(x)
+        x2 = x.reshape(-1, x.shape[-1])  # the base gets 2-D rows: a fresh output (N-D F.linear with a bias is a view)
+        y = base(x2)
         ctx.out_dtype, ctx.dt, ctx.spec, ctx.shape = y.dtype, dtype or y.dtype, spec, x.shape
         ctx.four_bit = base if is_4bit(base) else None  # its input gradient needs the weight dequantised
         # ``_base`` is torch's documented test for a view: HF Conv1D returns one, which a custom Function may not
-        # return for in-place use, so it is copied (as is an output cast to compute_dtype)
-        if y._base is not None or ctx.dt != y.dtype:
-            y = y.to(ctx.dt, copy=True)
+        # return for in-place use, so it is copied (as is an output cast to compute_dtype, or a hook's strided one)
+        if y._base is not None or ctx.dt != y.dtype or not y.is_contiguous():
+            y = y.to(ctx.dt, memory_format=torch.contiguous_format, copy=True)
         # what wants a gradient, read from the inputs (torch.compile traces this as it runs; ctx.needs_input_grad
         # was not always right inside a compiled forward)
         ctx.base_needs = (x.requires_grad, w.requires_grad, bias is not None and bias.requires_grad)
-        y2, ctx.needs, saved = y.view(-1, y.shape[-1]), [], []
-        ctx.top = max(head for _, head in spec)
-        top = y2[:, :ctx.top].clone() if ctx.top and bias is None and ctx.dt == w.dtype else None
+        ctx.needs, saved, ctx.top = [], [], max(head for _, head in spec)
+        top = y[:, :ctx.top].clone() if ctx.top and bias is None and ctx.dt == w.dtype else None
         for k, (s, head) in enumerate(spec):
-            saved += _term_forward(ctx.needs, y2, x, *flat[4 * k: 4 * k + 4], s,
+            saved += _term_forward(ctx.needs, y, x, *flat[4 * k: 4 * k + 4], s,
                                    top[:, :head] if head and top is not None else None)
-        ctx.save_for_backward(x.reshape(-1, x.shape[-1]) if ctx.base_needs[1] else None,
-                              w if ctx.base_needs[0] else None, *saved)
+        ctx.save_for_backward(x2 if ctx.base_needs[1] else None, w if ctx.base_needs[0] else None, *saved)
         return y.to(ctx.out_dtype)
 
     @staticmethod
@@ -411,7 +410,7 @@ class NLoRALinear(nn.Module):
                              f"a dequantised merged model")
         w = self.weight
         with torch.no_grad():
-            if (safe or any(a.reads_base for a in self.adapters.values()) or sharded.is_dtensor(w)
+            if (safe or len(terms) > 1 or any(a.reads_base for a in self.adapters.values()) or sharded.is_dtensor(w)
                     or w.dtype.itemsize < 4):
                 new = self.weight_plus(terms)
                 if safe and not sharded.all_ranks_true(bool(new.isfinite().all()), w):
@@ -420,7 +419,7 @@ class NLoRALinear(nn.Module):
                 for adapter in self.adapters.values():  # they read A, B from the weight: copy them before it changes
                     adapter.own_factors(w)
                 sharded.local_view(w).copy_(new)
-            else:  # an fp32/fp64 weight that no factor reads: the same sums, in place (no copies of W)
+            else:  # one term on an fp32/fp64 weight no factor reads: the same sum in place (no copy of W), all or none
                 _add_terms(w, terms)
 
     def unmerged_active(self) -> list[str]:
@@ -507,7 +506,8 @@ class NLoRALinear(nn.Module):
                                "2.11); train eagerly, or upgrade torch (compiled inference is fine)")
         spec = tuple((s, a.shape[0] if head else 0) for _, a, _, _, s, head in terms)
         flat = [t for term in terms for t in term[:4]]
-        return _AdaptedLinear.apply(x, base, w, base.bias, self.compute_dtype, spec, *flat)
+        y = _AdaptedLinear.apply(x, base, w, base.bias, self.compute_dtype, spec, *flat)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:
         kind = "Conv1D" if is_conv1d(self.base) else "Linear"

@@ -315,6 +315,10 @@ def unmerge(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
     """Merge the active adapters and replace every wrapper by its base module: a plain model, no nlora inside."""
     layers = _require_adapters(model)
+    pending = [n for n, layer in layers.items() if any(a.pending for a in layer.adapters.values())]
+    if pending:
+        raise ValueError(f"adapters of {pending[:4]} were injected on the meta device and have no values yet; call "
+                         f"nlora.initialize_adapters(model) before merge_and_unload; nothing was changed")
     if safe:  # checked before a 4-bit base is dequantised
         _refuse_nonfinite_merge(layer for layer in layers.values() if layer.unmerged_active())
     for name, layer in layers.items():

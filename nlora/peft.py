@@ -202,6 +202,10 @@ def import_peft(model: nn.Module, path: str | os.PathLike, adapter: str = "defau
     config, tensors = _read_peft(path)
     problems = _Problems()
     plans = _plan_peft(model, config, tensors, adapter, problems)
+    for name, (_, _, factors) in plans.items():  # factors on a meta layer would be lost to to_empty
+        if factors.A.is_meta:
+            problems.add("layer on the meta device", name, "materialise the model (to_empty) and load its weights "
+                         "before import_peft")
     saved = {k[len(_PEFT_PREFIX):]: t for k, t in tensors.items() if ".lora_" not in k}
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, t in saved.items():

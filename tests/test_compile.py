@@ -59,6 +59,21 @@ def test_fullgraph_compile_matches_eager_outputs_and_grads():
 
 
 @ZERO_COMPILED_GRADS
+def test_compiled_bf16_compute_with_fp32_masters_trains_on_the_cpu():
+    """The fp32-output gradient GEMM is CUDA-only: a CPU compile must not trace it (inductor refuses it there)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = nlora.NLoRALinear(torch.nn.Linear(16, 16, bias=False).to(torch.bfloat16), rank=4, init="slora", seed=0)
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    params = layer.adapters["default"].trainable_parameters()
+    eager = torch.autograd.grad(layer(x).float().sum(), params)
+    grads = torch.autograd.grad(torch.compile(layer)(x).float().sum(), params)
+    for g, e in zip(grads, eager):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, e, rtol=2e-2, atol=2e-2)
+
+
+@ZERO_COMPILED_GRADS
 @pytest.mark.parametrize("train", ["all", "middle"])
 def test_explain_finds_no_graph_break_and_aot_eager_matches_eager(train):
     """IntTune (train="middle") reads A and B from the base weight inside the traced forward: the same one graph."""

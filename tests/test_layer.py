@@ -206,9 +206,27 @@ def test_each_adapted_layer_adds_at_most_one_autograd_node(kind):
     adapted = graph_nodes(y)
     assert sum(n for k, n in adapted.items() if k in NLORA_NODES) == 2, adapted
     assert set(adapted - plain) <= NLORA_NODES and sum(adapted.values()) <= sum(plain.values()) + 2, (adapted, plain)
-    out = model[0](x)  # the N-D output comes out of the node itself: no reshape or view nodes around it
-    assert type(out.grad_fn).__name__ in NLORA_NODES
+    out = model[0](x)  # the N-D output is a view of the node's 2-D output
+    assert type(out.grad_fn.next_functions[0][0]).__name__ in NLORA_NODES
     y.sum().backward()  # and it runs
+
+
+def test_strided_inputs_and_a_hook_with_a_strided_output_work_for_linear_and_conv1d():
+    """The base gets 2-D rows (HF Conv1D views its input, which a transposed sequence-first tensor cannot give), and
+    a forward hook may return a strided output."""
+    from transformers.pytorch_utils import Conv1D
+
+    x = torch.randn(5, 3, 8, dtype=F64).transpose(0, 1)  # (3, 5, 8), not contiguous
+    for base in (nn.Linear(8, 6).double(), Conv1D(6, 8).double()):
+        layer = NLoRALinear(base, rank=2, init="slora", seed=0, adapter_dtype=F64)
+        perturb(layer, std=0.5)
+        want = x.contiguous() @ (layer.weight + layer.delta_weight()).T + layer.base.bias
+        torch.testing.assert_close(layer(x), want)
+    hooked = nn.Linear(8, 6, bias=False).double()
+    hooked.register_forward_hook(lambda m, i, o: o.T.contiguous().T)  # same values, column-major
+    layer = NLoRALinear(hooked, rank=2, init="slora", seed=0, adapter_dtype=F64)
+    perturb(layer, std=0.5)
+    torch.testing.assert_close(layer(x), x.contiguous() @ (layer.weight + layer.delta_weight()).T)
 
 
 def test_double_backward_is_refused():

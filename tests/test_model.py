@@ -392,6 +392,19 @@ def test_merge_and_unload_and_unload_give_plain_models():
 
 
 # -- summary and imports --------------------------------------------------------------------------------------------
+def test_merge_and_unload_refuses_pending_adapters_before_changing_anything():
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    nlora.inject(model, ["0"], rank=2, init="slora", seed=0)
+    with torch.device("meta"):
+        model[2] = nn.Linear(5, 4)
+    nlora.inject(model, ["2"], rank=2, init="slora", adapter="late")
+    nlora.set_adapter(model, ["default", "late"])
+    with pytest.raises(ValueError, match=r"\['2'\] were injected on the meta device .* nothing was changed"):
+        nlora.merge_and_unload(model)
+    assert [type(m).__name__ for m in model] == ["NLoRALinear", "ReLU", "NLoRALinear"]
+    assert model[0].merged_adapters == ()
+
+
 def test_trainable_summary_table():
     model = two_adapters()
     nlora.set_adapter(model, ["a", "ab"])

@@ -286,6 +286,18 @@ def test_import_peft_refuses_embedding_loras_merged_models_and_saved_weights_of_
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_import_peft_refuses_a_model_on_the_meta_device(tmp_path):
+    """Factors put on meta layers would be lost to ``to_empty``: refused, nothing changed."""
+    source = nn.Sequential(nn.Linear(6, 4))
+    nlora.inject(source, ["0"], rank=2, init="slora", seed=0)
+    nlora.export_peft(source, tmp_path / "peft")
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(6, 4))
+    with pytest.raises(ValueError, match=r"layer on the meta device: 0 -> materialise the model"):
+        nlora.import_peft(model, tmp_path / "peft")
+    assert type(model[0]) is nn.Linear
+
+
 def test_import_peft_refuses_incomplete_directories_misfitting_shapes_and_taken_names(tmp_path):
     from .model_zoo import MODELS
 
