@@ -245,6 +245,12 @@ ROWS = [
         lambda: nlora.inject(meta_mlp(), ["fc"], rank=4, init="nystrom"), lambda m: nlora.initialize_adapters(m),
         ValueError, r"layers\.0\.fc: .*meta.*model\.to_empty\(device=\.\.\.\) and load the base weights before "
                     r"initialize_adapters"),
+    Bad("pending_adapter_merge_and_unload", "`merge_and_unload` with adapters injected on meta, not yet initialised",
+        lambda: nlora.inject(meta_mlp(), ["fc"], rank=4, init="nystrom"), lambda m: nlora.merge_and_unload(m),
+        ValueError, r"\['layers\.0\.fc'.*meta device .*nlora\.initialize_adapters\(model\) before merge_and_unload; "
+        r"nothing was changed"),
+    Bad("peft_import_meta_model", "`import_peft` into a model on the meta device", meta_mlp, peft_import(),
+        ValueError, r"layer on the meta device: layers\.0\.fc, layers\.1\.fc -> materialise the model \(to_empty\)"),
     Bad("pending_adapter_forward", "forward through an adapter injected on meta and not yet initialised",
         lambda: nlora.inject(meta_mlp(), ["fc"], rank=4, init="nystrom"),
         lambda m: m(torch.zeros(1, 24, device="meta")), RuntimeError,
