@@ -486,8 +486,12 @@ class NLoRALinear(nn.Module):
         if self.four_bit:  # W is W0: an active output-preserving adapter's initial delta is subtracted here
             return [a(x, w) for a in active] + [a(None, w, -1.0, initial=True, on_w0=True) for a in active
                                                  if a.config.preserve_output]
-        return [a(x, w) for a in active] + [self.adapters[n](None, w, initial=True) for n in self.preserving
-                                             if n not in self.active_adapters]  # each relative to W0
+        return [a(x, w) for a in active] + self.given_back(w)  # each relative to W0
+
+    def given_back(self, w: Tensor) -> list[Term]:
+        """The initial deltas of the inactive output-preserving adapters (``w``: ``self.weight``): added to the stored
+        weight, they undo the residuals of adapters that do not run."""
+        return [self.adapters[n](None, w, initial=True) for n in self.preserving if n not in self.active_adapters]
 
     @property
     def compute_dtype(self) -> torch.dtype | None:

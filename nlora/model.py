@@ -324,9 +324,7 @@ def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
     for name, layer in layers.items():
         if layer.four_bit:  # a plain Linear of the dequantised weight (bf16, its dtype), merged like any other
             layer.dequantise()
-        back = [layer.adapters[n](None, layer.weight, initial=True) for n in layer.preserving
-                if n not in layer.active_adapters]  # as forward gives them back
-        if terms := layer.merge_terms() + back:
+        if terms := layer.merge_terms() + layer.given_back(layer.weight):  # as forward gives them back
             layer.add_to_weight(terms)
         _set_module(model, name, layer.base)
     _clear_trainable(model)
