@@ -181,38 +181,45 @@ def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def _add_product(y: Tensor, x: Tensor, a: Tensor, n: Tensor | None, b: Tensor, s: float,
-                 h1: Tensor | None = None) -> tuple[Tensor, ...]:
-    """``y += s B N A x`` in place for 2-D ``y`` and ``x``, in ``y``'s dtype (``h1``: ``x Aᵀ`` if known); returns
-    ``(x, A, N, B, h1, h2)`` in that dtype, ``h2 = h1 Nᵀ``."""
-    x, a, n, b = (_cast(t, y.dtype) for t in (x, a, n, b))
+def _down(dtype: torch.dtype, x: Tensor, a: Tensor, n: Tensor | None, b: Tensor,
+          h1: Tensor | None = None) -> tuple[Tensor, ...]:
+    """``(x, A, N, B, h1, h2)`` in ``dtype`` for 2-D ``x``: ``h1 = x Aᵀ`` (given, if known), ``h2 = h1 Nᵀ``."""
+    x, a, n, b = (_cast(t, dtype) for t in (x, a, n, b))
     h1 = F.linear(x, a) if h1 is None else h1
-    h2 = h1 if n is None else F.linear(h1, n)
-    y.addmm_(h2, b.t(), alpha=s)
-    return x, a, n, b, h1, h2
+    return x, a, n, b, h1, h1 if n is None else F.linear(h1, n)
+
+
+def _accumulate(acc: Tensor, lefts: list[Tensor], rights: list[Tensor], scales: list[float]) -> None:
+    """``acc += Σ s_k L_k R_k`` in place: one ``addmm_`` over the concatenated factors (one pass over ``acc``) where
+    every ``|s_k|`` is the same (the signs go into ``L_k``, exactly), else one per term."""
+    if len(lefts) > 1 and all(abs(t) == abs(scales[0]) for t in scales):
+        lefts, scales = [torch.cat([m if t > 0 else -m for m, t in zip(lefts, scales)], 1)], [abs(scales[0])]
+        rights = [torch.cat(rights)]
+    for m, r, t in zip(lefts, rights, scales):
+        acc.addmm_(m, r, alpha=t)
 
 
 def _term_forward(needs: list[tuple[bool, ...]], y: Tensor, x: Tensor, xk: Tensor | None, a: Tensor,
-                  n: Tensor | None, b: Tensor, s: float, h1: Tensor | None) -> list[Tensor | None]:
-    """``y += s B N A x_k`` for 2-D ``y`` (``x_k``: ``x`` where ``None``; ``h1``: ``x Aᵀ`` if known). Appends to
-    ``needs`` whether ``x_k, A, N, B`` want gradients (and whether ``x_k`` is ``x``); returns what the backward needs
-    of ``(x_k, A, N, B, h1, h2)`` (``None`` for the rest)."""
+                  n: Tensor | None, b: Tensor, h1: Tensor | None) -> tuple[list[Tensor | None], Tensor, Tensor]:
+    """One term ``s B N A x_k`` of the node for 2-D ``y`` (``x_k``: ``x`` where ``None``; ``h1``: ``x Aᵀ`` if known), up
+    to its last matmul. Appends to ``needs`` whether ``x_k, A, N, B`` want gradients (and whether ``x_k`` is ``x``);
+    returns what the backward needs of ``(x_k, A, N, B, h1, h2)`` (``None`` for the rest), then ``h2`` and ``Bᵀ``."""
     tied = xk is None
     xk = x if tied else xk
     need_x, need_a, need_n, need_b = [t is not None and t.requires_grad for t in (xk, a, n, b)]
     needs.append((need_x, need_a, need_n, need_b, tied, (a if n is None else n).dtype))  # N (LoRA: A): a parameter
-    xk, a, n, b, h1, h2 = _add_product(y, xk.reshape(-1, xk.shape[-1]), a, n, b, s, h1 if tied else None)
+    xk, a, n, b, h1, h2 = _down(y.dtype, xk.reshape(-1, xk.shape[-1]), a, n, b, h1 if tied else None)
     back = need_x or need_a or need_n
     return [xk if need_a else None, a if need_x else None, n if back else None, b if back else None,
-            h1 if need_n else None, h2 if need_b else None]
+            h1 if need_n else None, h2 if need_b else None], h2, b.t()
 
 
-def _term_backward(g: Tensor, gx: Tensor | None, s: float, needs: tuple[bool, ...], gb: Tensor | None,
+def _term_backward(g: Tensor, into: list[list[Tensor]], s: float, needs: tuple[bool, ...], gb: Tensor | None,
                    shape: torch.Size, xk: Tensor | None, a: Tensor | None, n: Tensor | None, b: Tensor | None,
                    h1: Tensor | None, h2: Tensor | None) -> list[Tensor | None]:
     """The gradients of one term's ``(x_k, A, N, B)`` from the 2-D output gradient ``g`` (``gb``: ``g B`` if known)
-    and what its forward saved of ``(x_k, A, N, B, h1, h2)``; a term on the layer's own input adds its input gradient
-    into ``gx`` in place instead."""
+    and what its forward saved of ``(x_k, A, N, B, h1, h2)``; a term on the layer's own input appends its input
+    gradient's factors ``(dL/dh1, A)`` to ``into`` instead (the node adds them all to ``g W`` at once)."""
     need_x, need_a, need_n, need_b, tied, master = needs
     grad_b = (_mm(g.t(), h2, master) * s if s != 1 else _mm(g.t(), h2, master)) if need_b else None
     if not (need_x or need_a or need_n):
@@ -221,7 +228,8 @@ def _term_backward(g: Tensor, gx: Tensor | None, s: float, needs: tuple[bool, ..
     u = u * s if s != 1 else u  # dL/dh2
     v = u if n is None else torch.mm(u, n)  # dL/dh1
     if need_x and tied:
-        gx.addmm_(v, a)
+        into[0].append(v)
+        into[1].append(a)
     return [torch.mm(v, a).view(shape) if need_x and not tied else None, _mm(v.t(), xk, master) if need_a else None,
             _mm(u.t(), h1, master) if need_n else None, grad_b]
 
@@ -261,9 +269,12 @@ class _AdaptedLinear(torch.autograd.Function):
         ctx.base_needs = (x.requires_grad, w.requires_grad, bias is not None and bias.requires_grad)
         ctx.needs, saved, ctx.top = [], [], max(head for _, head in spec)
         top = y[:, :ctx.top].clone() if ctx.top and bias is None and ctx.dt == w.dtype else None
-        for k, (s, head) in enumerate(spec):
-            saved += _term_forward(ctx.needs, y, x, *flat[4 * k: 4 * k + 4], s,
-                                   top[:, :head] if head and top is not None else None)
+        lefts, rights = [], []
+        for k, (_, head) in enumerate(spec):
+            kept, h2, bt = _term_forward(ctx.needs, y, x, *flat[4 * k: 4 * k + 4],
+                                         top[:, :head] if head and top is not None else None)
+            saved, lefts, rights = saved + kept, lefts + [h2], rights + [bt]
+        _accumulate(y, lefts, rights, [s for s, _ in spec])
         ctx.save_for_backward(x2 if ctx.base_needs[1] else None, w if ctx.base_needs[0] else None, *saved)
         return y.to(ctx.out_dtype)
 
@@ -275,10 +286,12 @@ class _AdaptedLinear(torch.autograd.Function):
         gx = torch.mm(g, _cast(w if ctx.four_bit is None else dense_weight(ctx.four_bit), g.dtype)) if base_x else None
         gw = torch.mm(g.t(), _cast(x, g.dtype)) if base_w else None  # only if the user unfroze the base weight
         top = gx[:, :ctx.top].clone() if gx is not None and ctx.top else None
-        grads = []
+        grads, into = [], [[], []]
         for k, ((s, head), needs) in enumerate(zip(ctx.spec, ctx.needs)):
-            grads += _term_backward(g, gx, s, needs, top[:, :head] if head and top is not None else None, ctx.shape,
+            grads += _term_backward(g, into, s, needs, top[:, :head] if head and top is not None else None, ctx.shape,
                                     *saved[6 * k: 6 * k + 6])
+        if into[0]:
+            _accumulate(gx, *into, [1.0] * len(into[0]))
         return gx.view(ctx.shape) if base_x else None, None, gw, g.sum(0) if base_bias else None, None, None, *grads
 
 

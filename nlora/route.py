@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layer import Adapter, NLoRALinear, _add_product
+from .layer import Adapter, NLoRALinear, _accumulate, _down
 from .model import _require_adapters, _refuse_unknown
 
 
@@ -73,8 +73,8 @@ class _LayerRoute:
 def _add(out: Tensor, terms: list[tuple], x: Tensor) -> None:
     """``out += Σ s B N A x`` over ``terms`` (each on its own input if it has one, e.g. after dropout), in ``out``'s
     dtype."""
-    for xk, a, n, b, s, _ in terms:
-        _add_product(out, x if xk is None else xk.reshape(x.shape), a, n, b, s)
+    products = [_down(out.dtype, x if xk is None else xk.reshape(x.shape), a, n, b) for xk, a, n, b, _, _ in terms]
+    _accumulate(out, [p[5] for p in products], [p[3].t() for p in products], [t[4] for t in terms])
 
 
 def _shares_base(adapter: Adapter, first: Adapter) -> bool:
