@@ -234,6 +234,14 @@ def _term_backward(g: Tensor, into: list[list[Tensor]], s: float, needs: tuple[b
             _mm(u.t(), h1, master) if need_n else None, grad_b]
 
 
+def _heads(t: Tensor | None, spec: tuple[tuple[float, int], ...], usable: bool) -> list[Tensor | None]:
+    """Per term, the first ``head`` columns of ``t`` (a copy: ``t`` is written next) where it is a head term and ``t``
+    is ``usable``, else ``None``: ``x Aᵀ`` from the base output, ``g B`` from the base's input gradient."""
+    top = max(head for _, head in spec)
+    t = t[:, :top].clone() if top and usable else None
+    return [t[:, :head] if head and t is not None else None for _, head in spec]
+
+
 def _mm(a: Tensor, b: Tensor, master: torch.dtype) -> Tensor:
     """``a @ b`` for a factor's gradient: a bf16/fp16 product for fp32 masters comes out in fp32 where the backend can
     (CUDA's ``mm`` with ``out_dtype``: fp32 accumulation kept, no cast kernel), else in ``a``'s dtype."""
@@ -267,12 +275,9 @@ class _AdaptedLinear(torch.autograd.Function):
         # what wants a gradient, read from the inputs (torch.compile traces this as it runs; ctx.needs_input_grad
         # was not always right inside a compiled forward)
         ctx.base_needs = (x.requires_grad, w.requires_grad, bias is not None and bias.requires_grad)
-        ctx.needs, saved, ctx.top = [], [], max(head for _, head in spec)
-        top = y[:, :ctx.top].clone() if ctx.top and bias is None and ctx.dt == w.dtype else None
-        lefts, rights = [], []
-        for k, (_, head) in enumerate(spec):
-            kept, h2, bt = _term_forward(ctx.needs, y, x, *flat[4 * k: 4 * k + 4],
-                                         top[:, :head] if head and top is not None else None)
+        ctx.needs, saved, lefts, rights = [], [], [], []
+        for k, h1 in enumerate(_heads(y, spec, bias is None and ctx.dt == w.dtype)):  # x Aᵀ of head terms
+            kept, h2, bt = _term_forward(ctx.needs, y, x, *flat[4 * k: 4 * k + 4], h1)
             saved, lefts, rights = saved + kept, lefts + [h2], rights + [bt]
         _accumulate(y, lefts, rights, [s for s, _ in spec])
         ctx.save_for_backward(x2 if ctx.base_needs[1] else None, w if ctx.base_needs[0] else None, *saved)
@@ -285,11 +290,9 @@ class _AdaptedLinear(torch.autograd.Function):
         (base_x, base_w, base_bias), g = ctx.base_needs, _cast(g.reshape(-1, g.shape[-1]), ctx.dt)
         gx = torch.mm(g, _cast(w if ctx.four_bit is None else dense_weight(ctx.four_bit), g.dtype)) if base_x else None
         gw = torch.mm(g.t(), _cast(x, g.dtype)) if base_w else None  # only if the user unfroze the base weight
-        top = gx[:, :ctx.top].clone() if gx is not None and ctx.top else None
         grads, into = [], [[], []]
-        for k, ((s, head), needs) in enumerate(zip(ctx.spec, ctx.needs)):
-            grads += _term_backward(g, into, s, needs, top[:, :head] if head and top is not None else None, ctx.shape,
-                                    *saved[6 * k: 6 * k + 6])
+        for k, ((s, _), needs, gb) in enumerate(zip(ctx.spec, ctx.needs, _heads(gx, ctx.spec, gx is not None))):
+            grads += _term_backward(g, into, s, needs, gb, ctx.shape, *saved[6 * k: 6 * k + 6])  # gb: g B of head terms
         if into[0]:
             _accumulate(gx, *into, [1.0] * len(into[0]))
         return gx.view(ctx.shape) if base_x else None, None, gw, g.sum(0) if base_bias else None, None, None, *grads
