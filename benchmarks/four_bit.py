@@ -5,7 +5,8 @@ plain eager AdamW loop), r = alpha = 128 on all 7 projections, their weights in 
 or left in bf16. Variants: the frozen NF4 floor, NLoRA (``preserve_output=True``: the initial delta is subtracted
 in the forward, the 4-bit weight is never written), NLoRA with the paper's init (no residual) and IntTune on NF4,
 and NLoRA (``preserve_output=True``) on the bf16 base; median of
---rounds interleaved rounds of --steps steps. Peak memory: one variant at a time, 2 steps. Init: ``nlora.inject`` of
+--rounds interleaved rounds of --steps steps. Peak memory: one variant at a time, 2 steps, as built and again with HF
+gradient checkpointing on every decoder layer (the QLoRA recipe's default). Init: ``nlora.inject`` of
 ``nystrom`` (preserve_output) on a 32-block stack of LLaMA-2-7B-shaped NF4 Linears, median of 3.
 PEFT is not compared: it does not adapt torchao NF4 Linears.
 
@@ -64,6 +65,13 @@ def build(name, cfg, rank, device, dtype=torch.bfloat16):
     return model, (torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda") if params else None)
 
 
+def build_checkpointed(name, cfg, rank, device, dtype=torch.bfloat16):
+    """``build``, with HF gradient checkpointing on every decoder layer."""
+    model, opt = build(name, cfg, rank, device, dtype)
+    model.gradient_checkpointing_enable()
+    return model, opt
+
+
 def init_seconds(blocks, hidden, inter, rank, device):
     """Median seconds of nlora.inject(nystrom, preserve_output) on a stack of NF4 Linears."""
     shapes = [(hidden, hidden)] * 4 + [(inter, hidden)] * 2 + [(hidden, inter)]
@@ -120,19 +128,24 @@ def main():
     ms = time_rounds(models, x, step, args, device, warmup=2)
     del models
     peak = {n: peak_gib(n, cfg, x, args, build) for n in VARIANTS} if device == "cuda" else {}
+    ckpt = {n: peak_gib(n, cfg, x, args, build_checkpointed) for n in VARIANTS} if device == "cuda" else {}
     title = (f"{layers} LLaMA layers (hidden {cfg.hidden_size}), torchao NF4 base, r = alpha = {rank} on all 7 "
              f"projections, {shape} tokens, {device}")
     rows = [{"variant": n, "ms_per_step": statistics.median(v), "ms_rounds": v,
              "x_nf4_floor": statistics.median(a / b for a, b in zip(v, ms["NF4 floor"])), "peak_gib": peak.get(n),
-             "peak_x_nlora_bf16": peak[n] / peak["NLoRA on bf16"] if peak else None} for n, v in ms.items()]
+             "peak_x_nlora_bf16": peak[n] / peak["NLoRA on bf16"] if peak else None, "peak_ckpt_gib": ckpt.get(n),
+             "peak_ckpt_x_nlora_bf16": ckpt[n] / ckpt["NLoRA on bf16"] if ckpt else None} for n, v in ms.items()]
     init_s = init_seconds(blocks, cfg.hidden_size, cfg.intermediate_size, rank, device)
     result = {"benchmark": "four_bit", "title": title, "machine": machine(device), "rank": rank, "layers": layers,
               "shape": shape, "rows": rows, "init_blocks": blocks, "init_nystrom_preserve_s": init_s}
     print(title)
-    print(f"{'variant':<28} {'ms/step':>9} {'x NF4 floor':>12} {'peak GiB':>9} {'x bf16 NLoRA':>13}")
+    print(f"{'variant':<28} {'ms/step':>9} {'x NF4 floor':>12} {'peak GiB':>9} {'x bf16 NLoRA':>13} "
+          f"{'checkpointed: peak GiB':>23} {'x bf16 NLoRA':>13}")
     for r in rows:
-        gib, mem = ("-" if r[k] is None else f"{r[k]:.3f}" for k in ("peak_gib", "peak_x_nlora_bf16"))
-        print(f"{r['variant']:<28} {r['ms_per_step']:>9.2f} {r['x_nf4_floor']:>12.3f} {gib:>9} {mem:>13}")
+        cols = ("-" if r[k] is None else f"{r[k]:.3f}" for k in ("peak_gib", "peak_x_nlora_bf16", "peak_ckpt_gib",
+                                                                   "peak_ckpt_x_nlora_bf16"))
+        print(f"{r['variant']:<28} {r['ms_per_step']:>9.2f} {r['x_nf4_floor']:>12.3f} {next(cols):>9} {next(cols):>13} "
+              f"{next(cols):>23} {next(cols):>13}")
     print(f"init: nlora.inject(nystrom, preserve_output) of {blocks} x 7 NF4 Linears: {init_s:.3f} s")
     write(result, args.out, name, plot)
 
