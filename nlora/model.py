@@ -133,7 +133,7 @@ def select_targets(model: nn.Module, targets: Targets, exclude: Targets | None =
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+    setattr(model.get_submodule(parent), child, module)  # get_submodule("") is the model
 
 
 def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | None = None, init: str = "nystrom", *,

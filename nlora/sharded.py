@@ -51,8 +51,7 @@ def take(w: Tensor, index: Tensor, dim: int) -> Tensor:
         start = min(w.device_mesh.get_local_rank(mesh_dim) * chunk, w.shape[dim])
         mine = ((index >= start) & (index < start + local.shape[dim])).nonzero().flatten()
         placements[mesh_dim] = Partial()  # one rank gives each entry, the others zeros: the sum is exact
-        out = torch.zeros(shape, dtype=local.dtype, device=local.device)
-        out.index_copy_(dim, mine, local.index_select(dim, index[mine] - start))
+        out = local.new_zeros(shape).index_copy_(dim, mine, local.index_select(dim, index[mine] - start))
     return DTensor.from_local(out, w.device_mesh, placements, run_check=False, shape=torch.Size(shape),
                               stride=(shape[1], 1)).full_tensor()
 
