@@ -14,13 +14,7 @@ from torch import Tensor, nn
 
 from . import sharded
 from .factors import compute_factors, module_generator
-from .model import adapter_layers
-
-
-def pending_adapters(model: nn.Module) -> list[tuple[str, str]]:
-    """``(module name, adapter name)`` of every adapter still waiting for ``initialize_adapters``."""
-    return [(name, a) for name, layer in adapter_layers(model).items()
-            for a, adapter in layer.adapters.items() if adapter.pending]
+from .model import adapter_layers, pending_adapters
 
 
 def initialize_adapters(model: nn.Module) -> list[tuple[str, str]]:

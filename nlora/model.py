@@ -22,18 +22,15 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|
 _TRAINABLE = "_nlora_trainable"  # marks a module trained in full (inject's ``trainable``)
 
 
-def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def _walk(module: nn.Module, name: str = "", seen: set[int] | None = None) -> Iterator[tuple[str, nn.Module]]:
     """``named_modules()`` without what sits inside an ``NLoRALinear`` (its base and adapters): same order, each
     module once, and a cost that does not grow with the number of adapters."""
-    seen, todo = set(), [("", model)]
-    while todo:
-        name, module = todo.pop()
-        if id(module) in seen:
-            continue
+    seen = set() if seen is None else seen
+    if id(module) not in seen:
         seen.add(id(module))
         yield name, module
-        if not isinstance(module, NLoRALinear):
-            todo += reversed([(f"{name}.{n}" if name else n, child) for n, child in module.named_children()])
+        for n, child in () if isinstance(module, NLoRALinear) else module.named_children():
+            yield from _walk(child, f"{name}.{n}" if name else n, seen)
 
 
 def adapter_layers(model: nn.Module) -> dict[str, NLoRALinear]:
@@ -63,23 +60,10 @@ def _matches(name: str, pattern: Targets) -> bool:
     return any(name == key or name.endswith("." + key) for key in pattern)
 
 
-def output_head_names(model: nn.Module) -> set[str]:
-    """The output heads that ``"all-linear"`` leaves alone, as PEFT does: ``model.get_output_embeddings()`` (HF
-    models), any module named ``lm_head``, and the ``classifier`` / ``score`` of ``*For{Sequence,Token}Classification``
-    models (train those with ``inject(trainable=[...])``)."""
-    classifier = type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification"))
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    return {name for name, m in _walk(model) if m is head or name.split(".")[-1] == "lm_head"
-            or (classifier and name.split(".")[-1] in ("classifier", "score"))}
-
-
 def _pattern_value(name: str, patterns: dict | None, default):
     """PEFT's rank_pattern/alpha_pattern: the first key whose regex fullmatches the name or a ``.``-suffix of it."""
-    for key, value in (patterns or {}).items():
-        if re.fullmatch(rf"(?:.*\.)?(?:{key})", name):
-            return value
-    return default
+    return next((value for key, value in (patterns or {}).items() if re.fullmatch(rf"(?:.*\.)?(?:{key})", name)),
+                default)
 
 
 def _targetable(module: nn.Module) -> bool:
@@ -102,10 +86,17 @@ def _listed(model: nn.Module, candidates: dict[str, nn.Module], entries: Sequenc
 
 
 def _matching(model: nn.Module, candidates: dict[str, nn.Module], targets: Targets) -> dict[str, nn.Module]:
-    """The candidates that ``targets`` names (``"all-linear"``, a regex, or a list whose every entry must match)."""
+    """The candidates that ``targets`` names (``"all-linear"``, a regex, or a list whose every entry must match).
+    ``"all-linear"`` leaves the output heads alone, as PEFT does: ``model.get_output_embeddings()`` (HF models), any
+    module named ``lm_head``, and the ``classifier`` / ``score`` of ``*For{Sequence,Token}Classification`` models
+    (train those with ``inject(trainable=[...])``)."""
     if targets == "all-linear":
-        heads = output_head_names(model)
-        return {n: m for n, m in candidates.items() if _targetable(m) and n not in heads}
+        getter = getattr(model, "get_output_embeddings", None)
+        head = getter() if callable(getter) else None
+        classifier = type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification"))
+        heads = ("lm_head", "classifier", "score") if classifier else ("lm_head",)
+        return {n: m for n, m in candidates.items()
+                if _targetable(m) and m is not head and n.split(".")[-1] not in heads}
     if isinstance(targets, str):
         return {n: m for n, m in candidates.items() if _matches(n, targets)}
     if isinstance(targets, (bytes, dict)) or not targets or not all(isinstance(t, str) for t in targets):
@@ -142,7 +133,7 @@ def select_targets(model: nn.Module, targets: Targets, exclude: Targets | None =
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+    setattr(model.get_submodule(parent), child, module)  # get_submodule("") is the model
 
 
 def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | None = None, init: str = "nystrom", *,
@@ -164,10 +155,9 @@ def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | Non
                                 _pattern_value(n, alpha_pattern, alpha)) for n in chosen}
     four_bit = [n for n, m in chosen.items() if is_4bit(unwrap(m))]  # dequantised one at a time, below
     weights = {n: check_layer(weight_view(unwrap(m)), configs[n], n) for n, m in chosen.items() if n not in four_bit}
-    taken = [n for n, m in chosen.items() if isinstance(m, NLoRALinear) and adapter in m.adapters]
-    if taken:
-        raise ValueError(f"{taken[0]}: already has an adapter named {adapter!r}; pass adapter='<new name>' to add "
-                         f"another, or delete_adapter first")
+    _refuse_modules([n for n, m in chosen.items() if isinstance(m, NLoRALinear) and adapter in m.adapters],
+                    "{names[0]}: already has an adapter named {adapter!r}; pass adapter='<new name>' to add another, "
+                    "or delete_adapter first", adapter=adapter)
     generators = {n: module_generator(config.seed, n, sharded.local_view(w).device) for n, w in weights.items()}
     factors = compute_factors(weights, configs, generators)
     if not config.preserve_output and get_init(config.init).data_driven:
@@ -203,9 +193,8 @@ def wrap_layer(model: nn.Module, name: str, module: nn.Module) -> NLoRALinear:
 def _chosen_and_trainable(model: nn.Module, targets: Targets, exclude: Targets | None, layers,
                           trainable: Sequence[str] | None) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
     """The modules to adapt and the modules to train in full (never also adapted), checked."""
-    merged = [n for n, layer in adapter_layers(model).items() if layer.merged_adapters]
-    if merged:
-        raise ValueError(f"adapters are merged in {merged[:4]}; call nlora.unmerge(model) before injecting")
+    _refuse_modules([n for n, layer in adapter_layers(model).items() if layer.merged_adapters],
+                    "adapters are merged in {names}; call nlora.unmerge(model) before injecting")
     chosen = select_targets(model, targets, exclude, layers)
     if trainable and isinstance(trainable, str):
         raise TypeError(f"trainable={trainable!r} must be a list of module names, e.g. [{trainable!r}]")
@@ -227,6 +216,13 @@ def _refresh_requires_grad(model: nn.Module, layers: dict[str, NLoRALinear]) -> 
         p.requires_grad_(True)
 
 
+def _refuse_modules(names: list[str], message: str, **fields) -> None:
+    """Raise ``ValueError(message)`` if ``names`` (module names) is not empty: ``{names}`` in the message shows the
+    first four of them, the other fields come from ``fields`` (filled in by ``str.format``)."""
+    if names:
+        raise ValueError(message.format(names=names[:4], **fields))
+
+
 def _require_adapters(model: nn.Module) -> dict[str, NLoRALinear]:
     layers = adapter_layers(model)
     if not layers:
@@ -239,12 +235,14 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(n for layer in adapter_layers(model).values() for n in layer.adapters))
 
 
-def _refuse_unknown(model: nn.Module, names: Sequence[str | None], prefix: str = "") -> None:
-    """Refuse adapter names (``None`` aside) that the model does not hold, listing the ones it does."""
+def _refuse_unknown(model: nn.Module, names: str | Sequence[str | None], prefix: str = "") -> None:
+    """Refuse adapter names (``None`` aside) that the model does not hold, listing the ones it does: one name (a
+    ``str``) is quoted as given, a list by its sorted unknown entries."""
     known = adapter_names(model)
-    unknown = sorted(set(names) - set(known) - {None}, key=str)
+    unknown = sorted(set([names] if isinstance(names, str) else names) - set(known) - {None}, key=str)
     if unknown:
-        raise ValueError(f"{prefix}no adapter named {unknown}; the model has {known}")
+        raise ValueError(f"{prefix}no adapter named {names if isinstance(names, str) else unknown!r}; the model has "
+                         f"{known}")
 
 
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
@@ -264,12 +262,10 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` everywhere; layers left with no adapter go back to their plain base module."""
     layers = _require_adapters(model)
+    _refuse_unknown(model, name)
     holders = {n: layer for n, layer in layers.items() if name in layer.adapters}
-    if not holders:
-        raise ValueError(f"no adapter named {name!r}; the model has {adapter_names(model)}")
-    merged = [n for n, layer in holders.items() if name in layer.merged_adapters]
-    if merged:
-        raise ValueError(f"adapter {name!r} is merged in {merged[:4]}; call nlora.unmerge(model) before deleting it")
+    _refuse_modules([n for n, layer in holders.items() if name in layer.merged_adapters],
+                    "adapter {name!r} is merged in {names}; call nlora.unmerge(model) before deleting it", name=name)
     for module_name, layer in holders.items():
         layer.remove(name)
         if not layer.adapters:
@@ -277,14 +273,19 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     _refresh_requires_grad(model, layers)
 
 
+def pending_adapters(model: nn.Module) -> list[tuple[str, str]]:
+    """``(module name, adapter name)`` of every adapter still waiting for ``initialize_adapters``."""
+    return [(name, a) for name, layer in adapter_layers(model).items()
+            for a, adapter in layer.adapters.items() if adapter.pending]
+
+
 def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     """Fold the active adapters into the base weights (delta in fp32, rounded once). ``safe=True`` checks every
     merged weight for NaN/Inf first and raises without changing anything."""
     layers = {n: layer for n, layer in _require_adapters(model).items() if layer.unmerged_active()}
-    four_bit = [n for n, layer in layers.items() if layer.four_bit]
-    if four_bit:
-        raise ValueError(f"{four_bit[:4]}: 4-bit base weights are never written (merging would requantise them); "
-                         f"use nlora.merge_and_unload(model) for a dequantised merged model; nothing was merged")
+    _refuse_modules([n for n, layer in layers.items() if layer.four_bit],
+                    "{names}: 4-bit base weights are never written (merging would requantise them); use "
+                    "nlora.merge_and_unload(model) for a dequantised merged model; nothing was merged")
     if not layers:
         warnings.warn("every active adapter is already merged; merge did nothing", stacklevel=2)
     if safe:
@@ -315,10 +316,9 @@ def unmerge(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
     """Merge the active adapters and replace every wrapper by its base module: a plain model, no nlora inside."""
     layers = _require_adapters(model)
-    pending = [n for n, layer in layers.items() if any(a.pending for a in layer.adapters.values())]
-    if pending:
-        raise ValueError(f"adapters of {pending[:4]} were injected on the meta device and have no values yet; call "
-                         f"nlora.initialize_adapters(model) before merge_and_unload; nothing was changed")
+    _refuse_modules(list(dict.fromkeys(n for n, _ in pending_adapters(model))),
+                    "adapters of {names} were injected on the meta device and have no values yet; call "
+                    "nlora.initialize_adapters(model) before merge_and_unload; nothing was changed")
     if safe:  # checked before a 4-bit base is dequantised
         _refuse_nonfinite_merge(layer for layer in layers.values() if layer.unmerged_active())
     for name, layer in layers.items():

@@ -34,13 +34,11 @@ def take(w: Tensor, index: Tensor, dim: int) -> Tensor:
     """``w.index_select(dim, index)`` as a plain tensor; for a DTensor only the selected slices travel."""
     if not is_dtensor(w):
         return w.index_select(dim, index)
-    shards = [(i, p.dim) for i, p in enumerate(w.placements) if isinstance(p, Shard)]
-    if len(shards) > 1 or not all(isinstance(p, (Shard, Replicate)) for p in w.placements):
-        return w.full_tensor().index_select(dim, index)  # several sharded mesh dims, or partial values
     local = w.to_local()
     index = index.to(local.device)
-    if not shards:
-        return local.index_select(dim, index)
+    shards = [(i, p.dim) for i, p in enumerate(w.placements) if isinstance(p, Shard)]
+    if len(shards) != 1 or not all(isinstance(p, (Shard, Replicate)) for p in w.placements):
+        return w.full_tensor().index_select(dim, index)  # replicated (nothing travels), several sharded dims, partial
     mesh_dim, sharded_dim = shards[0]
     shape = list(w.shape)
     shape[dim] = index.numel()
@@ -53,8 +51,7 @@ def take(w: Tensor, index: Tensor, dim: int) -> Tensor:
         start = min(w.device_mesh.get_local_rank(mesh_dim) * chunk, w.shape[dim])
         mine = ((index >= start) & (index < start + local.shape[dim])).nonzero().flatten()
         placements[mesh_dim] = Partial()  # one rank gives each entry, the others zeros: the sum is exact
-        out = torch.zeros(shape, dtype=local.dtype, device=local.device)
-        out.index_copy_(dim, mine, local.index_select(dim, index[mine] - start))
+        out = local.new_zeros(shape).index_copy_(dim, mine, local.index_select(dim, index[mine] - start))
     return DTensor.from_local(out, w.device_mesh, placements, run_check=False, shape=torch.Size(shape),
                               stride=(shape[1], 1)).full_tensor()
 
@@ -69,8 +66,7 @@ def sq_norms(w: Tensor, dim: int) -> Tensor:
 def left_matmul(m: Tensor, w: Tensor) -> Tensor:
     """``m @ w`` in ``m``'s dtype for a plain ``m (k, out)`` and a sharded ``w (out, in)``, as a plain ``(k, in)``:
     DTensor multiplies shard by shard, so only ``k x in`` partial results travel."""
-    replicated = DTensor.from_local(m, w.device_mesh, [Replicate()] * w.device_mesh.ndim, run_check=False)
-    return (replicated @ w.to(m.dtype)).full_tensor()
+    return (_on_mesh(m, w, Replicate()) @ w.to(m.dtype)).full_tensor()
 
 
 def full(t: Tensor) -> Tensor:
@@ -96,14 +92,16 @@ def all_ranks_true(flag: bool, like: Tensor) -> bool:
     if not is_dtensor(like):
         return flag
     t = torch.tensor([float(flag)], device=like.to_local().device)
-    placements = [Partial("min")] * like.device_mesh.ndim
-    return bool(DTensor.from_local(t, like.device_mesh, placements, run_check=False).full_tensor().item())
+    return bool(_on_mesh(t, like, Partial("min")).full_tensor().item())
 
 
 def broadcast(t: Tensor, like: Tensor) -> Tensor:
     """Rank 0's ``t`` on every rank of ``like``'s device mesh (``t`` itself for plain tensors)."""
     if not is_dtensor(like):
         return t
-    t = t.to(like.to_local().device).contiguous()
-    placements = [Replicate()] * like.device_mesh.ndim
-    return DTensor.from_local(t, like.device_mesh, placements, run_check=True).to_local()
+    return _on_mesh(t.to(like.to_local().device).contiguous(), like, Replicate(), run_check=True).to_local()
+
+
+def _on_mesh(local: Tensor, like: Tensor, placement, run_check: bool = False) -> Tensor:
+    """A DTensor on ``like``'s device mesh whose piece on this rank is ``local``, ``placement`` on every mesh dim."""
+    return DTensor.from_local(local, like.device_mesh, [placement] * like.device_mesh.ndim, run_check=run_check)
