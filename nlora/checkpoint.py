@@ -37,10 +37,9 @@ _OTHER_MODEL = "an adapter saved from another model? load it into the model (arc
 
 # ---------------------------------------------------------------------------------------------------- small helpers
 def same_sample(saved: Tensor, current: Tensor) -> bool:
-    """Whether two samples agree exactly once rounded to the less precise of their dtypes."""
+    """Whether two samples agree exactly (NaN with NaN) once rounded to the less precise of their dtypes."""
     low = saved.dtype if torch.finfo(saved.dtype).eps >= torch.finfo(current.dtype).eps else current.dtype
-    a, b = saved.to("cpu", low), current.to("cpu", low)
-    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return torch.allclose(saved.to("cpu", low), current.to("cpu", low), rtol=0, atol=0, equal_nan=True)
 
 
 def _digest(*tensors: Tensor) -> str:

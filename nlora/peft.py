@@ -107,8 +107,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter: str | None =
     _check_trainable(model, modules, list(layers), saved)
     tensors.update({_PEFT_PREFIX + n: p.detach().to(dtype if p.is_floating_point() else p.dtype)
                     for n, p in saved.items()})
-    r = Counter(ranks.values()).most_common(1)[0][0]  # the most common rank and alpha; patterns for the rest
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    # the most common rank and alpha; patterns for the rest
+    r, alpha = (Counter(values.values()).most_common(1)[0][0] for values in (ranks, alphas))
     config = {
         "peft_type": "LORA", "task_type": None, "inference_mode": True, "revision": None, "r": r, "lora_alpha": alpha,
         "target_modules": _target_modules(model, list(layers)),
