@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import safetensors.torch
 import torch
@@ -37,20 +37,16 @@ _OTHER_MODEL = "an adapter saved from another model? load it into the model (arc
 
 # ---------------------------------------------------------------------------------------------------- small helpers
 def same_sample(saved: Tensor, current: Tensor) -> bool:
-    """Whether two samples agree exactly once rounded to the less precise of their dtypes."""
+    """Whether two samples agree exactly (NaN with NaN) once rounded to the less precise of their dtypes."""
     low = saved.dtype if torch.finfo(saved.dtype).eps >= torch.finfo(current.dtype).eps else current.dtype
-    a, b = saved.to("cpu", low), current.to("cpu", low)
-    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return torch.allclose(saved.to("cpu", low), current.to("cpu", low), rtol=0, atol=0, equal_nan=True)
 
 
 def _digest(*tensors: Tensor) -> str:
     """sha256 (32 hex digits) of the tensors' dtypes, shapes and bytes: equal iff bit-identical."""
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.detach().to("cpu").reshape(-1).clone(memory_format=torch.contiguous_format).view(torch.uint8)
-                 .numpy().tobytes())
-    return h.hexdigest()[:32]
+    data = [f"{t.dtype}{tuple(t.shape)}".encode() + t.detach().to("cpu").reshape(-1)
+            .clone(memory_format=torch.contiguous_format).view(torch.uint8).numpy().tobytes() for t in tensors]
+    return hashlib.sha256(b"".join(data)).hexdigest()[:32]
 
 
 def _resolve(model: nn.Module, adapter: str | None, action: str) -> tuple[str, dict[str, NLoRALinear]]:
@@ -73,13 +69,9 @@ def _resolve(model: nn.Module, adapter: str | None, action: str) -> tuple[str, d
 
 def trainable_params(model: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters of the modules trained in full (``inject(trainable=...)``) by their wrapper-free names."""
-    found: dict[str, nn.Parameter] = {}
-    for name, module in model.named_modules():
-        if getattr(module, _TRAINABLE, False):
-            for pname, p in unwrap(module).named_parameters():
-                if ".adapters." not in f".{pname}":
-                    found[f"{name}.{pname}".replace(".base.", ".").lstrip(".")] = p
-    return found
+    return {f"{name}.{pname}".replace(".base.", ".").lstrip("."): p
+            for name, module in model.named_modules() if getattr(module, _TRAINABLE, False)
+            for pname, p in unwrap(module).named_parameters() if ".adapters." not in f".{pname}"}
 
 
 def write_files(path: str | os.PathLike, tensors: dict[str, Tensor], config: dict, checksum: bool = True) -> Path:
@@ -120,13 +112,11 @@ def _module_record(layer: NLoRALinear, adapter: Adapter, default: dict, compact:
     w = dense_weight(layer.base)
     from_base = _from_base(layer, adapter, compact)
     a, n, b = adapter.factors(w)
+    index = None if adapter.rows is None else torch.stack([adapter.rows, adapter.cols]).to("cpu", torch.int32)  # < 2^31
     tensors = {"lora_A": a, "lora_N": n, "lora_B": b,  # init_*: None unless the init rewrote the base weight
-               "init_A": adapter.init_A, "init_N": adapter.init_N, "init_B": adapter.init_B}
+               "init_A": adapter.init_A, "init_N": adapter.init_N, "init_B": adapter.init_B, "index": index,
+               "base_sample": None if from_base else getattr(adapter, "base_sample", None)}  # else: the slices' digest
     tensors = {k: v for k, v in tensors.items() if v is not None and k not in from_base}
-    if adapter.rows is not None:
-        tensors["index"] = torch.stack([adapter.rows, adapter.cols]).to("cpu", torch.int32)  # dims < 2^31
-    if getattr(adapter, "base_sample", None) is not None and not from_base:  # else the slices' digest checks the base
-        tensors["base_sample"] = adapter.base_sample
     record = {"kind": "Conv1D" if is_conv1d(layer.base) else "Linear", "shape": list(w.shape),
               "base_dtype": str(w.dtype).removeprefix("torch."), "stored": sorted(tensors), "from_base": from_base,
               "config": {k: v for k, v in adapter.config.to_dict().items() if default.get(k) != v}}
@@ -155,14 +145,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
         raise ValueError(f"adapter {name!r} has no values yet in {pending[:4]} (injected on the meta device); "
                          f"call nlora.initialize_adapters(model) first")
     default = next(iter(layers.values())).adapters[name].config.to_dict()
-    modules, tensors = {}, {}
-    for module_name, layer in layers.items():
-        modules[module_name], own = _module_record(layer, layer.adapters[name], default, compact)
-        tensors.update({f"{module_name}.{k}": v for k, v in own.items()})
+    records = {n: _module_record(layer, layer.adapters[name], default, compact) for n, layer in layers.items()}
+    tensors = {f"{n}.{k}": v for n, (_, own) in records.items() for k, v in own.items()}
     extra = trainable_params(model) if include_trainable else {}
     tensors.update({_TRAINABLE_PREFIX + k: p for k, p in extra.items()})
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "nlora_version": __version__, "adapter_name": name,
-              "model_class": type(model).__name__, "config": default, "modules": modules,
+              "model_class": type(model).__name__, "config": default,
+              "modules": {n: record for n, (record, _) in records.items()},
               "trainable_modules": trainable_module_names(model) if include_trainable else [],
               "trainable_params": {k: list(p.shape) for k, p in extra.items()}}
     return write_files(path, tensors, config)
@@ -191,8 +180,8 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{file} is corrupted (not valid JSON: {err}); {_SAVE_AGAIN}") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        peft = isinstance(config, dict) and "peft_type" in config
-        kind = "a PEFT adapter (import it with nlora.import_peft)" if peft else "not an nlora adapter"
+        kind = ("a PEFT adapter (import it with nlora.import_peft)"
+                if isinstance(config, dict) and "peft_type" in config else "not an nlora adapter")
         raise ValueError(f"{file} is {kind}; expected format {FORMAT!r}")
     if config.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{file} has format_version {config.get('format_version')!r}; this nlora reads "
@@ -224,10 +213,13 @@ class _Problems(dict):
     def add(self, kind: str, item: str, fix: str = _SAVE_AGAIN) -> None:
         self.setdefault((kind, fix), []).append(item)
 
+    def add_each(self, kind: str, items: Iterable[str], fix: str = _SAVE_AGAIN) -> None:
+        for item in items:
+            self.add(kind, item, fix)
+
     def raise_if_any(self, name: str, path: Path, model: nn.Module, verb: str = "load") -> None:
-        for layer_name, layer in adapter_layers(model).items():
-            if layer.merged_adapters:
-                self.add("model has merged adapters", layer_name, "call nlora.unmerge(model) first")
+        self.add_each("model has merged adapters", [n for n, layer in adapter_layers(model).items()
+                                                    if layer.merged_adapters], "call nlora.unmerge(model) first")
         if self:
             lines = [f"  {kind}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''} -> {fix}"
                      for (kind, fix), items in self.items()]
@@ -289,9 +281,9 @@ def _slices_from_base(name: str, rec: dict, config: AdapterConfig, w: Tensor, ro
     if rows is None:
         raise _Refused("has invalid index sets", f"{name}: rebuilt from the base but no index stored")
     r, c = (t.to(w.dtype) for t in nystrom_slices(w, rows, cols))
-    same = _digest(r.to(config.adapter_dtype), c.to(config.adapter_dtype)) == rec.get("slice_digest")
     low = (rec.get("slice_digest_low") or {}).get(str(w.dtype)[6:])  # the base cast to a lower precision
-    if check_base and not same and (low is None or _digest(r, c) != low):
+    if (check_base and _digest(r.to(config.adapter_dtype), c.to(config.adapter_dtype)) != rec.get("slice_digest")
+            and (low is None or _digest(r, c) != low)):
         raise _Refused("base weight slices differ from the ones saved (wrong base model, or a different "
                        "checkpoint)", name, "load the base checkpoint it was saved on (in its dtype or a "
                        "lower-precision cast of it), or pass check_base=False to put it on this one on purpose")
@@ -317,8 +309,8 @@ def _plan_module(name: str, rec: Any, default: dict, tensors: dict[str, Tensor],
     prefix = "init_" if config.preserve_output else "lora_"
     if prefix + "A" not in own or prefix + "B" not in own:
         raise _Refused("file lacks tensors the config lists", f"{name}.{prefix}A/B")
-    initial = Factors(own[prefix + "A"], own.get(prefix + "N"), own[prefix + "B"], rows, cols)
-    return config, initial, {k: own[k] for k in ("lora_A", "lora_N", "lora_B") if k in own}
+    return (config, Factors(own[prefix + "A"], own.get(prefix + "N"), own[prefix + "B"], rows, cols),
+            {k: own[k] for k in ("lora_A", "lora_N", "lora_B") if k in own})
 
 
 def _check_keys(config: dict, tensors: dict[str, Tensor], problems: _Problems) -> None:
@@ -328,8 +320,7 @@ def _check_keys(config: dict, tensors: dict[str, Tensor], problems: _Problems) -
     claimed |= {_TRAINABLE_PREFIX + k for k in config.get("trainable_params", {})}
     for kind, keys in (("file has tensors the config does not describe", set(tensors) - claimed),
                        ("file lacks tensors the config lists", claimed - set(tensors))):
-        for key in sorted(keys):
-            problems.add(kind, key)
+        problems.add_each(kind, sorted(keys))
 
 
 def _plan_trainable(model: nn.Module, config: dict, tensors: dict[str, Tensor],
@@ -337,10 +328,8 @@ def _plan_trainable(model: nn.Module, config: dict, tensors: dict[str, Tensor],
     """The modules trained in full that the file names, and their parameters with the saved values."""
     modules = {n.replace(".base.", ".").removesuffix(".base"): m for n, m in model.named_modules()}
     params = {n.replace(".base.", "."): p for n, p in model.named_parameters(remove_duplicate=False)}
-    found = [modules[n] for n in config.get("trainable_modules", []) if n in modules]
-    for n in config.get("trainable_modules", []):
-        if n not in modules:
-            problems.add("trainable module missing from the model", n, _TRAINABLE_FIX)
+    names = config.get("trainable_modules", [])
+    problems.add_each("trainable module missing from the model", [n for n in names if n not in modules], _TRAINABLE_FIX)
     values = []
     for pname, shape in config.get("trainable_params", {}).items():
         p, t = params.get(pname), tensors.get(_TRAINABLE_PREFIX + pname)
@@ -352,7 +341,7 @@ def _plan_trainable(model: nn.Module, config: dict, tensors: dict[str, Tensor],
                          _TRAINABLE_FIX)
         elif t is not None:
             values.append((p, t))
-    return found, values
+    return [modules[n] for n in names if n in modules], values
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None = None, *,

@@ -18,25 +18,21 @@ from .checkpoint import CONFIG_NAME, TENSOR_NAME, _Problems, _resolve, trainable
 from .config import AdapterConfig
 from .inits import Factors
 from .layer import Adapter, dense_weight, is_adaptable, is_conv1d
-from .model import (_TRAINABLE, _candidates, adapter_layers, set_adapter, trainable_module_names, unwrap,
-                    wrap_layer)
+from .model import (_TRAINABLE, _candidates, _pattern_value, adapter_layers, set_adapter, trainable_module_names,
+                    unwrap, wrap_layer)
 
 _PEFT_PREFIX = "base_model.model."  # PEFT's tensor names: this + the module name + ".lora_A.weight" and so on
 
 
-def _peft_pattern_key(keys: list[str], name: str) -> str:
-    """How PEFT (>= 0.14) picks a rank_pattern/alpha_pattern key for a module name."""
-    return next((key for key in keys if re.match(rf"(.*\.)?({key})$", name)), name)
-
-
 def _patterns(values: dict[str, float], default: float, what: str) -> dict[str, float]:
-    """A PEFT rank/alpha pattern that gives every module its value under PEFT's first-match-wins lookup."""
+    """A PEFT rank/alpha pattern that gives every module its value under PEFT's first-match-wins lookup (PEFT >= 0.14:
+    the first key that ``_pattern_value`` would pick, else the entry of the exact name, else the default)."""
     pattern = {n: v for n, v in values.items() if v != default}
-    for _ in range(len(values) + 1):
-        keys = sorted(pattern, key=lambda k: (-len(k), k.count(".")))  # longest, then fewest wildcards, first
-        wrong = [n for n, v in values.items() if pattern.get(_peft_pattern_key(keys, n), default) != v]
+    for _ in range(len(values) + 1):  # keys: longest, then fewest wildcards, first
+        ordered = {k: pattern[k] for k in sorted(pattern, key=lambda k: (-len(k), k.count(".")))}
+        wrong = [n for n, v in values.items() if _pattern_value(n, ordered, ordered.get(n, default)) != v]
         if not wrong:
-            return {k: pattern[k] for k in keys}
+            return ordered
         pattern.update({n: values[n] for n in wrong})
     raise ValueError(f"module names {sorted(values)[:6]} cannot be given their own {what} under PEFT's pattern "
                      f"matching; rename the modules or use one {what} for all of them")
@@ -111,8 +107,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter: str | None =
     _check_trainable(model, modules, list(layers), saved)
     tensors.update({_PEFT_PREFIX + n: p.detach().to(dtype if p.is_floating_point() else p.dtype)
                     for n, p in saved.items()})
-    r = Counter(ranks.values()).most_common(1)[0][0]  # the most common rank and alpha; patterns for the rest
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    # the most common rank and alpha; patterns for the rest
+    r, alpha = (Counter(values.values()).most_common(1)[0][0] for values in (ranks, alphas))
     config = {
         "peft_type": "LORA", "task_type": None, "inference_mode": True, "revision": None, "r": r, "lora_alpha": alpha,
         "target_modules": _target_modules(model, list(layers)),
@@ -176,16 +172,16 @@ def _plan_peft(model: nn.Module, config: dict, tensors: dict[str, Tensor], adapt
         elif adapter in getattr(module, "adapters", {}):
             problems.add("already holds an adapter of that name", name, "pass adapter='<new name>'")
         else:
-            alpha = alphas.get(_peft_pattern_key(list(alphas), name), config.get("lora_alpha", 8))
+            alpha = _pattern_value(name, alphas, alphas.get(name, config.get("lora_alpha", 8)))  # as _patterns
             adapter_config = AdapterConfig.build(rank=a.shape[0], alpha=float(alpha), init="lora",
                                                  dropout=float(config.get("lora_dropout") or 0.0))
             plans[name] = (module, adapter_config, Factors(a.to(w.device), None, b.to(w.device)))
     if not names:
         problems.add("no lora_A / lora_B tensors", "adapter_model", "pass a PEFT LoRA adapter directory")
-    for key in tensors:  # e.g. lora_embedding_A/B: a LoRA on an Embedding, which nlora does not adapt
-        if ".lora_" in key and not key.endswith((".lora_A.weight", ".lora_B.weight")):
-            problems.add("LoRA tensors of a layer type nlora does not adapt", key,
-                         "retrain without it, or load it with peft")
+    # e.g. lora_embedding_A/B: a LoRA on an Embedding, which nlora does not adapt
+    problems.add_each("LoRA tensors of a layer type nlora does not adapt",
+                      [k for k in tensors if ".lora_" in k and not k.endswith((".lora_A.weight", ".lora_B.weight"))],
+                      "retrain without it, or load it with peft")
     return plans
 
 
@@ -202,16 +198,15 @@ def import_peft(model: nn.Module, path: str | os.PathLike, adapter: str = "defau
     config, tensors = _read_peft(path)
     problems = _Problems()
     plans = _plan_peft(model, config, tensors, adapter, problems)
-    for name, (_, _, factors) in plans.items():  # factors on a meta layer would be lost to to_empty
-        if factors.A.is_meta:
-            problems.add("layer on the meta device", name, "materialise the model (to_empty) and load its weights "
-                         "before import_peft")
+    # factors on a meta layer would be lost to to_empty
+    problems.add_each("layer on the meta device", [n for n, (_, _, factors) in plans.items() if factors.A.is_meta],
+                      "materialise the model (to_empty) and load its weights before import_peft")
     saved = {k[len(_PEFT_PREFIX):]: t for k, t in tensors.items() if ".lora_" not in k}
     params = dict(model.named_parameters(remove_duplicate=False))
-    for name, t in saved.items():
-        if name not in params or params[name].shape != t.shape:  # a layer wrapped by nlora is refused here too
-            problems.add("modules_to_save weight missing from the model, of another shape, or in a layer nlora "
-                         "adapts", name, "import it into the model it was trained on, without nlora adapters there")
+    # (a layer wrapped by nlora is refused here too: its weight is named .base.weight)
+    problems.add_each("modules_to_save weight missing from the model, of another shape, or in a layer nlora adapts",
+                      [n for n, t in saved.items() if n not in params or params[n].shape != t.shape],
+                      "import it into the model it was trained on, without nlora adapters there")
     problems.raise_if_any(adapter, path, model, verb="import")
     for name, (module, adapter_config, factors) in plans.items():
         wrap_layer(model, name, module).add(adapter, Adapter(adapter_config, factors))
