@@ -24,7 +24,7 @@ from .config import AdapterConfig
 from .factors import meta_factors
 from .inits import Factors, nystrom_slices
 from .layer import SAMPLE_SIZE, Adapter, NLoRALinear, dense_weight, is_adaptable, is_conv1d, weight_sample
-from .model import (_TRAINABLE, _candidates, adapter_layers, adapter_names, set_adapter, trainable_module_names,
+from .model import (_TRAINABLE, _candidates, _refuse_modules, _refuse_unknown, adapter_layers, adapter_names, set_adapter, trainable_module_names,
                     unwrap, wrap_layer)
 
 CONFIG_NAME = "adapter_config.json"
@@ -57,13 +57,11 @@ def _resolve(model: nn.Module, adapter: str | None, action: str) -> tuple[str, d
     if adapter is None and len(names) != 1:
         raise ValueError(f"the model holds several adapters {names}; pass adapter=<name> to pick one")
     name = names[0] if adapter is None else adapter
-    if name not in names:
-        raise ValueError(f"no adapter named {name!r}; the model has {names}")
+    _refuse_unknown(model, name)
     layers = {n: layer for n, layer in adapter_layers(model).items() if name in layer.adapters}
-    merged = [n for n, layer in layers.items() if layer.merged_adapters]
-    if merged:
-        raise ValueError(f"cannot {action} adapter {name!r}: adapters are merged into the base weight of {merged[:6]}; "
-                         f"call nlora.unmerge(model) first")
+    _refuse_modules([n for n, layer in layers.items() if layer.merged_adapters], "cannot {action} adapter {name!r}: "
+                    "adapters are merged into the base weight of {names}; call nlora.unmerge(model) first",
+                    action=action, name=name)
     return name, layers
 
 
