@@ -61,7 +61,7 @@ class AdapterConfig:
         if self.train == "middle" and spec.zero_delta:
             raise ValueError(f"train='middle' freezes B, and init {self.init!r} sets B = 0, so N would never get a "
                              f"gradient; use a data-driven init (nystrom*, pissa) for IntTune, or train='all'")
-        for name, dtype in (("adapter_dtype", self.adapter_dtype),  # compute_dtype None: follow the input
+        for name, dtype in (("adapter_dtype", self.adapter_dtype),  # compute_dtype may be None (follow the input)
                             ("compute_dtype", torch.float32 if self.compute_dtype is None else self.compute_dtype)):
             if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
                 raise TypeError(f"{name}={dtype!r} must be a floating torch.dtype, e.g. torch.float32")

@@ -62,10 +62,10 @@ def _refuse_nonfinite(tensors: dict[str, tuple[Tensor | None, ...]], message: st
 
 
 def _rank0(f: Factors, w: Tensor, generator: torch.Generator | None) -> Factors:
-    """``f``; for a sharded ``w`` drawn without a generator (the draws may differ by rank), rank 0's ``f``."""
-    if generator is not None or not sharded.is_dtensor(w):
-        return f
-    return Factors(*(None if t is None else sharded.broadcast(t, w) for t in vars(f).values()))
+    """``f``; for a sharded ``w`` drawn without a generator (the draws may differ by rank), rank 0's ``f``
+    (``sharded.broadcast`` gives a plain ``w``'s tensors back as they are)."""
+    return f if generator is not None else Factors(*(None if t is None else sharded.broadcast(t, w)
+                                                     for t in vars(f).values()))
 
 
 def compute_factors(weights: dict[str, Tensor], configs: dict[str, AdapterConfig],
@@ -91,7 +91,8 @@ def compute_factors(weights: dict[str, Tensor], configs: dict[str, AdapterConfig
         _refuse_nonfinite({n: (f.A, f.N, f.B) for n, f in out.items()},
                           f"init {config.init!r} gives factors that are not finite in {config.adapter_dtype} (an "
                           f"ill-conditioned Nyström core overflows); nothing was changed. Use "
-                          f"adapter_dtype=torch.float32, init='nystrom-optimal', or a larger rcond", config.adapter_dtype)
+                          f"adapter_dtype=torch.float32, init='nystrom-optimal', or a larger rcond",
+                          config.adapter_dtype)
     meta = {n: meta_factors(w.shape, configs[n]) for n, w in weights.items() if n not in real}
     return {**meta, **out}
 
