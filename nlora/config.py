@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .inits import get_init
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class AdapterConfig:
     """One adapter ``ΔW = (alpha / rank) · B N A`` in torch layout (``A (r, in)``, ``N (r, r)``, ``B (out, r)``).
 
@@ -39,16 +38,21 @@ class AdapterConfig:
     adapter_dtype: torch.dtype = torch.float32
     compute_dtype: torch.dtype | None = None
     seed: int | None = None
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         spec = get_init(self.init)
-        _check_number("rank", self.rank, int, lambda v: v > 0, "a positive int")
-        if self.alpha is not None:
-            _check_number("alpha", self.alpha, (int, float), math.isfinite, "a finite number (or None: alpha = rank)")
-        _check_number("dropout", self.dropout, (int, float), lambda v: 0 <= v < 1, "a number in [0, 1)")
-        if self.seed is not None:
-            _check_number("seed", self.seed, int, lambda v: True, "an int or None")
+        for name, types, ok, what in (  # a wrong type is a TypeError, a wrong value a ValueError
+                ("rank", int, lambda v: v > 0, "a positive int"),
+                ("alpha", (int, float, type(None)), lambda v: v is None or math.isfinite(v),
+                 "a finite number (or None: alpha = rank)"),
+                ("dropout", (int, float), lambda v: 0 <= v < 1, "a number in [0, 1)"),
+                ("seed", (int, type(None)), lambda v: True, "an int or None")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, types):
+                raise TypeError(f"{name}={value!r} must be {what}, got {type(value).__name__}")
+            if not ok(value):
+                raise ValueError(f"{name}={value!r} must be {what}")
         if self.train not in ("all", "middle"):
             raise ValueError(f"train={self.train!r}: choose 'all' (A, N, B) or 'middle' (IntTune: only N)")
         if self.train == "middle" and not spec.has_middle:
@@ -57,10 +61,9 @@ class AdapterConfig:
         if self.train == "middle" and spec.zero_delta:
             raise ValueError(f"train='middle' freezes B, and init {self.init!r} sets B = 0, so N would never get a "
                              f"gradient; use a data-driven init (nystrom*, pissa) for IntTune, or train='all'")
-        for name in ("adapter_dtype", "compute_dtype"):
-            dtype = getattr(self, name)
-            if not (dtype is None and name == "compute_dtype") and not (
-                    isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        for name, dtype in (("adapter_dtype", self.adapter_dtype),  # compute_dtype may be None (follow the input)
+                            ("compute_dtype", torch.float32 if self.compute_dtype is None else self.compute_dtype)):
+            if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
                 raise TypeError(f"{name}={dtype!r} must be a floating torch.dtype, e.g. torch.float32")
         unknown = sorted(set(self.options) - set(spec.options))
         if unknown:
@@ -105,10 +108,3 @@ class AdapterConfig:
         dtypes = {k: getattr(torch, str(data[k]), data[k]) for k in ("adapter_dtype", "compute_dtype") if data.get(k)}
         return cls(**{**data, **dtypes})  # __post_init__ refuses what is not a dtype
 
-
-def _check_number(name: str, value: Any, types, ok, what: str) -> None:
-    """Refuse a wrong type with a TypeError and a wrong value with a ValueError, each saying what is expected."""
-    if isinstance(value, bool) or not isinstance(value, types):
-        raise TypeError(f"{name}={value!r} must be {what}, got {type(value).__name__}")
-    if not ok(value):
-        raise ValueError(f"{name}={value!r} must be {what}")

@@ -47,42 +47,25 @@ def check_layer(w: Tensor, config: AdapterConfig, label: str) -> Tensor:
     return w
 
 
-def _all_true(flags: list[Tensor]) -> list[bool]:
-    """Host values of many 0-d bool tensors with one device-to-host copy (not one synchronisation per tensor)."""
-    return torch.stack([f.to(flags[0].device) for f in flags]).tolist() if flags else []
-
-
-def _max_abs(t: Tensor) -> Tensor:
-    """``max |t|`` in one pass; NaN and Inf propagate."""
-    return torch.linalg.vector_norm(t, float("inf"))
-
-
-def _refuse_nonfinite(weights: dict[str, Tensor], init: str) -> None:
-    plain = {n: w for n, w in weights.items() if not sharded.is_dtensor(w)}
-    ok = dict(zip(plain, _all_true([_max_abs(w).isfinite() for w in plain.values()])))
-    for name, w in weights.items():
-        if not ok.get(name, True) or (name not in plain and not sharded.all_ranks_true(
-                bool(_max_abs(w.to_local()).isfinite()), w)):
-            raise ValueError(f"{name}: weight has NaN/Inf, so the data-driven init {init!r} cannot use it; fix the "
-                             f"checkpoint or pick a random init (lora/slora)")
-
-
-def _refuse_overflow(factors: dict[str, Factors], dtype: torch.dtype, init: str) -> None:
-    """Data-driven factors must be finite in the adapter dtype (an ill-conditioned core can overflow fp16)."""
-    flags = [torch.stack([_max_abs(t) for t in (f.A, f.N, f.B) if t is not None]).max().to(dtype).isfinite()
-             for f in factors.values()]
-    for name, ok in zip(factors, _all_true(flags)):
-        if not ok:
-            raise ValueError(f"{name}: init {init!r} gives factors that are not finite in {dtype} (an ill-conditioned "
-                             f"Nyström core overflows); nothing was changed. Use adapter_dtype=torch.float32, "
-                             f"init='nystrom-optimal', or a larger rcond")
+def _refuse_nonfinite(tensors: dict[str, tuple[Tensor | None, ...]], message: str, dtype: torch.dtype | None = None,
+                      weights: dict[str, Tensor] | None = None) -> None:
+    """Raise ``ValueError("<name>: <message>")`` for the first name with a NaN/Inf among its tensors (``None``
+    skipped), or a value beyond the range of ``dtype`` where given; for a sharded ``weights[name]``: on any rank. One
+    pass over each tensor (``max |t|``, which NaN and Inf propagate to) and one device-to-host copy for all the names,
+    not one synchronisation each."""
+    flags = [torch.stack([torch.linalg.vector_norm(t, float("inf")) for t in ts if t is not None]).max()
+             .to(dtype=dtype).isfinite() for ts in tensors.values()]  # dtype None: the tensors' own
+    host = torch.stack([f.to(flags[0].device) for f in flags]).tolist() if flags else []
+    for name, ok in zip(tensors, host):
+        if not (ok if weights is None else sharded.all_ranks_true(ok, weights[name])):
+            raise ValueError(f"{name}: {message}")
 
 
 def _rank0(f: Factors, w: Tensor, generator: torch.Generator | None) -> Factors:
-    """``f``; for a sharded ``w`` drawn without a generator (the draws may differ by rank), rank 0's ``f``."""
-    if generator is not None or not sharded.is_dtensor(w):
-        return f
-    return Factors(*(None if t is None else sharded.broadcast(t, w) for t in vars(f).values()))
+    """``f``; for a sharded ``w`` drawn without a generator (the draws may differ by rank), rank 0's ``f``
+    (``sharded.broadcast`` gives a plain ``w``'s tensors back as they are)."""
+    return f if generator is not None else Factors(*(None if t is None else sharded.broadcast(t, w)
+                                                     for t in vars(f).values()))
 
 
 def compute_factors(weights: dict[str, Tensor], configs: dict[str, AdapterConfig],
@@ -94,16 +77,22 @@ def compute_factors(weights: dict[str, Tensor], configs: dict[str, AdapterConfig
     spec = get_init(config.init)
     real = {n: w for n, w in weights.items() if not sharded.is_meta(w)}
     if spec.data_driven:
-        _refuse_nonfinite(real, config.init)
-    ranks, scalings = [configs[n].rank for n in real], [configs[n].scaling for n in real]
-    gens = [generators[n] for n in real]
-    made = (spec.many(list(real.values()), ranks, scalings=scalings, generators=gens, **config.options)
+        _refuse_nonfinite({n: (sharded.local_view(w),) for n, w in real.items()},
+                          f"weight has NaN/Inf, so the data-driven init {config.init!r} cannot use it; fix the "
+                          f"checkpoint or pick a random init (lora/slora)", weights=real)
+    made = (spec.many(list(real.values()), [configs[n].rank for n in real],
+                      scalings=[configs[n].scaling for n in real], generators=[generators[n] for n in real],
+                      **config.options)
             if spec.many is not None else
-            [spec.fn(w, k, scaling=s, generator=g, **config.options)
-             for w, k, s, g in zip(real.values(), ranks, scalings, gens)])
+            [spec.fn(w, configs[n].rank, scaling=configs[n].scaling, generator=generators[n], **config.options)
+             for n, w in real.items()])
     out = {n: _rank0(f, real[n], generators[n]) for n, f in zip(real, made)}
     if spec.data_driven:
-        _refuse_overflow(out, config.adapter_dtype, config.init)
+        _refuse_nonfinite({n: (f.A, f.N, f.B) for n, f in out.items()},
+                          f"init {config.init!r} gives factors that are not finite in {config.adapter_dtype} (an "
+                          f"ill-conditioned Nyström core overflows); nothing was changed. Use "
+                          f"adapter_dtype=torch.float32, init='nystrom-optimal', or a larger rcond",
+                          config.adapter_dtype)
     meta = {n: meta_factors(w.shape, configs[n]) for n, w in weights.items() if n not in real}
     return {**meta, **out}
 

@@ -113,20 +113,18 @@ def init_slora(weight: Tensor, rank: int, *, scaling: float, generator: torch.Ge
     if middle not in ("kaiming", "gaussian"):
         raise ValueError(f"slora option middle={middle!r}: choose 'kaiming' or 'gaussian'")
     out_features, in_features = weight.shape
-    a = _kaiming(rank, in_features, weight.device, generator)
-    n = (_kaiming(rank, rank, weight.device, generator) if middle == "kaiming"
-         else torch.randn(rank, rank, device=weight.device, generator=generator) * (1.0 / rank))
-    return Factors(a, n, torch.zeros(out_features, rank, device=weight.device))
+    return Factors(_kaiming(rank, in_features, weight.device, generator),  # A is drawn first, then N
+                   _kaiming(rank, rank, weight.device, generator) if middle == "kaiming"
+                   else torch.randn(rank, rank, device=weight.device, generator=generator) * (1.0 / rank),
+                   torch.zeros(out_features, rank, device=weight.device))
 
 
 def nystrom_slices(weight: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
     """``(R, C) = (W[rows, :], W[:, cols])`` as new fp32 (fp64 for fp64) tensors; a sharded weight sends only these
     rows and columns between ranks."""
-    dtype = torch.promote_types(weight.dtype, torch.float32)
-    device = sharded.local_view(weight).device
-    r = sharded.take(weight, rows.to(device), 0)
-    c = sharded.take(weight, cols.to(device), 1)
-    return r.to(dtype, copy=True), c.to(dtype, copy=True)
+    dtype, device = torch.promote_types(weight.dtype, torch.float32), sharded.local_view(weight).device
+    return tuple(sharded.take(weight, index.to(device), dim).to(dtype, copy=True)
+                 for dim, index in ((0, rows), (1, cols)))
 
 
 @register_init("nystrom", data_driven=True, has_middle=True)

@@ -34,16 +34,13 @@ def select_indices(
     if method == "random":
         picks = [torch.randperm(size, generator=generator, device=gen_device)[:rank] for size in weight.shape]
     elif method == "norm":  # rows (dim 0), then columns (dim 1)
-        picks = [_sample_by_weight(sharded.sq_norms(weight, dim).to(gen_device), rank, generator) for dim in (0, 1)]
+        norms = [sharded.sq_norms(weight, dim).to(gen_device) for dim in (0, 1)]
+        # a small floor keeps zero-norm rows drawable, so rank distinct indices always exist
+        picks = [torch.multinomial(p + p.max().clamp_min(1e-30) * 1e-12, rank, replacement=False, generator=generator)
+                 for p in norms]
     else:
         raise ValueError(f"index={method!r}: choose one of {INDEX_METHODS}")
     return tuple(p.sort().values.to(weight.device) for p in picks)
-
-
-def _sample_by_weight(p: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
-    # A small floor keeps zero-norm rows drawable, so k distinct indices always exist.
-    p = p + p.max().clamp_min(1e-30) * 1e-12
-    return torch.multinomial(p, k, replacement=False, generator=generator)
 
 
 def regularised_pinv(core: Tensor, rcond: float | None = None) -> Tensor:
@@ -194,16 +191,16 @@ def optimal_cores(weights: Sequence[Tensor], cs: Sequence[Tensor], rs: Sequence[
     for i, (c, r) in enumerate(zip(cs, rs)):
         by_shape.setdefault((c.shape[0], r.shape[1]), []).append(i)
     chunks = [idx[j : j + _STACK] for idx in by_shape.values() for j in range(0, len(idx), _STACK)]
-    c_grams, r_grams, ys, c_cuts, r_cuts = [], [], [], [], []
+    c_grams, r_grams, ys = [], [], []
     for chunk in chunks:
         c64 = torch.stack([cs[i] for i in chunk]).double()  # (b, out, r)
         r64 = torch.stack([rs[i] for i in chunk]).double()  # (b, r, in)
         c_grams.append(c64.mT @ c64)
         r_grams.append(r64 @ r64.mT)
         ys.append(torch.stack([_ct_w(cs[i], weights[i]) for i in chunk]).double() @ r64.mT)  # Cᵀ W Rᵀ
-        c_cuts.append((len(chunk), _cutoff(*c64.shape[1:], rcond, torch.float32)))
-        r_cuts.append((len(chunk), _cutoff(*r64.shape[1:], rcond, torch.float32)))
-    c_pinvs, r_pinvs = _gram_pinv(torch.cat(c_grams + r_grams), c_cuts + r_cuts).split(len(weights))  # (CᵀC)⁺, (RRᵀ)⁺
+    cuts = [(len(chunk), _cutoff(*slices[chunk[0]].shape, rcond, torch.float32))  # C's Grams, then R's
+            for slices in (cs, rs) for chunk in chunks]
+    c_pinvs, r_pinvs = _gram_pinv(torch.cat(c_grams + r_grams), cuts).split(len(weights))  # (CᵀC)⁺, (RRᵀ)⁺
     cores = ((c_pinvs @ torch.cat(ys) @ r_pinvs).float() / scaling).unbind(0)
     by_index = dict(zip((i for ch in chunks for i in ch), cores))
     return [by_index[i] for i in range(len(weights))]
