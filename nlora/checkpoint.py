@@ -50,7 +50,8 @@ def _digest(*tensors: Tensor) -> str:
 
 
 def _resolve(model: nn.Module, adapter: str | None, action: str) -> tuple[str, dict[str, NLoRALinear]]:
-    """The adapter's name and the layers holding it, refusing a model without it or with merged adapters."""
+    """The adapter's name and the layers holding it, refusing a model without it, with merged adapters, or where it
+    has no values yet (injected on the meta device)."""
     names = adapter_names(model)
     if not names:
         raise ValueError(f"{type(model).__name__} has no nlora adapters; call nlora.inject (or load_adapter) first")
@@ -62,6 +63,9 @@ def _resolve(model: nn.Module, adapter: str | None, action: str) -> tuple[str, d
     _refuse_modules([n for n, layer in layers.items() if layer.merged_adapters], "cannot {action} adapter {name!r}: "
                     "adapters are merged into the base weight of {names}; call nlora.unmerge(model) first",
                     action=action, name=name)
+    _refuse_modules([n for n, layer in layers.items() if layer.adapters[name].pending], "adapter {name!r} has no "
+                    "values yet in {names} (injected on the meta device); call nlora.initialize_adapters(model) first",
+                    name=name)
     return name, layers
 
 
@@ -138,10 +142,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
     from . import __version__
 
     name, layers = _resolve(model, adapter, "save")
-    pending = [n for n, layer in layers.items() if layer.adapters[name].pending]
-    if pending:
-        raise ValueError(f"adapter {name!r} has no values yet in {pending[:4]} (injected on the meta device); "
-                         f"call nlora.initialize_adapters(model) first")
     default = next(iter(layers.values())).adapters[name].config.to_dict()
     records = {n: _module_record(layer, layer.adapters[name], default, compact) for n, layer in layers.items()}
     tensors = {f"{n}.{k}": v for n, (_, own) in records.items() for k, v in own.items()}

@@ -249,6 +249,11 @@ ROWS = [
         lambda: nlora.inject(meta_mlp(), ["fc"], rank=4, init="nystrom"), lambda m: nlora.merge_and_unload(m),
         ValueError, r"\['layers\.0\.fc'.*meta device .*nlora\.initialize_adapters\(model\) before merge_and_unload; "
         r"nothing was changed"),
+    Bad("pending_adapter_export_peft", "`export_peft` of an adapter injected on meta, not yet initialised",
+        lambda: nlora.inject(meta_mlp(), ["fc"], rank=4, init="nystrom"),
+        lambda m: nlora.export_peft(m, Path(tempfile.gettempdir()) / "nlora-never-written"), ValueError,
+        r"^adapter 'default' has no values yet in \['layers\.0\.fc', 'layers\.1\.fc'\] \(injected on the meta "
+        r"device\); call nlora\.initialize_adapters\(model\) first$"),
     Bad("peft_import_meta_model", "`import_peft` into a model on the meta device", meta_mlp, peft_import(),
         ValueError, r"layer on the meta device: layers\.0\.fc, layers\.1\.fc -> materialise the model \(to_empty\)"),
     Bad("pending_adapter_forward", "forward through an adapter injected on meta and not yet initialised",
