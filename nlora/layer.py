@@ -281,7 +281,7 @@ class _AdaptedLinear(torch.autograd.Function):
             saved, lefts, rights = saved + kept, lefts + [h2], rights + [bt]
         _accumulate(y, lefts, rights, [s for s, _ in spec])
         ctx.save_for_backward(x2 if ctx.base_needs[1] else None, w if ctx.base_needs[0] else None, *saved)
-        return y.to(ctx.out_dtype)
+        return _cast(y, ctx.out_dtype)
 
     @staticmethod
     @once_differentiable
