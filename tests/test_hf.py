@@ -99,3 +99,14 @@ def test_save_adapter_callback_refuses_an_unclear_adapter_before_training():
     with pytest.raises(ValueError, match=r"^SaveAdapterCallback: no adapter named 'typo'"):
         SaveAdapterCallback(adapter="typo").on_train_begin(None, None, None, model=model)
     SaveAdapterCallback(adapter="other").on_train_begin(None, None, None, model=model)
+
+
+def test_save_adapter_callback_refuses_a_non_string_adapter_name_before_training():
+    """SaveAdapterCallback(adapter=("other",)) names no adapter: refused when training begins (b79a82d), not accepted
+    there and failing at the first checkpoint (save_adapter's StopIteration)."""
+    from nlora.hf import SaveAdapterCallback
+
+    model = nlora.inject(MODELS["llama"].model(), "all-linear", rank=2, init="lora")
+    nlora.inject(model, "all-linear", rank=2, init="slora", adapter="other")
+    with pytest.raises(ValueError, match=r"^SaveAdapterCallback: no adapter named \('other',\)"):
+        SaveAdapterCallback(adapter=("other",)).on_train_begin(None, None, None, model=model)

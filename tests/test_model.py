@@ -454,3 +454,13 @@ def test_a_quantised_or_wrapped_weight_is_refused_before_anything_reads_it():
     with pytest.raises(TypeError, match=r"^0: the weight is a Wrapped \(a quantised or wrapped tensor\).*dequantise"):
         nlora.inject(model, ["0"], rank=2, init="nystrom")
     assert not nlora.adapter_layers(model)
+
+
+@pytest.mark.parametrize("name", [("a",), None], ids=["tuple", "none"])
+def test_delete_adapter_refuses_a_name_that_is_not_one_of_its_adapters_by_value(name):
+    """delete_adapter takes one name: a tuple holding a known name, or None, is no adapter of the model and must be
+    refused with the usual ValueError (b79a82d), not deleted silently as nothing (tuple) or a TypeError (None)."""
+    model = two_adapters()
+    with pytest.raises(ValueError, match=r"no adapter named .*; the model has \['a', 'ab'\]"):
+        nlora.delete_adapter(model, name)
+    assert nlora.adapter_names(model) == ["a", "ab"]

@@ -327,3 +327,12 @@ def test_import_peft_refuses_incomplete_directories_misfitting_shapes_and_taken_
     save_file({"base_model.model.model.norm.weight": torch.ones(32)}, wider / "adapter_model.safetensors")
     with pytest.raises(ValueError, match=r"no lora_A / lora_B tensors"):
         nlora.import_peft(spec.model(), wider)
+
+
+def test_export_peft_refuses_an_adapter_name_the_model_does_not_hold_even_if_not_a_string(tmp_path):
+    """export_peft(adapter=("default",)): the usual 'no adapter named' ValueError (b79a82d), not an IndexError."""
+    model = make_mlp()
+    nlora.inject(model, ["0"], rank=2, init="lora")
+    with pytest.raises(ValueError, match=r"no adapter named \('default',\); the model has \['default'\]"):
+        nlora.export_peft(model, tmp_path / "p", adapter=("default",))
+    assert not (tmp_path / "p").exists()
