@@ -235,14 +235,14 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(n for layer in adapter_layers(model).values() for n in layer.adapters))
 
 
-def _refuse_unknown(model: nn.Module, names: str | Sequence[str | None], prefix: str = "") -> None:
-    """Refuse adapter names (``None`` aside) that the model does not hold, listing the ones it does: one name (a
-    ``str``) is quoted as given, a list by its sorted unknown entries."""
+def _refuse_unknown(model: nn.Module, names: object, prefix: str = "") -> None:
+    """Refuse adapter names that the model does not hold, listing the ones it does: a ``list`` by its sorted unknown
+    entries (``None`` aside), anything else as one name, quoted as given (a tuple or ``None`` is no adapter's name)."""
     known = adapter_names(model)
-    unknown = sorted(set([names] if isinstance(names, str) else names) - set(known) - {None}, key=str)
+    many = isinstance(names, list)
+    unknown = sorted(set(names) - set(known) - {None}, key=str) if many else [] if names in known else [names]
     if unknown:
-        raise ValueError(f"{prefix}no adapter named {names if isinstance(names, str) else unknown!r}; the model has "
-                         f"{known}")
+        raise ValueError(f"{prefix}no adapter named {unknown if many else names!r}; the model has {known}")
 
 
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
