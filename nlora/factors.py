@@ -50,9 +50,9 @@ def check_layer(w: Tensor, config: AdapterConfig, label: str) -> Tensor:
 def _refuse_nonfinite(tensors: dict[str, tuple[Tensor | None, ...]], message: str, dtype: torch.dtype | None = None,
                       weights: dict[str, Tensor] | None = None) -> None:
     """Raise ``ValueError("<name>: <message>")`` for the first name with a NaN/Inf among its tensors (``None``
-    skipped), or a value beyond the range of ``dtype`` where given; for a sharded ``weights[name]``: on any rank. One
-    pass over each tensor (``max |t|``, which NaN and Inf propagate to) and one device-to-host copy for all the names,
-    not one synchronisation each."""
+    skipped), or a value beyond the range of ``dtype`` where given; for a sharded ``weights[name]``: on any rank (one
+    collective per sharded name). One pass over each tensor (``max |t|``, which NaN and Inf propagate to) and one
+    device-to-host copy for all the names' local results, not one synchronisation each."""
     flags = [torch.stack([torch.linalg.vector_norm(t, float("inf")) for t in ts if t is not None]).max()
              .to(dtype=dtype).isfinite() for ts in tensors.values()]  # dtype None: the tensors' own
     host = torch.stack([f.to(flags[0].device) for f in flags]).tolist() if flags else []

@@ -14,7 +14,8 @@ class SaveAdapterCallback(TrainerCallback):
     directory) then restores the trained model; ``resume_from_checkpoint`` works as without it.
 
     ``adapter``: which adapter to write when the model holds several (default: its only one). Only the main process
-    writes. A model without nlora adapters, or an unclear or unknown ``adapter``, is refused when training begins.
+    writes. A model without nlora adapters, an unclear or unknown ``adapter``, or one ``save_adapter`` refuses (merged,
+    or injected on meta and not yet initialised) is refused when training begins.
     """
 
     def __init__(self, adapter: str | None = None) -> None:
