@@ -24,8 +24,8 @@ from .config import AdapterConfig
 from .factors import meta_factors
 from .inits import Factors, nystrom_slices
 from .layer import SAMPLE_SIZE, Adapter, NLoRALinear, dense_weight, is_adaptable, is_conv1d, weight_sample
-from .model import (_TRAINABLE, _candidates, _refuse_modules, _refuse_unknown, adapter_layers, adapter_names, set_adapter, trainable_module_names,
-                    unwrap, wrap_layer)
+from .model import (_TRAINABLE, _candidates, _refuse_modules, _refuse_unknown, adapter_layers, adapter_names,
+                    set_adapter, trainable_module_names, unwrap, wrap_layer)
 
 CONFIG_NAME = "adapter_config.json"
 TENSOR_NAME = "adapter_model.safetensors"
@@ -58,7 +58,7 @@ def _resolve(model: nn.Module, adapter: str | None, action: str) -> tuple[str, d
     if adapter is None and len(names) != 1:
         raise ValueError(f"the model holds several adapters {names}; pass adapter=<name> to pick one")
     name = names[0] if adapter is None else adapter
-    _refuse_unknown(model, name)
+    _refuse_unknown(model, name, one=True)
     layers = {n: layer for n, layer in adapter_layers(model).items() if name in layer.adapters}
     _refuse_modules([n for n, layer in layers.items() if layer.merged_adapters], "cannot {action} adapter {name!r}: "
                     "adapters are merged into the base weight of {names}; call nlora.unmerge(model) first",

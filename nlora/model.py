@@ -235,14 +235,14 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(n for layer in adapter_layers(model).values() for n in layer.adapters))
 
 
-def _refuse_unknown(model: nn.Module, names: object, prefix: str = "") -> None:
-    """Refuse adapter names that the model does not hold, listing the ones it does: a ``list`` by its sorted unknown
-    entries (``None`` aside), anything else as one name, quoted as given (a tuple or ``None`` is no adapter's name)."""
+def _refuse_unknown(model: nn.Module, names: object, prefix: str = "", one: bool = False) -> None:
+    """Refuse adapter names that the model does not hold, listing the ones it does: ``names`` by its sorted unknown
+    entries (``None`` aside), or, ``one``, as one name quoted as given (a tuple, list or ``None`` is no adapter's
+    name)."""
     known = adapter_names(model)
-    many = isinstance(names, list)
-    unknown = sorted(set(names) - set(known) - {None}, key=str) if many else [] if names in known else [names]
+    unknown = ([] if names in known else [names]) if one else sorted(set(names) - set(known) - {None}, key=str)
     if unknown:
-        raise ValueError(f"{prefix}no adapter named {unknown if many else names!r}; the model has {known}")
+        raise ValueError(f"{prefix}no adapter named {names if one else unknown!r}; the model has {known}")
 
 
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
@@ -262,7 +262,7 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` everywhere; layers left with no adapter go back to their plain base module."""
     layers = _require_adapters(model)
-    _refuse_unknown(model, name)
+    _refuse_unknown(model, name, one=True)
     holders = {n: layer for n, layer in layers.items() if name in layer.adapters}
     _refuse_modules([n for n, layer in holders.items() if name in layer.merged_adapters],
                     "adapter {name!r} is merged in {names}; call nlora.unmerge(model) before deleting it", name=name)

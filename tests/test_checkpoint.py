@@ -705,11 +705,12 @@ def test_a_lower_precision_cast_of_another_checkpoint_is_still_refused_and_check
     assert torch.equal(layer.lora_A, layer.weight[:4]) and layer.lora_A[0, 0] == layer.weight[0, 0]
 
 
-def test_save_adapter_refuses_an_adapter_name_the_model_does_not_hold_even_if_not_a_string(tmp_path):
+@pytest.mark.parametrize("name", [("default",), ["default"]], ids=["tuple", "list"])
+def test_save_adapter_refuses_an_adapter_name_the_model_does_not_hold_even_if_not_a_string(name, tmp_path):
     """A tuple naming a held adapter is still no adapter name: the usual 'no adapter named' ValueError (b79a82d), not a
     StopIteration from an empty layer set."""
     model = make_mlp()
     nlora.inject(model, ["0"], rank=2, init="lora")
-    with pytest.raises(ValueError, match=r"no adapter named \('default',\); the model has \['default'\]"):
-        nlora.save_adapter(model, tmp_path / "a", adapter=("default",))
+    with pytest.raises(ValueError, match=r"no adapter named [\(\[]'default',?[\)\]]; the model has \['default'\]"):
+        nlora.save_adapter(model, tmp_path / "a", adapter=name)
     assert not (tmp_path / "a").exists()

@@ -456,10 +456,10 @@ def test_a_quantised_or_wrapped_weight_is_refused_before_anything_reads_it():
     assert not nlora.adapter_layers(model)
 
 
-@pytest.mark.parametrize("name", [("a",), None], ids=["tuple", "none"])
+@pytest.mark.parametrize("name", [("a",), ["a"], None], ids=["tuple", "list", "none"])
 def test_delete_adapter_refuses_a_name_that_is_not_one_of_its_adapters_by_value(name):
-    """delete_adapter takes one name: a tuple holding a known name, or None, is no adapter of the model and must be
-    refused with the usual ValueError (b79a82d), not deleted silently as nothing (tuple) or a TypeError (None)."""
+    """delete_adapter takes one name: a tuple or list holding a known name, or None, is no adapter of the model and
+    must be refused with the usual ValueError (b79a82d), not deleted silently as nothing (tuple) or a TypeError."""
     model = two_adapters()
     with pytest.raises(ValueError, match=r"no adapter named .*; the model has \['a', 'ab'\]"):
         nlora.delete_adapter(model, name)

@@ -329,10 +329,11 @@ def test_import_peft_refuses_incomplete_directories_misfitting_shapes_and_taken_
         nlora.import_peft(spec.model(), wider)
 
 
-def test_export_peft_refuses_an_adapter_name_the_model_does_not_hold_even_if_not_a_string(tmp_path):
-    """export_peft(adapter=("default",)): the usual 'no adapter named' ValueError (b79a82d), not an IndexError."""
+@pytest.mark.parametrize("name", [("default",), ["default"]], ids=["tuple", "list"])
+def test_export_peft_refuses_an_adapter_name_the_model_does_not_hold_even_if_not_a_string(name, tmp_path):
+    """export_peft(adapter=name): the usual 'no adapter named' ValueError (b79a82d), not an IndexError."""
     model = make_mlp()
     nlora.inject(model, ["0"], rank=2, init="lora")
-    with pytest.raises(ValueError, match=r"no adapter named \('default',\); the model has \['default'\]"):
-        nlora.export_peft(model, tmp_path / "p", adapter=("default",))
+    with pytest.raises(ValueError, match=r"no adapter named [\(\[]'default',?[\)\]]; the model has \['default'\]"):
+        nlora.export_peft(model, tmp_path / "p", adapter=name)
     assert not (tmp_path / "p").exists()
