@@ -182,7 +182,7 @@ def optimal_cores(weights: Sequence[Tensor], cs: Sequence[Tensor], rs: Sequence[
     """``optimal_core`` of many layers (equal rank, one device) from their fp32 slices ``C (out, r)`` and
     ``R (r, in)``: ``(CᵀC)⁺ (Cᵀ W Rᵀ) (RRᵀ)⁺``, which is ``C⁺ W R⁺``. Per layer only ``Cᵀ W``; the Grams and
     ``Cᵀ W Rᵀ`` of layers of one shape are stacked (at most ``_STACK`` in fp64 at once), and the pseudo-inverses of
-    all Grams come from one batched ``_gram_pinv`` (, cutoff ``rtol²`` per Gram, ``rtol = rcond`` or
+    all Grams come from one batched ``_gram_pinv`` (cutoff ``rtol²`` per Gram, ``rtol = rcond`` or
     torch's default for the slice's shape). Returns the fp32 cores divided by ``scaling``, in input order."""
     check_rcond(rcond)
     if not weights:
