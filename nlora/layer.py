@@ -203,7 +203,8 @@ def _term_forward(needs: list[tuple[bool, ...]], y: Tensor, x: Tensor, xk: Tenso
                   n: Tensor | None, b: Tensor, h1: Tensor | None) -> tuple[list[Tensor | None], Tensor, Tensor]:
     """One term ``s B N A x_k`` of the node for 2-D ``y`` (``x_k``: ``x`` where ``None``; ``h1``: ``x Aᵀ`` if known), up
     to its last matmul. Appends to ``needs`` whether ``x_k, A, N, B`` want gradients, whether ``x_k`` is ``x``, and the
-    factors' own (master) dtype; returns what the backward needs of ``(x_k, A, N, B, h1, h2)`` (``None`` for the rest), then ``h2`` and ``Bᵀ``."""
+    factors' own (master) dtype; returns what the backward needs of ``(x_k, A, N, B, h1, h2)`` (``None`` for the
+    rest), then ``h2`` and ``Bᵀ``."""
     tied = xk is None
     xk = x if tied else xk
     need_x, need_a, need_n, need_b = [t is not None and t.requires_grad for t in (xk, a, n, b)]
