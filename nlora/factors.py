@@ -51,13 +51,14 @@ def _refuse_nonfinite(tensors: dict[str, tuple[Tensor | None, ...]], message: st
                       weights: dict[str, Tensor] | None = None) -> None:
     """Raise ``ValueError("<name>: <message>")`` for the first name with a NaN/Inf among its tensors (``None``
     skipped), or a value beyond the range of ``dtype`` where given; for a sharded ``weights[name]``: on any rank (one
-    collective per sharded name). One pass over each tensor (``max |t|``, which NaN and Inf propagate to) and one
-    device-to-host copy for all the names' local results, not one synchronisation each."""
-    flags = [torch.stack([torch.linalg.vector_norm(t, float("inf")) for t in ts if t is not None]).max()
-             .to(dtype=dtype).isfinite() for ts in tensors.values()]  # dtype None: the tensors' own
-    host = torch.stack([f.to(flags[0].device) for f in flags]).tolist() if flags else []
-    for name, ok in zip(tensors, host):
-        if not (ok if weights is None else sharded.all_ranks_true(ok, weights[name])):
+    collective per sharded name). One pass over each tensor (``max |t|``, which NaN and Inf propagate to), then one
+    stack, cast and check of all of them and one device-to-host copy, not one synchronisation each."""
+    named = [(name, t) for name, ts in tensors.items() for t in ts if t is not None]
+    maxes = [torch.linalg.vector_norm(t, float("inf")).to(named[0][1].device) for _, t in named]
+    finite = torch.stack(maxes).to(dtype=dtype).isfinite().tolist() if maxes else []  # dtype None: the tensors' own
+    bad = {name for (name, _), ok in zip(named, finite) if not ok}
+    for name in tensors:
+        if not (name not in bad if weights is None else sharded.all_ranks_true(name not in bad, weights[name])):
             raise ValueError(f"{name}: {message}")
 
 
