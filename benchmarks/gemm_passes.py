@@ -68,7 +68,7 @@ def passes(tokens: int, d_in: int, d_out: int, r: int, repeats: int) -> dict[str
 def plot(result, path):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
-    names = [n for n in next(iter(result["shapes"].values())) if n != "base x Wᵀ"]
+    names = [n for n in next(iter(result["shapes"].values())) if not n.startswith("base")]  # the passes, not the GEMM
     for i, (shape, ops) in enumerate(result["shapes"].items()):
         ax.barh([k + 0.27 * i for k in range(len(names))], [ops[n]["us"] for n in names], height=0.27, label=shape)
     ax.set_yticks([k + 0.27 for k in range(len(names))], names)
