@@ -142,10 +142,10 @@ def main():
     print(f"{'variant':<28} {'ms/step':>9} {'x NF4 floor':>12} {'peak GiB':>9} {'x bf16 NLoRA':>13} "
           f"{'checkpointed: peak GiB':>23} {'x bf16 NLoRA':>13}")
     for r in rows:
-        cols = ("-" if r[k] is None else f"{r[k]:.3f}" for k in ("peak_gib", "peak_x_nlora_bf16", "peak_ckpt_gib",
-                                                                   "peak_ckpt_x_nlora_bf16"))
-        print(f"{r['variant']:<28} {r['ms_per_step']:>9.2f} {r['x_nf4_floor']:>12.3f} {next(cols):>9} {next(cols):>13} "
-              f"{next(cols):>23} {next(cols):>13}")
+        gib, mem, ckpt_gib, ckpt_mem = ("-" if r[k] is None else f"{r[k]:.3f}" for k in (
+            "peak_gib", "peak_x_nlora_bf16", "peak_ckpt_gib", "peak_ckpt_x_nlora_bf16"))
+        print(f"{r['variant']:<28} {r['ms_per_step']:>9.2f} {r['x_nf4_floor']:>12.3f} {gib:>9} {mem:>13} "
+              f"{ckpt_gib:>23} {ckpt_mem:>13}")
     print(f"init: nlora.inject(nystrom, preserve_output) of {blocks} x 7 NF4 Linears: {init_s:.3f} s")
     write(result, args.out, name, plot)
 

@@ -51,12 +51,12 @@ def passes(tokens: int, d_in: int, d_out: int, r: int, repeats: int) -> dict[str
     x, g, y, gx, w = new(tokens, d_in), new(tokens, d_out), new(tokens, d_out), new(tokens, d_in), new(d_out, d_in)
     a, b, h2, v, h, b2, z = new(r, d_in), new(d_out, r), new(tokens, r), new(tokens, r), new(tokens, 2 * r), \
         new(2 * r, d_out), torch.empty_like(y)
-    gib = lambda *ts: sum(t.numel() * t.element_size() for t in ts) / 1e9  # noqa: E731  (bytes each pass moves)
-    ops = {"base x Wᵀ": (lambda: torch.mm(x, w.t()), None), "copy y (ceiling)": (lambda: z.copy_(y), gib(y, y)),
-           "x Aᵀ": (lambda: F.linear(x, a), gib(x)), "y += h2 Bᵀ": (lambda: y.addmm_(h2, b.t()), gib(y, y)),
-           "g B": (lambda: torch.mm(g, b), gib(g)), "gᵀ h2": (lambda: torch.mm(g.t(), h2), gib(g)),
-           "vᵀ x": (lambda: torch.mm(v.t(), x), gib(x)), "g_x += v A": (lambda: gx.addmm_(v, a), gib(gx, gx)),
-           "y += h Bᵀ, 2 terms (2r)": (lambda: y.addmm_(h, b2), gib(y, y)),
+    gb = lambda *ts: sum(t.numel() * t.element_size() for t in ts) / 1e9  # noqa: E731  (GB each pass moves)
+    ops = {"base x Wᵀ": (lambda: torch.mm(x, w.t()), None), "copy y (ceiling)": (lambda: z.copy_(y), gb(y, y)),
+           "x Aᵀ": (lambda: F.linear(x, a), gb(x)), "y += h2 Bᵀ": (lambda: y.addmm_(h2, b.t()), gb(y, y)),
+           "g B": (lambda: torch.mm(g, b), gb(g)), "gᵀ h2": (lambda: torch.mm(g.t(), h2), gb(g)),
+           "vᵀ x": (lambda: torch.mm(v.t(), x), gb(x)), "g_x += v A": (lambda: gx.addmm_(v, a), gb(gx, gx)),
+           "y += h Bᵀ, 2 terms (2r)": (lambda: y.addmm_(h, b2), gb(y, y)),
            "base into y (beta = 1)": (lambda: torch.addmm(y, x, w.t()), None)}
     out = {}
     for name, (fn, size) in ops.items():
