@@ -125,10 +125,10 @@ def main():
     x = torch.randn(batch, seq, cfg.hidden_size, device=device, dtype=torch.bfloat16).requires_grad_(True)
     args.rank = rank
     models = {n: build(n, cfg, rank, device) for n in VARIANTS}
-    ms = time_rounds(models, x, step, args, device, warmup=2)
+    ms = time_rounds(models, (x, None), step, args, device, warmup=2)  # (inputs_embeds, no labels)
     del models
-    peak = {n: peak_gib(n, cfg, x, args, build) for n in VARIANTS} if device == "cuda" else {}
-    ckpt = {n: peak_gib(n, cfg, x, args, build_checkpointed) for n in VARIANTS} if device == "cuda" else {}
+    peak = {n: peak_gib(n, cfg, (x, None), args, build) for n in VARIANTS} if device == "cuda" else {}
+    ckpt = {n: peak_gib(n, cfg, (x, None), args, build_checkpointed) for n in VARIANTS} if device == "cuda" else {}
     title = (f"{layers} LLaMA layers (hidden {cfg.hidden_size}), torchao NF4 base, r = alpha = {rank} on all 7 "
              f"projections, {shape} tokens, {device}")
     rows = [{"variant": n, "ms_per_step": statistics.median(v), "ms_rounds": v,

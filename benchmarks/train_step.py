@@ -1,11 +1,15 @@
 """Training-step time and peak memory: nlora vs PEFT on 8 LLaMA-2-7B-shaped decoder layers (GPU, bf16).
 
-Every variant is its own LlamaModel from the same seed, fed random inputs_embeds (requires_grad, so the frozen floor
-has a backward too); r = alpha = 128 on all 7 projections; a plain eager zero_grad / forward / backward / AdamW step.
+Every variant is its own model from the same seed, fed random inputs_embeds (requires_grad, so the frozen floor has a
+backward too): ``--head lm`` (default) a LlamaForCausalLM with LLaMA-2's 32,000-token head and HF's cross-entropy on
+random labels, the setup of the targets' reference figures; ``--head none`` the decoder stack alone, loss = mean of
+the squared outputs. r = alpha = 128 on all 7 projections of every layer (never the head); a plain eager zero_grad /
+forward / backward / AdamW step.
 3 warm-up steps per variant, then interleaved rounds of --steps steps per variant; medians over rounds. Peak memory:
 a separate pass, one variant at a time. Details: docs/benchmarks.md.
 
-  python3 benchmarks/train_step.py [--shapes 4x2048 2x1024] [--variants ...] [--steps 10] [--rounds 3] [--out DIR]
+  python3 benchmarks/train_step.py [--shapes 4x2048 2x1024] [--variants ...] [--head lm|none] [--steps 10]
+                                   [--rounds 3] [--out DIR]
   python3 benchmarks/train_step.py --tiny     # CPU smoke test: hidden 64, 2 layers, 2x32 tokens, r=8, fp32
 """
 
@@ -40,12 +44,12 @@ VARIANTS = {  # name -> nlora.inject keyword arguments, "peft-bf16" / "peft-defa
 
 def build(name, cfg, rank, device, dtype):
     """A fresh model of ``cfg`` (seed 0) with variant ``name``'s adapters, and its optimizer (None: nothing trains)."""
-    from transformers import LlamaModel
+    from transformers import LlamaForCausalLM, LlamaModel
 
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)
     with torch.device(device):
-        model = LlamaModel(cfg).requires_grad_(False).train()
+        model = (LlamaForCausalLM if cfg.vocab_size > 256 else LlamaModel)(cfg).requires_grad_(False).train()
     torch.set_default_dtype(torch.float32)
     kind = VARIANTS[name]
     if isinstance(kind, dict):
@@ -60,27 +64,30 @@ def build(name, cfg, rank, device, dtype):
     return model, opt
 
 
-def step(model, opt, x):
+def step(model, opt, batch):
+    """One training step on ``batch = (inputs_embeds, labels)``; labels ``None``: the decoder stack's squared mean."""
+    x, labels = batch
     if opt is not None:
         opt.zero_grad(set_to_none=True)
     x.grad = None
-    loss = model(inputs_embeds=x).last_hidden_state.float().square().mean()
+    out = model(inputs_embeds=x, labels=labels)
+    loss = out.loss if labels is not None else out.last_hidden_state.float().square().mean()
     loss.backward()
     if opt is not None:
         opt.step()
 
 
-def peak_gib(name, cfg, x, args, make=None):
+def peak_gib(name, cfg, batch, args, make=None):
     """CUDA peak allocation of building variant ``name`` (by ``make(name, cfg, rank, device, dtype)``, default
-    ``build``) and running 2 steps, above what was allocated before."""
-    x.grad = None
+    ``build``) and running 2 steps on ``batch``, above what was allocated before."""
+    batch[0].grad = None
     gc.collect()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     model, opt = (make or build)(name, cfg, args.rank, "cuda", torch.bfloat16)
     for _ in range(2):
-        step(model, opt, x)
+        step(model, opt, batch)
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 2**30
 
@@ -89,11 +96,12 @@ def measure_shape(shape, names, cfg, args, device, dtype):
     batch, seq = map(int, shape.split("x"))
     gen = torch.Generator(device).manual_seed(1)
     x = torch.randn(batch, seq, cfg.hidden_size, device=device, dtype=dtype, generator=gen).requires_grad_(True)
+    labels = torch.randint(cfg.vocab_size, (batch, seq), device=device, generator=gen) if cfg.vocab_size > 256 else None
     models = {n: build(n, cfg, args.rank, device, dtype) for n in names}
     trainable = {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, (m, _) in models.items()}
-    ms = time_rounds(models, x, step, args, device)
+    ms = time_rounds(models, (x, labels), step, args, device)
     del models
-    peak = {n: peak_gib(n, cfg, x, args) for n in names} if device == "cuda" else {}
+    peak = {n: peak_gib(n, cfg, (x, labels), args) for n in names} if device == "cuda" else {}
 
     def ratio(n, ref):  # median over rounds of the same round's ratio
         return statistics.median(a / b for a, b in zip(ms[n], ms[ref])) if ref in ms else None
@@ -127,6 +135,8 @@ def main():
     p.add_argument("--layers", type=int, help="decoder layers (default 8; --tiny: 2)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--head", choices=["lm", "none"], default="lm",
+                   help="lm: LlamaForCausalLM with a 32,000-token head and cross-entropy; none: the decoder stack")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny fp32 model, r=8")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args()
@@ -140,15 +150,16 @@ def main():
         device, dtype, args.rank, name = "cuda", torch.bfloat16, 128, "train_step"
         dims = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)
         shapes, layers = args.shapes or ["4x2048", "2x1024"], args.layers or 8
-    cfg = LlamaConfig(**dims, num_hidden_layers=layers, vocab_size=256, use_cache=False,
-                      attn_implementation="sdpa")
-    title = (f"{layers} LLaMA layers (hidden {cfg.hidden_size}, MLP {cfg.intermediate_size}), {str(dtype)[6:]}, "
-             f"r = alpha = {args.rank} on all linear layers, {device}")
+    vocab = 32000 if args.head == "lm" else 256  # 256: a LlamaModel, whose embedding table is never used
+    cfg = LlamaConfig(**dims, num_hidden_layers=layers, vocab_size=vocab, use_cache=False, attn_implementation="sdpa")
+    title = (f"{layers} LLaMA layers (hidden {cfg.hidden_size}, MLP {cfg.intermediate_size})"
+             f"{' + LM head (32,000)' if args.head == 'lm' else ''}, {str(dtype)[6:]}, "
+             f"r = alpha = {args.rank} on all 7 projections, {device}")
     print(title)
     result = {"benchmark": "train_step", "title": title, "machine": machine(device), "device": device,
               "dtype": str(dtype), "rank": args.rank, "alpha": args.rank, "layers": layers,
               "hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size, "heads": cfg.num_attention_heads,
-              "attention": cfg._attn_implementation, "steps_per_round": args.steps, "rounds": args.rounds,
+              "attention": cfg._attn_implementation, "head": args.head, "steps_per_round": args.steps, "rounds": args.rounds,
               "warmup_steps": 3, "adamw_fused": device == "cuda", "shapes": []}
     for shape in shapes:
         s = measure_shape(shape, args.variants, cfg, args, device, dtype)
