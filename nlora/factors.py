@@ -70,10 +70,10 @@ def _rank0(f: Factors, w: Tensor, generator: torch.Generator | None) -> Factors:
 
 
 def compute_factors(weights: dict[str, Tensor], configs: dict[str, AdapterConfig],
-                    generators: dict[str, torch.Generator | None]) -> dict[str, Factors]:
+                    generators: dict[str, torch.Generator | None], check: bool = True) -> dict[str, Factors]:
     """Every layer's initial factors (all configs share one init and its options): real weights through the init's
-    batched form where it has one, meta weights get meta factors. Refuses non-finite weights (data-driven inits) and
-    factors that overflow the adapter dtype; changes nothing."""
+    batched form where it has one, meta weights get meta factors. Refuses non-finite weights (data-driven inits) and,
+    with ``check``, factors that overflow the adapter dtype (else call ``check_factors``); changes nothing."""
     config = next(iter(configs.values()))
     spec = get_init(config.init)
     real = {n: w for n, w in weights.items() if not sharded.is_meta(w)}
@@ -88,14 +88,22 @@ def compute_factors(weights: dict[str, Tensor], configs: dict[str, AdapterConfig
             [spec.fn(w, configs[n].rank, scaling=configs[n].scaling, generator=generators[n], **config.options)
              for n, w in real.items()])
     out = {n: _rank0(f, real[n], generators[n]) for n, f in zip(real, made)}
-    if spec.data_driven:
-        _refuse_nonfinite({n: (f.A, f.N, f.B) for n, f in out.items()},
+    if check:
+        check_factors(out, config)
+    meta = {n: meta_factors(w.shape, configs[n]) for n, w in weights.items() if n not in real}
+    return {**meta, **out}
+
+
+def check_factors(factors: dict[str, Factors], config: AdapterConfig) -> None:
+    """Refuse a data-driven init's factors that are not finite in ``config.adapter_dtype`` (meta factors skipped).
+    One synchronisation with the device: ``inject`` builds the adapters first, so that their host work overlaps the
+    device's work on the factors."""
+    if get_init(config.init).data_driven:
+        _refuse_nonfinite({n: (f.A, f.N, f.B) for n, f in factors.items() if not f.A.is_meta},
                           f"init {config.init!r} gives factors that are not finite in {config.adapter_dtype} (an "
                           f"ill-conditioned Nyström core overflows); nothing was changed. Use "
                           f"adapter_dtype=torch.float32, init='nystrom-optimal', or a larger rcond",
                           config.adapter_dtype)
-    meta = {n: meta_factors(w.shape, configs[n]) for n, w in weights.items() if n not in real}
-    return {**meta, **out}
 
 
 def warn_if_moved(factors: dict[str, Factors], weights: dict[str, Tensor], configs: dict[str, AdapterConfig]) -> None:

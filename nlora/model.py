@@ -13,7 +13,7 @@ from torch import nn
 
 from . import sharded
 from .config import AdapterConfig
-from .factors import check_layer, compute_factors, module_generator, warn_if_moved
+from .factors import check_factors, check_layer, compute_factors, module_generator, warn_if_moved
 from .inits import get_init
 from .layer import Adapter, NLoRALinear, dense_weight, is_4bit, is_adaptable, weight_view
 
@@ -159,14 +159,17 @@ def inject(model: nn.Module, targets: Targets, rank: int = 8, alpha: float | Non
                     "{names[0]}: already has an adapter named {adapter!r}; pass adapter='<new name>' to add another, "
                     "or delete_adapter first", adapter=adapter)
     generators = {n: module_generator(config.seed, n, sharded.local_view(w).device) for n, w in weights.items()}
-    factors = compute_factors(weights, configs, generators)
+    factors = compute_factors(weights, configs, generators, check=False)
+    adapters = {n: Adapter(configs[n], f) for n, f in factors.items()}  # host work while the device computes
+    check_factors(factors, config)
     if not config.preserve_output and get_init(config.init).data_driven:
         warn_if_moved(factors, weights, configs)
     for n in four_bit:
         w = check_layer(dense_weight(unwrap(chosen[n])), configs[n], n)
-        factors[n] = compute_factors({n: w}, configs, {n: module_generator(config.seed, n, w.device)})[n]
+        f = compute_factors({n: w}, configs, {n: module_generator(config.seed, n, w.device)})[n]
+        adapters[n] = Adapter(configs[n], f)
     for name, module in chosen.items():  # apply: nothing below can fail
-        wrap_layer(model, name, module).add(adapter, Adapter(configs[name], factors[name]))
+        wrap_layer(model, name, module).add(adapter, adapters[name])
     for module in extra.values():
         setattr(module, _TRAINABLE, True)
     set_adapter(model, adapter)
