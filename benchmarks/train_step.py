@@ -159,8 +159,8 @@ def main():
     result = {"benchmark": "train_step", "title": title, "machine": machine(device), "device": device,
               "dtype": str(dtype), "rank": args.rank, "alpha": args.rank, "layers": layers,
               "hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size, "heads": cfg.num_attention_heads,
-              "attention": cfg._attn_implementation, "head": args.head, "steps_per_round": args.steps, "rounds": args.rounds,
-              "warmup_steps": 3, "adamw_fused": device == "cuda", "shapes": []}
+              "attention": cfg._attn_implementation, "head": args.head, "steps_per_round": args.steps,
+              "rounds": args.rounds, "warmup_steps": 3, "adamw_fused": device == "cuda", "shapes": []}
     for shape in shapes:
         s = measure_shape(shape, args.variants, cfg, args, device, dtype)
         result["shapes"].append(s)
