@@ -29,7 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import nlora  # noqa: E402
 from benchmarks.common import machine, pyplot, save, sync, time_rounds, write  # noqa: E402
-from benchmarks.train_step import peak_gib, step  # noqa: E402
+from benchmarks.train_step import optimizer, peak_gib, step  # noqa: E402
 
 warnings.filterwarnings("ignore")
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -61,8 +61,7 @@ def build(name, cfg, rank, device, dtype=torch.bfloat16):
         to_nf4(model)
     if VARIANTS[name] is not None:
         nlora.inject(model, list(PROJ), rank=rank, alpha=rank, **VARIANTS[name])
-    params = [p for p in model.parameters() if p.requires_grad]
-    return model, (torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda") if params else None)
+    return model, optimizer(model, device)
 
 
 def build_checkpointed(name, cfg, rank, device, dtype=torch.bfloat16):

@@ -42,6 +42,20 @@ VARIANTS = {  # name -> nlora.inject keyword arguments, "peft-bf16" / "peft-defa
 
 
 
+LM_VOCAB = 32000  # LLaMA-2's vocabulary: --head lm; --head none builds a LlamaModel with a 256-entry (unused) table
+
+
+def with_head(cfg) -> bool:
+    """Whether ``cfg`` is the LM-head setup (a LlamaForCausalLM trained on labels), not the decoder stack alone."""
+    return cfg.vocab_size == LM_VOCAB
+
+
+def optimizer(model, device):
+    """Fused (on CUDA) AdamW, lr 1e-4, over ``model``'s trainable parameters; ``None`` when nothing trains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=1e-4, fused=(device == "cuda")) if params else None
+
+
 def build(name, cfg, rank, device, dtype):
     """A fresh model of ``cfg`` (seed 0) with variant ``name``'s adapters, and its optimizer (None: nothing trains)."""
     from transformers import LlamaForCausalLM, LlamaModel
@@ -49,7 +63,7 @@ def build(name, cfg, rank, device, dtype):
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)
     with torch.device(device):
-        model = (LlamaForCausalLM if cfg.vocab_size > 256 else LlamaModel)(cfg).requires_grad_(False).train()
+        model = (LlamaForCausalLM if with_head(cfg) else LlamaModel)(cfg).requires_grad_(False).train()
     torch.set_default_dtype(torch.float32)
     kind = VARIANTS[name]
     if isinstance(kind, dict):
@@ -59,9 +73,7 @@ def build(name, cfg, rank, device, dtype):
 
         config = LoraConfig(r=rank, lora_alpha=rank, target_modules=PROJ, lora_dropout=0.0)
         model = get_peft_model(model, config, autocast_adapter_dtype=(kind == "peft-default"))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=(device == "cuda")) if params else None
-    return model, opt
+    return model, optimizer(model, device)
 
 
 def step(model, opt, batch):
@@ -96,7 +108,7 @@ def measure_shape(shape, names, cfg, args, device, dtype):
     batch, seq = map(int, shape.split("x"))
     gen = torch.Generator(device).manual_seed(1)
     x = torch.randn(batch, seq, cfg.hidden_size, device=device, dtype=dtype, generator=gen).requires_grad_(True)
-    labels = torch.randint(cfg.vocab_size, (batch, seq), device=device, generator=gen) if cfg.vocab_size > 256 else None
+    labels = torch.randint(cfg.vocab_size, (batch, seq), device=device, generator=gen) if with_head(cfg) else None
     models = {n: build(n, cfg, args.rank, device, dtype) for n in names}
     trainable = {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, (m, _) in models.items()}
     ms = time_rounds(models, (x, labels), step, args, device)
@@ -150,8 +162,8 @@ def main():
         device, dtype, args.rank, name = "cuda", torch.bfloat16, 128, "train_step"
         dims = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)
         shapes, layers = args.shapes or ["4x2048", "2x1024"], args.layers or 8
-    vocab = 32000 if args.head == "lm" else 256  # 256: a LlamaModel, whose embedding table is never used
-    cfg = LlamaConfig(**dims, num_hidden_layers=layers, vocab_size=vocab, use_cache=False, attn_implementation="sdpa")
+    cfg = LlamaConfig(**dims, num_hidden_layers=layers, vocab_size=LM_VOCAB if args.head == "lm" else 256,
+                      use_cache=False, attn_implementation="sdpa")
     title = (f"{layers} LLaMA layers (hidden {cfg.hidden_size}, MLP {cfg.intermediate_size})"
              f"{' + LM head (32,000)' if args.head == 'lm' else ''}, {str(dtype)[6:]}, "
              f"r = alpha = {args.rank} on all 7 projections, {device}")

@@ -10,11 +10,10 @@ and PEFT LoRA bf16. The old package is read from a directory (``--old``), import
 Writes ``experiments/results/step_vs_old.json`` and ``.png`` (``--out`` to change).
 """
 
+import argparse
 import importlib.util
 import sys
 from pathlib import Path
-
-import torch
 
 from benchmarks import train_step
 
@@ -32,27 +31,26 @@ def load_old(path: Path):
 
 
 def main():
-    old_path = Path(sys.argv[sys.argv.index("--old") + 1])
-    del sys.argv[sys.argv.index("--old"): sys.argv.index("--old") + 2]
-    old = load_old(old_path)
-    new_build = train_step.build
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--old", type=Path, required=True, help="the old nlora package's directory")
+    args, rest = p.parse_known_args()  # the rest goes to train_step.py
+    old = load_old(args.old)
+    new_build, write = train_step.build, train_step.write
 
     def build(name, cfg, rank, device, dtype):
         if name not in OLD:
             return new_build(name, cfg, rank, device, dtype)
         model, _ = new_build("floor", cfg, rank, device, dtype)
         old.inject(model, "all-linear", rank=rank, alpha=rank, **OLD[name])
-        params = [p for p in model.parameters() if p.requires_grad]
-        return model, torch.optim.AdamW(params, lr=1e-4, fused=(device == "cuda"))
+        return model, train_step.optimizer(model, device)
 
-    write = train_step.write
     train_step.VARIANTS.update(OLD)
     train_step.build = build
     train_step.write = lambda result, out, name, plot: write(result, out, name.replace("train_step", "step_vs_old"),
                                                              plot)
-    sys.argv += ["--variants", "floor", "nlora NLoRA", "old NLoRA", "nlora SLoRA", "old SLoRA", "nlora IntTune",
-                 "old IntTune", "PEFT LoRA bf16"]
-    if "--out" not in sys.argv:
+    sys.argv = [sys.argv[0], *rest, "--variants", "floor", "nlora NLoRA", "old NLoRA", "nlora SLoRA", "old SLoRA",
+                "nlora IntTune", "old IntTune", "PEFT LoRA bf16"]
+    if "--out" not in rest:
         sys.argv += ["--out", str(Path(__file__).resolve().parent / "results")]
     train_step.main()
 

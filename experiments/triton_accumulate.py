@@ -4,18 +4,20 @@ The pass that nlora's node adds twice per projection (forward into the output, b
 at 8,192 tokens, bf16, r = 128 (and 256: two terms in one pass): a copy of ``y`` (the bandwidth ceiling), cuBLAS's
 ``addmm_`` (also transposed, and with cuBLASLt preferred), a fresh ``mm`` (no read of ``y``) and a Triton kernel
 (load the ``y`` tile, ``tl.dot`` over K, add, store) with its tile sizes, K step, warps and stages searched. Prints
-the max error of Triton and cuBLAS against an fp32 reference, then µs and GB/s (2 · |y| bytes) per variant.
+the max error of Triton and cuBLAS against an fp32 reference, then µs (``gemm_passes.microseconds``) and GB/s
+(2 · |y| bytes) per variant.
 Result (H200, torch 2.11, Triton 3.6): ``experiments/results/triton_accumulate.txt``.
 
   python3 -m experiments.triton_accumulate
 """
 
-import statistics
 import sys
 
 import torch
 import triton
 import triton.language as tl
+
+from benchmarks.gemm_passes import microseconds
 
 torch.manual_seed(0)
 
@@ -53,22 +55,6 @@ def rmw(c, l, r, alpha, BM, BN, BK, w, s, G=8):
                BM=BM, BN=BN, BK=BK, GROUP=G, num_warps=w, num_stages=s)
 
 
-def us(fn, reps=7):
-    """Median over ``reps`` of the mean CUDA time of 50 calls (after 5 warm-up calls), in µs."""
-    t = []
-    for _ in range(reps):
-        for _ in range(5):
-            fn()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(50):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        t.append(a.elapsed_time(b) * 1e3 / 50)
-    return statistics.median(t)
-
-
 def main():
     T = 8192
     for n_out, rr in ((4096, 128), (11008, 128), (4096, 256)):
@@ -76,8 +62,10 @@ def main():
         y, h, b = new(T, n_out), new(T, rr), new(n_out, rr)
         z = torch.empty_like(y)
         gb = 2 * y.numel() * 2 / 1e9
-        res = {"copy": us(lambda: z.copy_(y)), "addmm_": us(lambda: y.addmm_(h, b.t(), alpha=0.5)),
-               "addmm_ T": us(lambda: y.t().addmm_(b, h.t(), alpha=0.5)), "mm fresh": us(lambda: torch.mm(h, b.t()))}
+        res = {"copy": microseconds(lambda: z.copy_(y), 7),
+               "addmm_": microseconds(lambda: y.addmm_(h, b.t(), alpha=0.5), 7),
+               "addmm_ T": microseconds(lambda: y.t().addmm_(b, h.t(), alpha=0.5), 7),
+               "mm fresh": microseconds(lambda: torch.mm(h, b.t()), 7)}
         ref = y.float() + 0.5 * (h.float() @ b.float().t())
         y2 = y.clone()
         rmw(y2, h, b.t(), 0.5, 128, 128, 64, 8, 3)
@@ -94,14 +82,14 @@ def main():
                             if BM * BN > 128 * 256 or (BM * BK + BK * BN) * 2 * s > 200_000:
                                 continue
                             try:
-                                t = us(lambda: rmw(y, h, b.t(), 0.5, BM, BN, BK, w, s), reps=3)
+                                t = microseconds(lambda: rmw(y, h, b.t(), 0.5, BM, BN, BK, w, s), 3)
                             except Exception:  # a configuration that does not fit (shared memory, registers)
                                 continue
                             if best is None or t < best[0]:
                                 best = (t, BM, BN, BK, w, s)
-        res["triton best %s" % (best[1:],)] = us(lambda: rmw(y, h, b.t(), 0.5, *best[1:]))
+        res["triton best %s" % (best[1:],)] = microseconds(lambda: rmw(y, h, b.t(), 0.5, *best[1:]), 7)
         torch.backends.cuda.preferred_blas_library("cublaslt")
-        res["addmm_ cublaslt"] = us(lambda: y.addmm_(h, b.t(), alpha=0.5))
+        res["addmm_ cublaslt"] = microseconds(lambda: y.addmm_(h, b.t(), alpha=0.5), 7)
         torch.backends.cuda.preferred_blas_library("cublas")
         print(f"--- y {T}x{n_out} += ({T}x{rr})({rr}x{n_out})")
         for k, v in res.items():
