@@ -409,6 +409,20 @@ def test_bad_rcond_through_inject_is_refused_and_changes_nothing(name, rcond, ml
     assert not adapter_layers(mlp)
 
 
+def test_one_layer_refuses_factors_that_overflow_the_adapter_dtype():
+    """``NLoRALinear(...)`` builds its factors through ``compute_factors``'s own check (``inject`` checks after building
+    its adapters): a sampled 2 x 2 core of 1e-6·I gives a pinv core of 1e6, beyond fp16, refused with the layer's name;
+    the base is left as it was."""
+    base = nn.Linear(8, 8)
+    with torch.no_grad():
+        base.weight[:2, :2] = 1e-6 * torch.eye(2)
+    before = base.weight.clone()
+    message = r"^fc: init 'nystrom-pinv' gives factors that are not finite in torch\.float16"
+    with pytest.raises(ValueError, match=message):
+        NLoRALinear(base, rank=2, init="nystrom-pinv", adapter_dtype=torch.float16, name="fc")
+    assert torch.equal(base.weight, before)
+
+
 @pytest.mark.parametrize("value, ok", [(65504.0, True), (65519.0, True), (65520.0, False)])
 def test_factors_must_be_finite_in_the_adapter_dtype(value, ok):
     """A (= W's first rows, init 'nystrom') holds ``value``: fp16's largest finite value and the largest that rounds
